@@ -1,0 +1,289 @@
+"""ModelSpec: the shapes of a decoder-only LLM, read from its Hugging Face ``config.json``.
+
+No weights, no downloads, no torch: the parameter count is computed from the shapes and must
+equal what ``transformers`` builds from the same config (tests check this per family).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.errors import SpecError, fix
+
+MODELS_DIR = Path(__file__).parent / "models"
+
+# model_type -> family layout. A layout decides which weights exist and which activations
+# autograd keeps; all sizes come from the config.
+FAMILIES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "llama",
+    "qwen2_moe": "llama",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
+BIASED_QKV = {"qwen2", "qwen2_moe"}  # q/k/v projections carry a bias in these
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Frozen):
+    """Shapes of one decoder-only transformer, everything the memory model needs."""
+
+    name: str = Field(description="Built-in name or the config's path.")
+    model_type: str = Field(description="Hugging Face model_type, e.g. 'llama'.")
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, description="Dense MLP width.")
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    max_position_embeddings: int = Field(default=4096, gt=0)
+    # Sliding-window attention: the window in tokens and which layers use it.
+    sliding_window: int | None = Field(default=None, gt=0)
+    sliding_layers: tuple[int, ...] = ()
+    final_logit_softcapping: float | None = None
+    # Mixture of experts (0 experts = dense).
+    num_experts: int = Field(default=0, ge=0)
+    experts_per_token: int = Field(default=0, ge=0)
+    moe_intermediate_size: int = Field(default=0, ge=0)
+    shared_expert_intermediate_size: int = Field(default=0, ge=0)
+    moe_layers: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelSpec:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.num_experts and not (0 < self.experts_per_token <= self.num_experts):
+            raise ValueError(
+                f"num_experts_per_tok={self.experts_per_token} must be in 1..num_experts={self.num_experts}"
+            )
+        return self
+
+    # ---- derived shapes -------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.model_type]
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.family in ("qwen3", "gemma3")
+
+    @property
+    def norms_per_layer(self) -> int:
+        return 4 if self.family in ("gemma2", "gemma3") else 2
+
+    # ---- parameter counts -----------------------------------------------------------
+    def attention_params(self) -> int:
+        h, q, kv = self.hidden_size, self.q_dim, self.kv_dim
+        n = h * q + 2 * h * kv + q * h
+        if self.model_type in BIASED_QKV:
+            n += q + 2 * kv
+        if self.has_qk_norm:
+            n += 2 * self.head_dim
+        return n
+
+    def dense_mlp_params(self, width: int | None = None) -> int:
+        return 3 * self.hidden_size * (width or self.intermediate_size)
+
+    def moe_mlp_params(self) -> int:
+        h = self.hidden_size
+        n = h * self.num_experts + self.num_experts * self.dense_mlp_params(self.moe_intermediate_size)
+        if self.shared_expert_intermediate_size:
+            n += self.dense_mlp_params(self.shared_expert_intermediate_size) + h  # + shared gate
+        return n
+
+    def layer_params(self, layer: int) -> int:
+        mlp = self.moe_mlp_params() if layer in self.moe_layers else self.dense_mlp_params()
+        return self.attention_params() + mlp + self.norms_per_layer * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        """Total parameters, as ``sum(p.numel() for p in model.parameters())`` counts them."""
+        n = sum(self.layer_params(i) for i in range(self.num_layers))
+        n += self.embedding_params * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+        return n
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token (MoE: routed experts only); drives FLOPs."""
+        if not self.is_moe:
+            return self.num_params
+        per_expert = self.dense_mlp_params(self.moe_intermediate_size)
+        idle = (self.num_experts - self.experts_per_token) * per_expert
+        return self.num_params - idle * len(self.moe_layers)
+
+    def linear_params_per_layer(self) -> int:
+        """Weights of the linear layers in one (dense-averaged) layer; LoRA wraps these."""
+        return round(sum(self.layer_params(i) for i in range(self.num_layers)) / self.num_layers)
+
+    @property
+    def mlp_activation_width(self) -> int:
+        """MLP width one token actually passes through (MoE: k experts plus the shared one)."""
+        if not self.is_moe:
+            return self.intermediate_size
+        dense_frac = 1 - len(self.moe_layers) / self.num_layers
+        moe = self.experts_per_token * self.moe_intermediate_size + self.shared_expert_intermediate_size
+        return round(dense_frac * self.intermediate_size + (1 - dense_frac) * moe)
+
+    # ---- KV cache -------------------------------------------------------------------
+    def kv_tokens_per_layer(self, context: int) -> list[int]:
+        """Tokens of KV cache each layer keeps for one sequence of ``context`` tokens."""
+        w = self.sliding_window
+        return [min(context, w) if (w and i in self.sliding_layers) else context for i in range(self.num_layers)]
+
+    def summary(self) -> str:
+        moe = f", {self.num_experts} experts top-{self.experts_per_token}" if self.is_moe else ""
+        return (f"{self.name}: {self.model_type}, {self.num_params / 1e9:.2f}B params, {self.num_layers} layers, "
+                f"hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads}{moe}")
+
+
+# ---- reading config.json --------------------------------------------------------------
+def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
+    if cfg.get(key) is None:
+        raise SpecError(fix(f"{source}: config.json has no '{key}'",
+                            f"add '{key}' (a Hugging Face causal-LM config needs it)"))
+    return cfg[key]
+
+
+def _sliding_layers(cfg: dict[str, Any], n_layers: int) -> tuple[int, ...]:
+    mt = cfg["model_type"]
+    if cfg.get("layer_types"):
+        return tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention")
+    if not cfg.get("sliding_window"):
+        return ()
+    if mt == "gemma2":  # even layers slide, odd layers attend globally
+        return tuple(i for i in range(n_layers) if (i + 1) % 2)
+    if mt == "gemma3_text":
+        pattern = cfg.get("sliding_window_pattern", 6)
+        return tuple(i for i in range(n_layers) if (i + 1) % pattern)
+    if mt in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
+        if not cfg.get("use_sliding_window"):
+            return ()
+        start = cfg.get("max_window_layers", n_layers)
+        return tuple(range(start, n_layers))
+    return tuple(range(n_layers))  # mistral-style: every layer slides
+
+
+def _moe_layers(cfg: dict[str, Any], n_layers: int) -> tuple[int, ...]:
+    mt = cfg["model_type"]
+    if mt == "mixtral":
+        return tuple(range(n_layers))
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        dense = set(cfg.get("mlp_only_layers") or [])
+        return tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0)
+    return ()
+
+
+def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
+    """Build a ModelSpec from a parsed config.json (dict).
+
+    Reads ``torch_dtype`` or ``dtype``, tied embeddings, ``head_dim`` when given, sliding-window
+    layers and MoE experts. Multimodal configs that nest the LM under ``text_config`` are unwrapped.
+    """
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    mt = cfg.get("model_type")
+    if mt not in FAMILIES:
+        raise SpecError(fix(f"{name}: unsupported model_type {mt!r}",
+                            f"use a config of one of: {', '.join(sorted(FAMILIES))}"))
+    h = _require(cfg, "hidden_size", name)
+    n_heads = _require(cfg, "num_attention_heads", name)
+    n_layers = _require(cfg, "num_hidden_layers", name)
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    n_experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    tie_default = mt in ("gemma2", "gemma3_text")
+    try:
+        return ModelSpec(
+            name=name,
+            model_type=mt,
+            hidden_size=h,
+            intermediate_size=_require(cfg, "intermediate_size", name),
+            num_layers=n_layers,
+            num_heads=n_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or h // n_heads,
+            vocab_size=_require(cfg, "vocab_size", name),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", tie_default),
+            torch_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
+            max_position_embeddings=cfg.get("max_position_embeddings") or 4096,
+            sliding_window=cfg.get("sliding_window") or None,
+            sliding_layers=_sliding_layers(cfg, n_layers),
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+            num_experts=n_experts,
+            experts_per_token=cfg.get("num_experts_per_tok", 0) if n_experts else 0,
+            moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if n_experts else 0,
+            shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+            moe_layers=_moe_layers(cfg, n_layers) if n_experts else (),
+        )
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise SpecError(fix(f"{name}: invalid {where}: {err['msg']}",
+                            "correct that value in config.json")) from None
+
+
+@cache
+def builtin_models() -> dict[str, Path]:
+    """Built-in model names (public config.json values shipped with gpufleet) -> their files."""
+    return {p.stem: p for p in sorted(MODELS_DIR.glob("*.json"))}
+
+
+def load_config(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
+    """Resolve a built-in name, a config.json path or a model directory to (name, config dict)."""
+    key = str(name_or_path)
+    if key in builtin_models():
+        return key, json.loads(builtin_models()[key].read_text())
+    path = Path(key)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SpecError(fix(f"model {key!r} is neither a built-in name nor a config.json path",
+                            f"pass a path to config.json or one of: {', '.join(builtin_models())}"))
+    try:
+        return key, json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(fix(f"{path}: not valid JSON ({e.msg} at line {e.lineno})",
+                            "pass the model's config.json")) from None
+
+
+def load_model(name_or_path: str | Path) -> ModelSpec:
+    """The ModelSpec of a built-in name, a config.json path or a model directory."""
+    name, cfg = load_config(name_or_path)
+    return spec_from_config(cfg, name=name)
