@@ -1,0 +1,79 @@
+"""GPU types: memory, compute capability, peak throughput, and the name Ray schedules them by."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.errors import SpecError, fix
+
+GIB = 2**30
+
+
+class GpuType(BaseModel):
+    """One GPU model as a scheduler and a memory planner see it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="gpufleet's name, e.g. 'H100-80GB'.")
+    memory_gib: float = Field(gt=0, description="Memory the driver reports, GiB.")
+    compute_capability: tuple[int, int]
+    bf16_tflops: float = Field(ge=0, description="Dense bf16 tensor TFLOP/s (0: no bf16).")
+    fp16_tflops: float = Field(gt=0, description="Dense fp16 tensor TFLOP/s.")
+    bandwidth_gbs: float = Field(gt=0, description="Memory bandwidth, GB/s.")
+    ray_accelerator_type: str = Field(description="Ray's accelerator_type label (ray.util.accelerators).")
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * GIB)
+
+    @property
+    def supports_bf16(self) -> bool:
+        """bf16 needs compute capability 8.0 (Ampere) or newer; P4/T4/V100 must use fp16."""
+        return self.compute_capability >= (8, 0)
+
+    @property
+    def train_dtype(self) -> str:
+        return "bfloat16" if self.supports_bf16 else "float16"
+
+    @property
+    def peak_tflops(self) -> float:
+        return self.bf16_tflops if self.supports_bf16 else self.fp16_tflops
+
+
+# Usable memory is what torch sees (slightly below the marketing GB). Throughputs are the
+# vendors' dense (non-sparse) tensor-core numbers. ray_accelerator_type is what Ray 2.60's own
+# NVML detection derives from the device name (both A100 sizes report "A100"; memory tells them apart).
+GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
+    GpuType(name="H200", memory_gib=139.8, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
+            bandwidth_gbs=4800, ray_accelerator_type="H200", aliases=("H200-141GB",)),
+    GpuType(name="H100-80GB", memory_gib=79.1, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
+            bandwidth_gbs=3350, ray_accelerator_type="H100", aliases=("H100",)),
+    GpuType(name="A100-80GB", memory_gib=79.1, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
+            bandwidth_gbs=2039, ray_accelerator_type="A100", aliases=("A100-80G",)),
+    GpuType(name="A100-40GB", memory_gib=39.4, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
+            bandwidth_gbs=1555, ray_accelerator_type="A100", aliases=("A100", "A100-40G")),
+    GpuType(name="L40S", memory_gib=44.4, compute_capability=(8, 9), bf16_tflops=362, fp16_tflops=362,
+            bandwidth_gbs=864, ray_accelerator_type="L40S"),
+    GpuType(name="L4", memory_gib=22.0, compute_capability=(8, 9), bf16_tflops=121, fp16_tflops=121,
+            bandwidth_gbs=300, ray_accelerator_type="L4"),
+    GpuType(name="A10G", memory_gib=22.0, compute_capability=(8, 6), bf16_tflops=70, fp16_tflops=70,
+            bandwidth_gbs=600, ray_accelerator_type="A10G"),
+    GpuType(name="RTX-4090", memory_gib=23.6, compute_capability=(8, 9), bf16_tflops=165, fp16_tflops=165,
+            bandwidth_gbs=1008, ray_accelerator_type="GeForce-RTX-4090", aliases=("4090", "RTX4090")),
+    GpuType(name="V100-32GB", memory_gib=31.7, compute_capability=(7, 0), bf16_tflops=0, fp16_tflops=125,
+            bandwidth_gbs=900, ray_accelerator_type="V100", aliases=("V100",)),
+    GpuType(name="T4", memory_gib=14.6, compute_capability=(7, 5), bf16_tflops=0, fp16_tflops=65,
+            bandwidth_gbs=320, ray_accelerator_type="T4"),
+    GpuType(name="P4", memory_gib=7.4, compute_capability=(6, 1), bf16_tflops=0, fp16_tflops=5.5,
+            bandwidth_gbs=192, ray_accelerator_type="P4"),
+]}
+
+
+def get_gpu(name: str) -> GpuType:
+    """Look a GPU type up by name or alias, case-insensitively."""
+    key = name.strip().lower()
+    for g in GPU_TYPES.values():
+        if key == g.name.lower() or key in (a.lower() for a in g.aliases):
+            return g
+    raise SpecError(fix(f"unknown GPU type {name!r}", f"use one of: {', '.join(GPU_TYPES)}"))

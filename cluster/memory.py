@@ -1,0 +1,294 @@
+"""Peak GPU memory of training and inference, as a formula of the model's config.
+
+The model follows what the allocator actually holds, phase by phase:
+
+* weights, gradients and optimizer states, from the parameter count and dtypes;
+* activations autograd keeps, per token and per layer, from the layer's shapes
+  (hidden ``h``, query width ``q``, KV width ``kv``, MLP width ``i``);
+* the logits and cross-entropy buffers, per token, from the vocabulary ``V``.
+
+Peak of a training step is the largest of three moments: the start of backward (all saved
+activations plus the loss gradient buffers), the end of backward (all gradients plus one
+layer being recomputed) and the optimizer step (torch's foreach AdamW allocates one
+temporary the size of the trainable parameters).
+
+The per-layer byte coefficients were fitted once against measured peaks on an H100
+(``bench/memory/results/h100-measured.json``: 13 architectures, 182 cases) and are kept as
+structural terms (e.g. "each RMSNorm keeps an fp32 copy of its input"), never looked up by
+model name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cluster.errors import SpecError, fix
+from cluster.spec import ModelSpec, _Frozen
+
+GIB = 2**30
+Task = Literal["infer", "lora", "full"]
+Precision = Literal["bf16", "fp16", "mixed"]
+
+# ---- per-token logits/loss buffers (bytes per vocabulary entry) --------------------------
+LOGITS_SAVED = 4  # fp32 log_softmax output kept for backward
+SOFTCAP_SAVED = 2  # tanh output kept when final_logit_softcapping is set
+LOSS_BACKWARD = 8  # fp32 grad of log_softmax input and of its output, live at backward start
+INFER_LOGITS = 10  # bf16 logits + fp32 upcast + log_softmax output, under no_grad
+# What a GPU holds outside torch's allocator (CUDA context, cuBLAS workspaces, NCCL), and the
+# default safety margin a plan keeps on top of the predicted peak for allocator fragmentation.
+CUDA_CONTEXT = int(0.75 * GIB)
+DEFAULT_HEADROOM = 0.10
+# Untracked small saves per layer and token (position embeddings, attention logsumexp, ...).
+LAYER_CONST = 1000
+CKPT_CONST = 1000
+
+
+class TrainSetup(_Frozen):
+    """How a model is run: task, precision, shapes and the distributed layout."""
+
+    task: Task = Field(description="infer, lora or full fine-tune.")
+    precision: Precision = Field(default="bf16", description=(
+        "bf16/fp16: parameters in half precision; mixed: fp32 parameters under bf16 autocast."))
+    micro_batch: int = Field(default=1, ge=1, description="Sequences per GPU per forward pass.")
+    seq_len: int = Field(default=2048, ge=1, description="Tokens per sequence.")
+    grad_ckpt: bool = Field(default=False, description="Activation (gradient) checkpointing.")
+    lora_rank: int = Field(default=16, ge=1)
+    engine: Literal["torch", "deepspeed"] = Field(default="torch", description=(
+        "torch: one GPU, torch.optim.AdamW (states in the parameters' dtype); "
+        "deepspeed: fp32 master weights and fp32 Adam states, ZeRO-sharded."))
+    data_parallel: int = Field(default=1, ge=1, description="GPUs sharing the ZeRO partitions.")
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSetup:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(fix("offload_params needs zero_stage=3", "set zero_stage=3 or drop offload_params"))
+        if self.engine == "torch" and (self.data_parallel > 1 or self.zero_stage or self.offload_optimizer):
+            raise ValueError(fix("ZeRO, offload and data_parallel>1 need engine='deepspeed'",
+                                 "set engine='deepspeed'"))
+        return self
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+class MemoryBreakdown(_Frozen):
+    """Bytes per GPU, by what holds them. ``peak`` is the allocator's high-water mark."""
+
+    weights: int
+    gradients: int = 0
+    optimizer_states: int = 0
+    master_weights: int = 0
+    lora_adapters: int = 0
+    activations: int = 0
+    logits_and_loss: int = 0
+    temporaries: int = 0
+    peak: int
+    peak_phase: str
+    cpu_offload: int = Field(default=0, description="Bytes moved to host memory by ZeRO offload.")
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / GIB
+
+    def as_gib(self) -> dict[str, float | str]:
+        out: dict[str, float | str] = {"peak_gib": round(self.peak_gib, 3), "peak_phase": self.peak_phase}
+        for k, v in self.model_dump(exclude={"peak", "peak_phase"}).items():
+            out[f"{k}_gib"] = round(v / GIB, 3)
+        return out
+
+
+def fits(peak: int, gpu_bytes: int, headroom: float = DEFAULT_HEADROOM) -> bool:
+    """Whether a predicted allocator peak fits a GPU, keeping ``headroom`` and the CUDA context."""
+    return peak * (1 + headroom) + CUDA_CONTEXT <= gpu_bytes
+
+
+# ---- activations ---------------------------------------------------------------------------
+def _norm_bytes(spec: ModelSpec) -> int:
+    # An RMSNorm keeps its fp32 upcast input (4h) and the normalised half-precision tensor (2h);
+    # Gemma's norm multiplies by (1 + w) in fp32, keeping one more fp32 tensor (8h in all).
+    per = 8 if spec.family in ("gemma2", "gemma3") else 6
+    return spec.norms_per_layer * per * spec.hidden_size
+
+
+def layer_activation_bytes(spec: ModelSpec, task: Task, grad_ckpt: bool, precision: Precision = "bf16") -> float:
+    """Bytes autograd keeps per token for one decoder layer (bf16 compute, SDPA attention)."""
+    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.mlp_activation_width
+    if grad_ckpt:  # only the layer input survives (plus rope tables); fp32 residual under autocast
+        return (4 if precision == "mixed" else 2) * h + CKPT_CONST
+    # residual input, norms, q/k/v after rope, attention output and its reshaped copy, MLP
+    # input, gate, up, act(gate), act*up.
+    a = 2 * h + _norm_bytes(spec) + 6 * q + 4 * kv + 8 * i + LAYER_CONST
+    if spec.has_qk_norm:
+        a += (8 if spec.family == "gemma3" else 6) * (q + kv)
+    if spec.family == "phi3":  # fused qkv output stays alive as the storage of the v view
+        a += 2.4 * (q + 2 * kv)
+    if precision == "mixed":  # residual stream and norm inputs are fp32 under autocast
+        a += 10 * h
+    if task == "lora":
+        a += _lora_activation_delta(spec)
+    return a
+
+
+def _lora_activation_delta(spec: ModelSpec) -> float:
+    # peft casts each adapted linear's input to the adapters' fp32, while the frozen base
+    # linears no longer keep their inputs; where a norm already keeps them (Gemma) or the
+    # projections are fused (Phi-3) less changes.
+    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.mlp_activation_width
+    if spec.family == "phi3":
+        return 2 * h + 2 * i
+    if spec.family == "gemma2":
+        return 4 * h + 2 * i
+    if spec.family == "gemma3":
+        return 2 * i
+    delta = 8 * h + 8 * q + 2 * i
+    if spec.has_qk_norm:
+        delta -= 2 * (q + kv)
+    return delta
+
+
+def lora_params(spec: ModelSpec, rank: int) -> int:
+    """Parameters of rank-``rank`` adapters on every linear layer but the LM head (peft all-linear).
+
+    MoE expert weights are fused 3-D tensors in transformers 5, which peft's all-linear skips;
+    routers and shared experts are linear and get adapters.
+    """
+    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
+    attn = (h + q) + 2 * (h + kv) + (q + h)
+    if spec.family == "phi3":
+        attn = (h + q + 2 * kv) + (q + h)
+    dense_mlp = 3 * (h + i) if spec.family != "phi3" else (h + 2 * i) + (i + h)
+    total = 0
+    for layer in range(spec.num_layers):
+        if layer in spec.moe_layers:
+            mlp = h + spec.num_experts
+            if spec.shared_expert_intermediate_size:
+                mlp += 3 * (h + spec.shared_expert_intermediate_size) + (h + 1)
+        else:
+            mlp = dense_mlp
+        total += attn + mlp
+    return rank * total
+
+
+def _half_copies(spec: ModelSpec, grad_ckpt: bool) -> int:
+    """bf16 copies autocast makes of fp32 weights and autograd keeps until backward.
+
+    Without checkpointing every linear's copy is kept; with it, the layers drop theirs and
+    recast on recompute, so only the LM head's copy (outside the checkpointed layers) stays.
+    """
+    if grad_ckpt:
+        return 2 * spec.embedding_params
+    return 2 * (spec.num_params - (0 if spec.tie_word_embeddings else spec.embedding_params))
+
+
+# ---- single GPU, torch.optim.AdamW (the `gpufleet estimate` reference recipe) ------------------
+def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
+    """Peak memory per GPU for ``setup`` (dispatches on ``setup.engine``)."""
+    if setup.engine == "deepspeed":
+        return _deepspeed(spec, setup)
+    return _torch_single_gpu(spec, setup)
+
+
+def _logits_saved(spec: ModelSpec) -> int:
+    return (LOGITS_SAVED + (SOFTCAP_SAVED if spec.final_logit_softcapping else 0)) * spec.vocab_size
+
+
+def _torch_single_gpu(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
+    T, V, L, P = s.tokens, spec.vocab_size, spec.num_layers, spec.num_params
+    if s.task == "infer":
+        w = P * (4 if s.precision == "mixed" else 2)
+        transient = T * (INFER_LOGITS * V + 4 * spec.hidden_size)
+        return MemoryBreakdown(weights=w, logits_and_loss=transient, peak=w + transient, peak_phase="forward")
+
+    if s.task == "lora":
+        weights = 2 * P
+        adapters = 4 * lora_params(spec, s.lora_rank)  # peft keeps adapters in fp32
+        trainable = adapters
+    else:
+        weights = P * (4 if s.precision == "mixed" else 2)
+        adapters = 0
+        trainable = weights
+    grads = trainable
+    states = 2 * trainable  # exp_avg, exp_avg_sq in the parameters' dtype
+    acts = int(T * L * layer_activation_bytes(spec, s.task, s.grad_ckpt, s.precision))
+    if s.precision == "mixed" and s.task == "full":
+        acts += _half_copies(spec, s.grad_ckpt)
+    saved_logits = T * _logits_saved(spec)
+    loss_bwd = T * LOSS_BACKWARD * V
+    one_layer = int(T * layer_activation_bytes(spec, s.task, False, s.precision))
+
+    base = weights + adapters + states
+    moments = {
+        "backward start": base + acts + saved_logits + loss_bwd,
+        "backward end": base + grads + (one_layer if s.task == "full" else 0),
+        "optimizer step": base + grads + trainable,  # foreach AdamW: one sqrt(v) temporary
+    }
+    phase = max(moments, key=moments.__getitem__)
+    return MemoryBreakdown(
+        weights=weights, gradients=grads, optimizer_states=states, lora_adapters=adapters,
+        activations=acts, logits_and_loss=saved_logits + loss_bwd, temporaries=trainable,
+        peak=moments[phase], peak_phase=phase,
+    )
+
+
+# ---- DeepSpeed ZeRO ---------------------------------------------------------------------------
+# Communication buckets gpufleet's generated DeepSpeed config uses (elements); see jobs/.
+REDUCE_BUCKET = 200_000_000
+ALLGATHER_BUCKET = 200_000_000
+STAGE3_PREFETCH = 100_000_000
+STAGE3_MAX_LIVE = 200_000_000
+
+
+def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
+    """ZeRO memory per GPU: half-precision params and grads, fp32 master weights and Adam states,
+    partitioned by stage across ``data_parallel`` ranks and optionally offloaded to the host."""
+    if s.task == "infer":
+        raise SpecError(fix("engine='deepspeed' is for training", "use engine='torch' for task 'infer'"))
+    dp, z, T, V, L, P = s.data_parallel, s.zero_stage, s.tokens, spec.vocab_size, spec.num_layers, spec.num_params
+    lora = s.task == "lora"
+    n_train = lora_params(spec, s.lora_rank) if lora else P
+    half = 2
+    # LoRA: the frozen base is never partitioned by the optimizer, only by ZeRO-3.
+    params = half * P / (dp if z == 3 else 1)
+    adapters = 4 * n_train if lora else 0
+    train_bytes = 4 * n_train if lora else half * n_train
+    grads = train_bytes / (dp if z >= 2 else 1)
+    # bf16/fp16 optimizer: fp32 master copy + fp32 gradient partition + exp_avg + exp_avg_sq
+    master = (0 if lora else 4 * n_train) / (dp if z >= 1 else 1)
+    states = (8 + (0 if lora else 4)) * n_train / (dp if z >= 1 else 1)
+    offloaded = 0.0
+    if s.offload_optimizer:
+        offloaded += master + states
+        master = states = 0
+    if s.offload_params:
+        offloaded += params
+        params = half * STAGE3_MAX_LIVE  # only the live, gathered layers stay on the GPU
+    buckets = half * (REDUCE_BUCKET + ALLGATHER_BUCKET) if z in (1, 2) else 0
+    if z == 3:
+        buckets = half * (STAGE3_PREFETCH + REDUCE_BUCKET) + half * max(
+            spec.layer_params(i) for i in range(L)) * 2
+    acts = int(T * L * layer_activation_bytes(spec, s.task, s.grad_ckpt, "bf16"))
+    logits = T * (_logits_saved(spec) + LOSS_BACKWARD * V)
+    base = params + adapters + master + states + buckets
+    moments = {
+        "backward start": base + acts + logits,
+        "backward end": base + grads + T * layer_activation_bytes(spec, s.task, False),
+        "optimizer step": base + grads + (train_bytes / (dp if z >= 1 else 1)),
+    }
+    phase = max(moments, key=moments.__getitem__)
+    return MemoryBreakdown(
+        weights=int(params), gradients=int(grads), optimizer_states=int(states), master_weights=int(master),
+        lora_adapters=int(adapters), activations=acts, logits_and_loss=int(logits), temporaries=int(buckets),
+        peak=int(moments[phase]), peak_phase=phase, cpu_offload=int(offloaded),
+    )
+
+
+def gib(n: float) -> str:
+    """Format bytes as GiB for humans."""
+    return f"{n / GIB:.1f} GiB" if n < 100 * GIB else f"{math.ceil(n / GIB)} GiB"
