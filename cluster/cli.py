@@ -1,0 +1,128 @@
+"""The `gpufleet` command line. Errors print one line on stderr and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+from rich.console import Console
+
+from cluster.catalogue import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
+from cluster.errors import GpufleetError
+from cluster.gpus import get_gpu
+from cluster.memory import TrainSetup, estimate
+from cluster.planner import TASKS, plan
+from cluster.render import breakdown_table, catalogue_table, plan_table, print_error
+from cluster.spec import load_model
+
+out = Console()
+err = Console(stderr=True)
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn gpufleet's own errors into one line on stderr and exit status 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GpufleetError as e:
+            print_error(err, str(e))
+            sys.exit(1)
+
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gpufleet")
+def main() -> None:
+    """gpufleet: plan, place, fine-tune and serve LLMs on a Ray GPU cluster."""
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option("--task", type=click.Choice(TASKS), required=True, help="What to run.")
+@click.option("--gpu", "gpu_name", required=True, help="GPU type, e.g. H100-80GB, A10G, T4.")
+@click.option("--gpus", type=int, help="Pin the GPU count (default: the fewest that fit).")
+@click.option("--gpus-per-node", type=int, default=8, show_default=True)
+@click.option("--max-gpus", type=int, help="GPUs in the whole inventory.")
+@click.option("--seq", type=int, help="Tokens per sequence (serve: context length wanted).")
+@click.option("--batch", type=int, help="Training: global batch. Serve: concurrent sequences wanted.")
+@click.option("--headroom", type=float, default=0.10, show_default=True, help="Safety margin on memory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@one_line_errors
+def plan_cmd(model: str, task: str, gpu_name: str, gpus: int | None, gpus_per_node: int, max_gpus: int | None,
+             seq: int | None, batch: int | None, headroom: float, as_json: bool) -> None:
+    """Plan MODEL (a built-in name or a config.json path) for TASK on a GPU type."""
+    p = plan(load_model(model), task, get_gpu(gpu_name), gpus=gpus, gpus_per_node=gpus_per_node,
+             seq_len=seq, batch=batch, headroom=headroom, max_gpus=max_gpus)
+    if as_json:
+        emit_json(p.to_dict())
+    else:
+        out.print(plan_table(p))
+
+
+@main.command("estimate")
+@click.option("--config", "config", required=True, help="config.json path, model directory or built-in name.")
+@click.option("--task", type=click.Choice(["infer", "lora", "full"]), required=True)
+@click.option("--precision", type=click.Choice(["bf16", "mixed"]), default="bf16", show_default=True,
+              help="bf16: half-precision parameters; mixed: fp32 parameters under bf16 autocast.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--seq", type=int, default=2048, show_default=True)
+@click.option("--grad-ckpt", is_flag=True, help="Gradient checkpointing (non-reentrant).")
+@click.option("--lora-rank", type=int, default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def estimate_cmd(config: str, task: str, precision: str, batch: int, seq: int, grad_ckpt: bool, lora_rank: int,
+                 as_json: bool) -> None:
+    """Peak GPU memory of the single-GPU reference recipe (transformers + torch AdamW)."""
+    spec = load_model(config)
+    setup = _validated(TrainSetup, task=task, precision=precision, micro_batch=batch, seq_len=seq,
+                       grad_ckpt=grad_ckpt, lora_rank=lora_rank)
+    mem = estimate(spec, setup)
+    if as_json:
+        emit_json({"model": spec.name, "params": spec.num_params, **setup.model_dump(), **mem.as_gib(),
+                   "peak_bytes": mem.peak})
+    else:
+        out.print(spec.summary())
+        out.print(breakdown_table(mem, f"{task} {precision} batch {batch} x {seq}{' +ckpt' if grad_ckpt else ''}"))
+
+
+@main.command("catalogue")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--gpu", "gpu_names", multiple=True, help="GPU types to show (repeatable).")
+@one_line_errors
+def catalogue_cmd(as_json: bool, gpu_names: tuple[str, ...]) -> None:
+    """Built-in models x tasks x common GPUs -> GPU count, TP size, ZeRO stage."""
+    gpus = [get_gpu(g).name for g in gpu_names] or list(CATALOGUE_GPUS)
+    rows = build_catalogue(gpus)
+    if as_json:
+        emit_json(rows)
+    else:
+        out.print(catalogue_table(rows, gpus, list(CATALOGUE_TASKS)))
+
+
+def _validated(cls: Any, **kwargs: Any) -> Any:
+    """Build a pydantic config, turning a validation error into a one-line GpufleetError."""
+    from pydantic import ValidationError
+
+    from cluster.errors import SpecError
+
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or cls.__name__
+        raise SpecError(f"invalid {field}={first.get('input')!r}: {first['msg']}") from None
+
+
+if __name__ == "__main__":
+    main()

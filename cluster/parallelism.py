@@ -1,0 +1,50 @@
+"""Which tensor-parallel sizes are legal for a model, and how a global batch splits."""
+
+from __future__ import annotations
+
+from cluster.errors import PlanError, fix
+from cluster.spec import ModelSpec
+
+
+def tp_is_legal(spec: ModelSpec, tp: int) -> bool:
+    """vLLM's rule: TP divides the attention heads, and either divides the KV heads or is a
+    multiple of them (KV heads are then replicated)."""
+    if tp < 1 or spec.num_heads % tp:
+        return False
+    return spec.num_kv_heads % tp == 0 or tp % spec.num_kv_heads == 0
+
+
+def legal_tp_sizes(spec: ModelSpec, gpus_per_node: int) -> list[int]:
+    """All legal TP sizes that fit in one node, ascending."""
+    return [tp for tp in range(1, gpus_per_node + 1) if tp_is_legal(spec, tp)]
+
+
+def check_tp(spec: ModelSpec, tp: int, gpus_per_node: int) -> None:
+    """Raise a PlanError naming the legal sizes if ``tp`` is not one of them."""
+    legal = legal_tp_sizes(spec, gpus_per_node)
+    if tp > gpus_per_node:
+        raise PlanError(fix(f"tensor_parallel_size={tp} exceeds the {gpus_per_node} GPUs of one node",
+                            f"use one of {legal} and add pipeline stages across nodes"))
+    if tp not in legal:
+        raise PlanError(fix(
+            f"tensor_parallel_size={tp} does not split {spec.name}'s {spec.num_heads} attention heads / "
+            f"{spec.num_kv_heads} KV heads evenly", f"use one of {legal}"))
+
+
+def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:
+    """KV heads each TP rank stores (replicated when TP exceeds the KV head count)."""
+    return max(1, spec.num_kv_heads // tp)
+
+
+def split_batch(global_batch: int, data_parallel: int, max_micro_batch: int) -> tuple[int, int]:
+    """Split a global batch into (micro_batch, gradient_accumulation) for ``data_parallel`` ranks.
+
+    DeepSpeed's identity: global = micro x accumulation x data_parallel. Picks the largest
+    micro-batch <= ``max_micro_batch`` that divides the per-rank share.
+    """
+    if global_batch % data_parallel:
+        raise PlanError(fix(f"global batch {global_batch} is not divisible by {data_parallel} data-parallel GPUs",
+                            f"use a global batch that is a multiple of {data_parallel}"))
+    per_rank = global_batch // data_parallel
+    micro = max(m for m in range(1, min(per_rank, max(1, max_micro_batch)) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro

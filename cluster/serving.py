@@ -1,0 +1,113 @@
+"""vLLM serving memory: weights per TP rank, the profiled activation peak, and the KV cache.
+
+vLLM sizes its KV cache as ``gpu_memory_utilization x GPU memory - weights - activation peak
+of a profiling forward pass - non-torch memory``; this module mirrors that arithmetic so the
+plan can say how many tokens of cache fit, the largest ``max_model_len``, and how many
+sequences of a given length run at once.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from cluster.gpus import GIB, GpuType
+from cluster.parallelism import kv_heads_per_rank
+from cluster.spec import DTYPE_BYTES, ModelSpec, _Frozen
+
+BLOCK_SIZE = 16  # vLLM's default KV block (tokens)
+DEFAULT_UTILIZATION = 0.90
+DEFAULT_MAX_BATCHED_TOKENS = 8192
+DEFAULT_MAX_NUM_SEQS = 256
+CUDA_CONTEXT = int(0.75 * GIB)
+CUDA_GRAPHS = int(0.5 * GIB)
+NCCL_PER_RANK = int(0.25 * GIB)
+
+
+class ServingMemory(_Frozen):
+    """Per-GPU memory of one vLLM replica (one TP rank of one pipeline stage)."""
+
+    tensor_parallel: int = Field(ge=1)
+    pipeline_parallel: int = Field(ge=1)
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    weights: int
+    activation_peak: int
+    non_torch: int
+    kv_cache: int = Field(description="Bytes left for the KV cache on each GPU (<= 0: does not fit).")
+    kv_bytes_per_token: int = Field(description="KV bytes per token on each GPU, all of its layers.")
+    kv_tokens: int = Field(description="Tokens of KV cache that fit (full-attention accounting).")
+    max_model_len: int = Field(description="Longest sequence one replica can hold (0: none).")
+    concurrent_seqs: int = Field(description="Sequences of the requested context that fit at once.")
+    context: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activation_peak + self.non_torch + max(self.kv_cache, 0)
+
+
+def kv_bytes_per_token_layer(spec: ModelSpec, tp: int, dtype_bytes: int) -> int:
+    """K and V of one token in one layer on one TP rank: 2 x KV heads x head_dim x dtype."""
+    return 2 * kv_heads_per_rank(spec, tp) * spec.head_dim * dtype_bytes
+
+
+def kv_bytes_for_sequence(spec: ModelSpec, context: int, tp: int, pp: int, dtype_bytes: int) -> int:
+    """KV bytes one sequence of ``context`` tokens needs on one GPU (its share of the layers).
+
+    Sliding-window layers keep at most ``window`` tokens; everything is rounded up to blocks.
+    """
+    per = kv_bytes_per_token_layer(spec, tp, dtype_bytes)
+    blocks = [-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in spec.kv_tokens_per_layer(context)]
+    return -(-sum(blocks) * per // pp)
+
+
+def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int) -> int:
+    """Weight bytes on one GPU: linears and vocabulary split by TP, KV projections replicated
+    when TP exceeds the KV heads, layers split by PP."""
+    h, kv_rank = spec.hidden_size, kv_heads_per_rank(spec, tp)
+    attn = 2 * h * spec.q_dim // tp + 2 * h * kv_rank * spec.head_dim
+    mlp_total = sum(spec.layer_params(i) for i in range(spec.num_layers)) - spec.num_layers * (
+        spec.attention_params() + spec.norms_per_layer * h)
+    layers = spec.num_layers * (attn + spec.norms_per_layer * h) + mlp_total // tp
+    vocab = spec.embedding_params * (1 if spec.tie_word_embeddings else 2) // tp
+    return (layers // pp + vocab) * dtype_bytes
+
+
+def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, context: int | None = None,
+                   gpu_memory_utilization: float = DEFAULT_UTILIZATION,
+                   max_num_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS,
+                   max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, enforce_eager: bool = False) -> ServingMemory:
+    """What one vLLM replica of ``spec`` with TP x PP on ``gpu`` holds, and what KV cache is left."""
+    dtype_bytes = DTYPE_BYTES[gpu.train_dtype]
+    context = context or spec.max_position_embeddings
+    w = weights_per_rank(spec, tp, pp, dtype_bytes)
+    # Profiling forward of max_num_batched_tokens: MLP gate/up and activation dominate, plus
+    # the sampler's fp32 logits and probabilities for max_num_seqs rows (full vocabulary).
+    T = max_num_batched_tokens
+    act = T * dtype_bytes * (3 * spec.mlp_activation_width // tp + (spec.q_dim + 2 * spec.kv_dim) // tp
+                             + 4 * spec.hidden_size)
+    act += max_num_seqs * spec.vocab_size * 8
+    non_torch = CUDA_CONTEXT + (0 if enforce_eager else CUDA_GRAPHS) + (NCCL_PER_RANK if tp * pp > 1 else 0)
+    kv = int(gpu_memory_utilization * gpu.memory_bytes) - w - act - non_torch
+    per_token = -(-spec.num_layers * kv_bytes_per_token_layer(spec, tp, dtype_bytes) // pp)
+    kv_tokens = max(kv, 0) // per_token // BLOCK_SIZE * BLOCK_SIZE
+    max_len = _max_model_len(spec, kv, tp, pp, dtype_bytes)
+    need = kv_bytes_for_sequence(spec, context, tp, pp, dtype_bytes)
+    return ServingMemory(
+        tensor_parallel=tp, pipeline_parallel=pp, gpu_memory_utilization=gpu_memory_utilization,
+        weights=w, activation_peak=act, non_torch=non_torch, kv_cache=kv, kv_bytes_per_token=per_token,
+        kv_tokens=kv_tokens, max_model_len=max_len, context=context,
+        concurrent_seqs=max(kv, 0) // need if need else 0,
+    )
+
+
+def _max_model_len(spec: ModelSpec, kv: int, tp: int, pp: int, dtype_bytes: int) -> int:
+    """Largest context (<= max_position_embeddings) whose single sequence fits in ``kv`` bytes."""
+    lo, hi = 0, spec.max_position_embeddings
+    if kv <= 0:
+        return 0
+    while lo < hi:  # monotone in context: binary search
+        mid = (lo + hi + 1) // 2
+        if kv_bytes_for_sequence(spec, mid, tp, pp, dtype_bytes) <= kv:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,42 @@
+"""The gpufleet CLI contract: JSON output other tools parse, one-line errors, exit codes."""
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from cluster.cli import main
+
+runner = CliRunner()
+
+
+def test_estimate_json_has_peak_gib_and_breakdown():
+    r = runner.invoke(main, ["estimate", "--config", "cluster/models/llama-3.1-8b.json", "--task", "lora",
+                             "--precision", "bf16", "--batch", "1", "--seq", "1024", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert 24 < d["peak_gib"] < 28 and {"weights_gib", "activations_gib", "logits_and_loss_gib"} <= set(d)
+
+
+def test_plan_json_contains_bundles_and_tp():
+    r = runner.invoke(main, ["plan", "llama-3.1-70b", "--task", "serve", "--gpu", "H100-80GB", "--json"])
+    d = json.loads(r.output)
+    assert d["tensor_parallel"] == 2 and len(d["bundles"]) == 2
+
+
+def test_catalogue_json_lists_every_builtin_model():
+    d = json.loads(runner.invoke(main, ["catalogue", "--json", "--gpu", "H100"]).output)
+    assert len(d) >= 20 and d[0]["plans"]["H100-80GB"]["serve"]["gpus"] == 1
+
+
+def test_errors_are_one_line_on_stderr_with_nonzero_exit():
+    p = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "llama-3.1-70b", "--task", "serve",
+                        "--gpu", "A10G", "--gpus", "2"], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith("error:") and "To fix:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_estimate_value_names_the_field():
+    r = runner.invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "full", "--batch", "0"])
+    assert r.exit_code == 1 and "micro_batch" in r.output
