@@ -9,7 +9,7 @@ from bench.memory.compare import compare
 from cluster.memory import GIB, TrainSetup, estimate, fits
 from cluster.spec import load_model
 
-MEASURED = Path(__file__).parents[1] / "bench" / "memory" / "results" / "h100-measured.json"
+RESULTS = Path(__file__).parents[1] / "bench" / "memory" / "results"
 
 
 def test_full_bf16_optimizer_step_holds_five_copies_of_the_weights():
@@ -70,11 +70,12 @@ def test_fit_keeps_headroom_and_cuda_context():
     assert fits(70 * GIB, 80 * GIB) and not fits(73 * GIB, 80 * GIB)
 
 
-def test_matches_measured_h100_peaks():
-    """The issue's targets on the committed H100 measurements (bench/memory/measure.py)."""
-    result = compare(json.loads(MEASURED.read_text()))
-    s = result["summary"]
-    assert len(s["models"]) >= 8 and s["measured_ok"] >= 100
+@pytest.mark.parametrize("measured", ["h100-measured", "h100-heldout-models", "h100-heldout-shapes"])
+def test_matches_measured_h100_peaks(measured):
+    """The issue's targets on committed H100 measurements (bench/memory/measure.py): the
+    calibration set, four models never used for fitting, and unseen batch x sequence shapes."""
+    s = compare(json.loads((RESULTS / f"{measured}.json").read_text()))["summary"]
+    assert len(s["models"]) >= 4 and s["measured_ok"] >= 20
     assert s["median_abs_error"] <= 0.05
     assert s["worst_abs_error"] <= 0.15
     assert s["oom_predicted_to_fit"] == []
