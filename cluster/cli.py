@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -108,6 +109,85 @@ def catalogue_cmd(as_json: bool, gpu_names: tuple[str, ...]) -> None:
         emit_json(rows)
     else:
         out.print(catalogue_table(rows, gpus, list(CATALOGUE_TASKS)))
+
+
+@main.command("up")
+@click.option("--address", help="Attach to an existing cluster's GCS (host:port) instead of starting one.")
+@click.option("--dashboard-url", help="With --address: the dashboard URL (default http://<host>:8265).")
+@click.option("--cluster", "cluster_yaml", type=click.Path(), help="Validate a cluster.yaml and hand over to `ray up`.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the dashboard and job API bind to.")
+@click.option("--dashboard-port", type=int, default=8265, show_default=True)
+@click.option("--num-cpus", type=int, help="Logical CPUs of the head (default: detect).")
+@click.option("--num-gpus", type=int, help="GPUs of the head (default: detect).")
+@click.option("--no-token-auth", is_flag=True, help="Turn token authentication off (not recommended).")
+@click.option("--no-monitor", is_flag=True, help="Do not start the GPU metrics actors.")
+@one_line_errors
+def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | None, host: str, dashboard_port: int,
+           num_cpus: int | None, num_gpus: int | None, no_token_auth: bool, no_monitor: bool) -> None:
+    """Start a local Ray head (or attach to one, or launch a cloud cluster)."""
+    from cluster import head
+
+    if cluster_yaml:
+        import subprocess
+
+        from cluster.launcher import validate_cluster_config
+
+        validate_cluster_config(cluster_yaml)
+        out.print(f"{cluster_yaml}: valid; running `ray up -y {cluster_yaml}`")
+        sys.exit(subprocess.call([head._ray_bin(), "up", "-y", cluster_yaml]))
+    if address:
+        host_part = address.rsplit(":", 1)[0]
+        state = head.attach(address, dashboard_url or f"http://{host_part}:8265",
+                            token_path=os.environ.get("RAY_AUTH_TOKEN_PATH"))
+        head.connect(state)
+        out.print(f"attached to {address}; `gpufleet down` will only forget it")
+        return
+    cfg = _validated(head.HeadConfig, host=host, dashboard_port=dashboard_port, num_cpus=num_cpus,
+                     num_gpus=num_gpus, token_auth=not no_token_auth)
+    with out.status("starting the Ray head ..."):
+        state = head.start_head(cfg)
+    if not no_monitor:
+        from cluster.monitor import start_monitors
+
+        head.connect(state)
+        start_monitors()
+    out.print(f"[bold green]Ray head up[/] at {state.address}")
+    out.print(f"  dashboard: {state.dashboard_url}   metrics: 127.0.0.1:{state.metrics_export_port}/metrics")
+    if state.token_path:
+        out.print(f"  token: {state.token_path}  (clients: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={state.token_path})")
+    out.print(f"  submit: ray job submit --address {state.dashboard_url} --working-dir . -- python -m jobs.finetune SPEC")
+
+
+@main.command("down")
+@one_line_errors
+def down_cmd() -> None:
+    """Stop the head `gpufleet up` started (only its own processes)."""
+    from cluster.head import load_state, stop_head
+
+    state = load_state()
+    if state is None:
+        out.print("no gpufleet head recorded; nothing to stop")
+        return
+    n = stop_head()
+    out.print(f"stopped {n} processes of the head at {state.address}" if state.head_id
+              else f"forgot the attached cluster at {state.address} (not stopped: gpufleet did not start it)")
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def status_cmd(as_json: bool) -> None:
+    """Nodes, GPUs, placement groups, jobs, Serve apps and GPU metrics of the cluster."""
+    from cluster.head import connect
+    from cluster.render import status_tables
+    from cluster.status import collect_status
+
+    st = collect_status(connect())
+    if as_json:
+        emit_json(st.model_dump())
+        return
+    for t in status_tables(st):
+        out.print(t)
 
 
 def _validated(cls: Any, **kwargs: Any) -> Any:

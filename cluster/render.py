@@ -81,3 +81,39 @@ def catalogue_table(rows: list[dict], gpus: list[str], tasks: list[str]) -> Tabl
 
 def print_error(console: Console, message: str) -> None:
     console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def status_tables(st) -> list[Table]:
+    """Tables for `gpufleet status` (nodes, placement groups, jobs, Serve apps, GPU metrics)."""
+    nodes = Table(title=f"nodes of {st.address}" + (f"  (dashboard {st.dashboard_url})" if st.dashboard_url else ""))
+    for c in ("node", "address", "state", "GPU type", "GPUs used/total", "CPUs used/total"):
+        nodes.add_column(c)
+    for n in st.nodes:
+        nodes.add_row(n.node_id[:12], n.address, "alive" if n.alive else "[red]dead[/]", n.accelerator_type or "-",
+                      f"{n.gpus_total - n.gpus_free:g}/{n.gpus_total:g}", f"{n.cpus_total - n.cpus_free:g}/{n.cpus_total:g}")
+    groups = Table(title="placement groups")
+    for c in ("id", "name", "state", "strategy", "bundles", "owner", "waiting for"):
+        groups.add_column(c)
+    for g in st.placement_groups:
+        groups.add_row(g.id[:12], g.name, g.state, g.strategy, str(len(g.bundles)), g.owner, g.waiting_for)
+    jobs = Table(title="jobs")
+    for c in ("submission id", "status", "entrypoint"):
+        jobs.add_column(c)
+    for j in st.jobs:
+        jobs.add_row(j.get("submission_id") or "-", j.get("status", j.get("error", "")), (j.get("entrypoint") or "")[:60])
+    apps = Table(title="serve apps")
+    for c in ("app", "status", "route", "deployments"):
+        apps.add_column(c)
+    for a in st.serve_apps:
+        apps.add_row(a["name"], str(a["status"]), str(a["route_prefix"]), ", ".join(f"{k}: {v}" for k, v in a["deployments"].items()))
+    gpus = Table(title="GPU metrics (NVML)")
+    for c in ("node", "GPU", "name", "util %", "memory used / total GiB", "power W", "temp C"):
+        gpus.add_column(c)
+    for r in st.gpu_metrics:
+        if r.get("error") or not r.get("available"):
+            gpus.add_row(str(r.get("node", ""))[:12], "-", r.get("error") or r.get("message", ""), "", "", "", "")
+        for s in r.get("gpus", []):
+            gpus.add_row(r["node"][:12], str(s["index"]), s["name"], f"{s['utilization_percent']:.0f}",
+                         f"{s['memory_used_bytes'] / GIB:.1f} / {s['memory_total_bytes'] / GIB:.1f}",
+                         f"{s['power_watts']:.0f}", f"{s['temperature_celsius']:.0f}")
+    return [nodes, groups, jobs, apps, gpus]

@@ -1,0 +1,248 @@
+"""Start and stop a local Ray head node that gpufleet owns, and connect clients to it.
+
+`up` runs ``ray start --head`` with loopback-only dashboard, token authentication and Prometheus
+metrics export, and records what it started in ``<state_dir>/head.json``. Every process of that
+head inherits a unique ``GPUFLEET_HEAD_ID`` environment marker, so `down` stops exactly those
+processes and nothing else (a bare ``ray stop`` would kill every Ray cluster on the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from cluster.errors import GpufleetError, fix
+from cluster.spec import _Frozen
+
+HEAD_MARKER = "GPUFLEET_HEAD_ID"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("GPUFLEET_HOME", Path.home() / ".gpufleet"))
+
+
+def free_port(low: int = 20000, high: int = 60000) -> int:
+    """A port that is free now (outside Ray's default worker range 10002-19999)."""
+    for _ in range(200):
+        port = low + secrets.randbelow(high - low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise GpufleetError("no free TCP port found")
+
+
+class HeadConfig(_Frozen):
+    """How `gpufleet up` starts the local head."""
+
+    state_dir: Path = Field(default_factory=default_state_dir, description="Where head.json and the token live.")
+    host: str = Field(default="127.0.0.1", description="Address the dashboard, job API and Serve bind to.")
+    port: int | None = Field(default=None, ge=1, le=65535, description="GCS port (default: a free one).")
+    dashboard_port: int = Field(default=8265, ge=1, le=65535)
+    metrics_export_port: int | None = Field(default=None, ge=1, le=65535)
+    num_cpus: int | None = Field(default=None, ge=1)
+    num_gpus: int | None = Field(default=None, ge=0, description="Declare GPUs (default: detect).")
+    resources: dict[str, float] = Field(default_factory=dict)
+    token_auth: bool = True
+    autoscaling_config: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the head processes.")
+
+
+class HeadState(_Frozen):
+    """What `up` started: enough for clients to connect and for `down` to stop it."""
+
+    head_id: str
+    address: str = Field(description="GCS address for ray.init(address=...).")
+    dashboard_url: str
+    metrics_export_port: int
+    temp_dir: str
+    token_path: str | None
+    started_at: float
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a client (ray.init, job SDK, `ray job submit`) needs to reach this head."""
+        if self.token_path:
+            return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, "RAY_ADDRESS": self.address}
+        return {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": self.address}
+
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers for the dashboard / job REST API."""
+        if not self.token_path:
+            return {}
+        return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"}
+
+
+def _state_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "head.json"
+
+
+def load_state(state_dir: Path | None = None) -> HeadState | None:
+    """The head recorded in ``state_dir``, or None if `up` has not started one."""
+    f = _state_file(state_dir or default_state_dir())
+    return HeadState.model_validate_json(f.read_text()) if f.exists() else None
+
+
+def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
+    """Start a Ray head as configured and record it. Refuses if one is already recorded and alive."""
+    state_dir = Path(cfg.state_dir)
+    existing = load_state(state_dir)
+    if existing and head_processes(existing.head_id):
+        raise GpufleetError(fix(f"a gpufleet head is already running at {existing.address} "
+                                f"(dashboard {existing.dashboard_url})",
+                                "use it, or run `gpufleet down` first"))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    head_id = secrets.token_hex(8)
+    # Ray's unix socket paths (<temp>/session_<date>_<pid>/sockets/dash_MetricsHead) must stay under
+    # 108 bytes: keep the temp dir short and near the root.
+    temp_dir = Path(os.environ.get("GPUFLEET_RAY_TMP", "/tmp")) / f"gf-{head_id[:8]}"
+    token_path = None
+    env = {**os.environ, **cfg.env, HEAD_MARKER: head_id, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    if cfg.token_auth:
+        token_path = state_dir / "auth_token"
+        if not token_path.exists():
+            token_path.write_text(secrets.token_hex(32))
+            token_path.chmod(0o600)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+    port = cfg.port or free_port()
+    metrics_port = cfg.metrics_export_port or free_port()
+    cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+           f"--dashboard-host={cfg.host}", f"--dashboard-port={cfg.dashboard_port}",
+           f"--ray-client-server-port={free_port(6000, 9999)}", f"--metrics-export-port={metrics_port}",
+           "--disable-usage-stats"]
+    if cfg.num_cpus is not None:
+        cmd.append(f"--num-cpus={cfg.num_cpus}")
+    if cfg.num_gpus is not None:
+        cmd.append(f"--num-gpus={cfg.num_gpus}")
+    if cfg.resources:
+        cmd.append(f"--resources={json.dumps(cfg.resources)}")
+    if cfg.autoscaling_config:
+        cmd.append(f"--autoscaling-config={cfg.autoscaling_config}")
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_processes(head_id)
+        raise GpufleetError(fix(f"`ray start --head` did not finish within {timeout_s:g}s",
+                                f"see the logs under {temp_dir}/session_latest/logs")) from None
+    if proc.returncode != 0:
+        stop_processes(head_id)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise GpufleetError(fix(f"`ray start --head` failed: {' | '.join(tail)}",
+                                "check the ports are free and the log above"))
+    state = HeadState(head_id=head_id, address=f"{_node_ip()}:{port}",
+                      dashboard_url=f"http://{cfg.host}:{cfg.dashboard_port}", metrics_export_port=metrics_port,
+                      temp_dir=str(temp_dir), token_path=str(token_path) if token_path else None,
+                      started_at=time.time())
+    _state_file(state_dir).write_text(state.model_dump_json(indent=1))
+    return state
+
+
+def stop_head(state_dir: Path | None = None) -> int:
+    """Stop the head `up` recorded in ``state_dir``; returns how many processes were stopped."""
+    state_dir = Path(state_dir or default_state_dir())
+    state = load_state(state_dir)
+    if state is None:
+        return 0
+    n = stop_processes(state.head_id) if state.head_id else 0  # attached clusters are not ours to stop
+    _state_file(state_dir).unlink(missing_ok=True)
+    if state.temp_dir:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
+    return n
+
+
+def head_processes(head_id: str) -> list:
+    """Processes carrying this head's environment marker (never this process or its parents)."""
+    import psutil
+
+    marker = f"{HEAD_MARKER}={head_id}".encode()
+    me = psutil.Process()
+    skip = {me.pid, *(p.pid for p in me.parents())}
+    found = []
+    for p in psutil.process_iter():
+        if p.pid in skip:
+            continue
+        try:
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.append(p)
+        except OSError:
+            continue
+    return found
+
+
+def stop_processes(head_id: str, grace_s: float = 10) -> int:
+    """SIGTERM this head's processes, then SIGKILL what is left after ``grace_s``."""
+    import psutil
+
+    procs = head_processes(head_id)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return len(procs)
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _node_ip() -> str:
+    # Ray replaces 127.0.0.1 with the machine's own address; clients must use the same one.
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+def connect(state: HeadState | None = None, namespace: str | None = None) -> HeadState:
+    """ray.init() against the recorded head, with its auth settings; errors say how to start one."""
+    state = state or load_state()
+    if state is None:
+        raise GpufleetError(fix("no gpufleet head is recorded", "run `gpufleet up` (or `gpufleet up --address ...`)"))
+    apply_client_env(state)
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=state.address, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+        except Exception as e:
+            raise GpufleetError(fix(f"cannot reach the Ray head at {state.address}: {type(e).__name__}: {e}",
+                                    "run `gpufleet down` then `gpufleet up`")) from None
+    return state
+
+
+def apply_client_env(state: HeadState) -> None:
+    """Point this process's Ray client at ``state``'s head, also if ray was imported already
+    (Ray reads the auth mode and token once; refresh them the way Ray's own setup does)."""
+    os.environ.update(state.client_env())
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def attach(address: str, dashboard_url: str, state_dir: Path | None = None,
+           token_path: str | None = None) -> HeadState:
+    """Record an existing cluster (not started by gpufleet: `down` will only forget it)."""
+    state_dir = Path(state_dir or default_state_dir())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = HeadState(head_id="", address=address, dashboard_url=dashboard_url, metrics_export_port=0,
+                      temp_dir="", token_path=token_path, started_at=time.time())
+    _state_file(state_dir).write_text(state.model_dump_json(indent=1))
+    return state

@@ -1,0 +1,53 @@
+"""Shared fixtures: every test cluster is our own (own temp dir, own ports), stopped by handle."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Tests start clusters without token auth unless they test auth; never inherit a user's settings.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray keeps per-host files (ray_current_cluster, sessions) under RAY_TMPDIR: use our own.
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="gft-", dir="/tmp"))
+os.environ["RAY_TMPDIR"] = str(SESSION_TMP)
+(SESSION_TMP / "ray").mkdir()  # Ray writes ray_current_cluster here but does not create it
+os.environ["GPUFLEET_RAY_TMP"] = str(SESSION_TMP)
+
+
+def has_nvidia_gpu() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def short_tmp():
+    """A short temp dir: Ray's unix socket paths must stay under 108 characters."""
+    yield SESSION_TMP
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(short_tmp):
+    """A real 3-node Ray cluster on this machine: a CPU head and two nodes of 4 declared H100s."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "temp_dir": str(short_tmp / "mn"), "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=16, num_gpus=4, resources={"accelerator_type:H100": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()

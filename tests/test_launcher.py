@@ -1,0 +1,61 @@
+"""cluster.yaml: passes Ray's own schema and the checks Ray does not do."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.errors import SpecError
+from cluster.launcher import gpufleet_errors, ray_schema_errors, validate_cluster_config
+from cluster.placement import node_types_from_cluster_config
+
+CLUSTER_YAML = Path(__file__).parents[1] / "cluster.yaml"
+
+
+@pytest.fixture
+def config():
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_shipped_cluster_yaml_is_valid():
+    validate_cluster_config(CLUSTER_YAML)
+
+
+def test_shipped_cluster_yaml_covers_catalogue_gpus_and_scales_from_zero(config):
+    types = config["available_node_types"]
+    labels = {k for t in types.values() for k in t["resources"] if k.startswith("accelerator_type:")}
+    assert {"accelerator_type:A10G", "accelerator_type:A100", "accelerator_type:H100"} <= labels
+    assert all(t.get("min_workers", 0) == 0 for t in types.values())
+
+
+def test_typo_key_is_caught_by_rays_schema(config):
+    config["max_workerz"] = 3
+    assert ray_schema_errors(config)
+
+
+def test_min_workers_above_max_is_caught(config):
+    config["available_node_types"]["h100x8"]["min_workers"] = 3
+    assert any("h100x8: min_workers=3 exceeds max_workers=2" in e for e in gpufleet_errors(config))
+
+
+def test_gpu_count_must_match_instance_type(config):
+    config["available_node_types"]["h100x8"]["resources"]["GPU"] = 4
+    assert any("p5.48xlarge has 8 GPUs" in e for e in gpufleet_errors(config))
+
+
+def test_accelerator_label_must_match_instance_type(config):
+    del config["available_node_types"]["a10gx1"]["resources"]["accelerator_type:A10G"]
+    assert any("lack 'accelerator_type:A10G'" in e for e in gpufleet_errors(config))
+
+
+def test_invalid_file_lists_the_problem(tmp_path, config):
+    config["available_node_types"]["t4x1"]["min_workers"] = 9
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(config))
+    with pytest.raises(SpecError, match="t4x1: min_workers=9 exceeds max_workers=8"):
+        validate_cluster_config(f)
+
+
+def test_node_types_become_launchable_capacity(config):
+    types = {t.name: t for t in node_types_from_cluster_config(config)}
+    assert "head" not in types and types["h100x8"].gpus == 8 and types["h100x8"].max_count == 2

@@ -1,0 +1,116 @@
+"""Placement: plans become Ray placement groups on a real multi-node cluster; infeasible fails fast."""
+
+import time
+
+import pytest
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+from cluster.errors import PlanError
+from cluster.gpus import get_gpu
+from cluster.placement import NodeCapacity, check_feasible, reserve, reserve_plan, reserved
+from cluster.planner import plan
+from cluster.spec import load_model
+from cluster.status import collect_status
+
+H100 = {"GPU": 1.0, "accelerator_type:H100": 0.001, "CPU": 1.0}
+FOUR_GPU_NODE = NodeCapacity(name="n", resources={"CPU": 16, "GPU": 4, "accelerator_type:H100": 1})
+
+
+def nodes_of(pg) -> set[str]:
+    return set(placement_group_table(pg)["bundles_to_node_id"].values())
+
+
+def free_gpus_become(expected: float, timeout_s: float = 10) -> bool:
+    """Ray's resource view trails placement changes by a moment: poll until it shows ``expected``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("GPU", 0) == expected:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# ---- pure feasibility ------------------------------------------------------------------------
+def test_strict_pack_larger_than_any_node_is_infeasible_with_reason():
+    with pytest.raises(PlanError, match=r"needs .*'GPU': 8.0.* on one node; the largest node offers .*'GPU': 4"):
+        check_feasible([H100] * 8, "STRICT_PACK", [FOUR_GPU_NODE, FOUR_GPU_NODE])
+
+
+def test_same_group_spread_over_nodes_is_feasible():
+    check_feasible([H100] * 8, "PACK", [FOUR_GPU_NODE, FOUR_GPU_NODE])
+
+
+def test_wrong_gpu_type_is_infeasible():
+    with pytest.raises(PlanError, match="no node has .*accelerator_type:A10G"):
+        check_feasible([{"GPU": 1, "accelerator_type:A10G": 0.001}], "PACK", [FOUR_GPU_NODE])
+
+
+def test_autoscaler_node_type_makes_a_group_feasible():
+    eight = NodeCapacity(name="h100x8", resources={"CPU": 192, "GPU": 8, "accelerator_type:H100": 1}, max_count=2)
+    check_feasible([H100] * 8, "STRICT_PACK", [FOUR_GPU_NODE], node_types=[eight])
+
+
+# ---- real cluster ----------------------------------------------------------------------------------
+def test_tp4_plan_lands_on_one_node(gpu_cluster):
+    p = plan(load_model("qwen2.5-72b"), "serve", get_gpu("H100-80GB"))
+    assert p.tensor_parallel == 4 and p.placement_strategy == "STRICT_PACK"
+    pg = reserve_plan(p, name="tp4", timeout_s=30)
+    try:
+        assert len(nodes_of(pg)) == 1
+    finally:
+        remove_placement_group(pg)
+
+
+def test_data_parallel_workers_spread_when_asked(gpu_cluster):
+    p = plan(load_model("qwen2.5-7b"), "full", get_gpu("H100-80GB"), gpus=2)
+    assert p.data_parallel == 2 and p.tensor_parallel == 1
+    pg = reserve_plan(p, timeout_s=30, spread=True)
+    try:
+        assert len(nodes_of(pg)) == 2
+    finally:
+        remove_placement_group(pg)
+
+
+def test_data_parallel_workers_pack_by_default(gpu_cluster):
+    pg = reserve_plan(plan(load_model("qwen2.5-7b"), "full", get_gpu("H100-80GB"), gpus=2), timeout_s=30)
+    try:
+        assert len(nodes_of(pg)) == 1
+    finally:
+        remove_placement_group(pg)
+
+
+def test_impossible_group_fails_fast_with_reason(gpu_cluster):
+    t0 = time.monotonic()
+    with pytest.raises(PlanError, match="on one node; the largest node offers"):
+        reserve([H100] * 8, "STRICT_PACK", timeout_s=600)
+    assert time.monotonic() - t0 < 5
+    assert all(g["state"] != "PENDING" for g in placement_group_table().values())
+
+
+def test_group_is_removed_when_its_block_ends_even_on_error(gpu_cluster):
+    assert free_gpus_become(8)
+    with pytest.raises(RuntimeError), reserved([H100] * 4, "STRICT_PACK", timeout_s=30):
+        assert free_gpus_become(4)
+        raise RuntimeError("job failed")
+    assert free_gpus_become(8)
+
+
+def test_feasible_but_busy_group_times_out_clearly(gpu_cluster):
+    with (reserved([H100] * 4, "STRICT_PACK", timeout_s=30), reserved([H100] * 4, "STRICT_PACK", timeout_s=30),
+          pytest.raises(PlanError, match=r"was not placed within 2s; free now: \{GPU: 0")):
+        reserve([H100] * 4, "STRICT_PACK", timeout_s=2)
+    assert all(g["state"] != "PENDING" for g in placement_group_table().values())
+
+
+def test_status_shows_a_waiting_group_and_what_it_waits_for(gpu_cluster):
+    with reserved([H100] * 4, "STRICT_PACK", timeout_s=30), reserved([H100] * 4, "STRICT_PACK", timeout_s=30):
+        waiting = placement_group([H100] * 2, strategy="STRICT_PACK", name="waits")
+        try:
+            time.sleep(1)
+            st = collect_status()
+            g = next(g for g in st.placement_groups if g.name == "waits")
+            assert g.state == "PENDING" and "'GPU': 2.0" in g.waiting_for
+            assert sum(n.gpus_total for n in st.nodes) == 8 and sum(n.gpus_free for n in st.nodes) == 0
+        finally:
+            remove_placement_group(waiting)
