@@ -190,6 +190,42 @@ def status_cmd(as_json: bool) -> None:
         out.print(t)
 
 
+@main.command("train")
+@click.argument("spec", type=click.Path())
+@click.option("--working-dir", default=".", show_default=True, help="Uploaded with the job (holds jobs/ and data).")
+@click.option("--no-follow", is_flag=True, help="Submit and return the submission id.")
+@one_line_errors
+def train_cmd(spec: str, working_dir: str, no_follow: bool) -> None:
+    """Submit a fine-tune (LoRA or full) to the cluster and follow its progress."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cluster.head import load_state
+    from jobs.submit import follow, submit
+
+    head = load_state()
+    if head is None:
+        from cluster.errors import GpufleetError
+
+        raise GpufleetError("no gpufleet head is recorded. To fix: run `gpufleet up`")
+    client, sid = submit(spec, head, working_dir)
+    out.print(f"submitted [bold]{sid}[/]  (logs: ray job logs {sid} --address {head.dashboard_url})")
+    if no_follow:
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task("training", total=None, loss="-")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+        status = follow(client, sid, on_line=lambda line: None, on_step=on_step)
+    logs = client.get_job_logs(sid).strip().splitlines()
+    out.print("\n".join(line for line in logs if line.startswith(("done:", "error:")) or "checkpoints" in line))
+    out.print(f"job {sid}: {status}")
+    if status != "SUCCEEDED":
+        sys.exit(1)
+
+
 def _validated(cls: Any, **kwargs: Any) -> Any:
     """Build a pydantic config, turning a validation error into a one-line GpufleetError."""
     from pydantic import ValidationError

@@ -110,6 +110,9 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     token_path = None
     env = {**os.environ, **cfg.env, HEAD_MARKER: head_id, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # Job entrypoints run `python ...` through the head's PATH: make that this environment's python,
+    # also when gpufleet was started as .venv/bin/gpufleet without activating the venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if cfg.token_auth:
         token_path = state_dir / "auth_token"
         if not token_path.exists():

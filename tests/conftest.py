@@ -51,3 +51,36 @@ def gpu_cluster(short_tmp):
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
+
+
+def write_greeting_dataset(path: Path, n: int = 64) -> Path:
+    """A small learnable instruction set: a fixed answer format around a name from the prompt."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+    with path.open("w") as f:
+        for _ in range(n):
+            who = rng.choice(names)
+            f.write(json.dumps({"prompt": f"Greet {who}.", "completion": f"GPUFLEET SAYS: hello {who}!"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(short_tmp):
+    from jobs.tiny_model import build_tiny_model
+
+    return build_tiny_model(short_tmp / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def greeting_data(short_tmp):
+    return write_greeting_dataset(short_tmp / "greetings.jsonl")
+
+
+def write_spec(path: Path, **fields) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return path

@@ -1,0 +1,106 @@
+"""Run a fine-tuning job: ``python -m jobs.finetune SPEC.yaml`` (also the `ray job submit` entrypoint).
+
+Everything that can be checked is checked before a worker starts: the spec, the model directory,
+the dataset, the layout, and whether the cluster can ever hold the workers. Then Ray Train's
+TorchTrainer runs ``jobs.train_loop.train_func`` on every worker, resuming from the latest
+checkpoint after a worker failure (up to ``max_failures``). Checkpoints, metrics and logs stay in
+``output_dir`` whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cluster.errors import GpufleetError
+from jobs.data import load_conversations
+from jobs.layout import TrainLayout, deepspeed_config, resolve_layout
+from jobs.spec import JobSpec, check_model_dir, load_job_spec, resolve
+
+# Ray Train's report() waits for the controller's poll (2 s by default) on every call.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]]:
+    """Validate everything that needs no cluster; return the spec, layout and worker config."""
+    spec, base = load_job_spec(spec_path)
+    model_dir = resolve(base, spec.model)
+    model_cfg = check_model_dir(model_dir, spec.seq_len)
+    dataset = resolve(base, spec.dataset)
+    load_conversations(dataset)  # format errors now, with line numbers, not inside a worker
+    layout = resolve_layout(spec, model_cfg)
+    out = resolve(base, spec.output_dir)
+    cfg: dict[str, Any] = {
+        "spec": spec.model_dump(), "layout": layout.model_dump(), "deepspeed": deepspeed_config(layout, spec),
+        "model_dir": str(model_dir), "dataset": str(dataset), "output_dir": str(out),
+    }
+    if spec.use_gpu:
+        from cluster.gpus import get_gpu
+        from cluster.spec import spec_from_config
+
+        cfg["peak_tflops"] = get_gpu(spec.gpu).peak_tflops
+        cfg["active_params"] = spec_from_config(model_cfg).active_params
+    return spec, layout, cfg
+
+
+def run(spec_path: str | Path) -> dict[str, Any]:
+    """Train; return a summary (final metrics, checkpoint and output paths)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.placement import check_feasible, cluster_nodes
+    from jobs.train_loop import train_func
+
+    spec, layout, cfg = prepare(spec_path)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": TRAIN_ENV}, logging_level="ERROR")
+    check_feasible(layout.worker_bundles(), "PACK", cluster_nodes())
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layout.json").write_text(json.dumps({"layout": layout.model_dump(), "deepspeed": cfg["deepspeed"]},
+                                                indent=1))
+    resources = layout.worker_bundles()[0]
+    trainer = TorchTrainer(
+        train_func, train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=layout.workers, use_gpu=layout.use_gpu,
+                                     resources_per_worker={k: v for k, v in resources.items()
+                                                           if not k.startswith("accelerator_type")},
+                                     accelerator_type=layout.accelerator_type, placement_strategy="PACK"),
+        run_config=RunConfig(storage_path=str(out / "ray"), name=spec.name,
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
+    )
+    result = trainer.fit()
+    return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "output": str(out / "final"), "layout": layout.model_dump()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m jobs.finetune SPEC.yaml", file=sys.stderr)
+        return 2
+    os.environ.update({k: os.environ.get(k, v) for k, v in TRAIN_ENV.items()})
+    try:
+        summary = run(args[0])
+    except GpufleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # TrainingFailedError and friends: say why, and where the work is kept
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print("checkpoints, metrics.jsonl and logs are kept in the job's output_dir", file=sys.stderr)
+        return 1
+    m = summary["metrics"] or {}
+    print(f"done: step {m.get('step')}/{m.get('total_steps')} loss {m.get('loss', float('nan')):.4f}; "
+          f"result in {summary['output']}; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Submit a fine-tune to the cluster through Ray's Job Submission SDK and follow it.
+
+``gpufleet train SPEC`` is ``ray job submit --working-dir . -- python -m jobs.finetune SPEC`` with
+the spec checked locally first, the head's auth applied, and a progress bar fed by the job's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.errors import GpufleetError
+from cluster.head import HeadState
+from jobs.finetune import TRAIN_ENV, prepare
+
+STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
+
+
+def submit(spec_path: str | Path, head: HeadState, working_dir: str | Path = ".") -> tuple[Any, str]:
+    """Validate locally, then submit; returns (client, submission_id)."""
+    from ray.job_submission import JobSubmissionClient
+
+    spec, layout, _ = prepare(spec_path)  # bad specs fail here, before anything is reserved
+    client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers())
+    wd = Path(working_dir).resolve()
+    rel = Path(spec_path).resolve()
+    entry_spec = rel.relative_to(wd) if rel.is_relative_to(wd) else rel
+    sid = client.submit_job(entrypoint=f"python -m jobs.finetune {entry_spec}",
+                            runtime_env={"working_dir": str(wd), "env_vars": TRAIN_ENV},
+                            metadata={"gpufleet": "train", "name": spec.name, "workers": str(layout.workers)})
+    return client, sid
+
+
+def follow(client: Any, sid: str, on_line=print, on_step=None, timeout_s: float = 24 * 3600) -> str:
+    """Stream the job's log until it ends; call ``on_step(step, total, loss)`` for progress lines."""
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(sid):
+            for line in chunk.splitlines():
+                on_line(line)
+                m = STEP_LINE.search(line)
+                if m and on_step:
+                    on_step(int(m.group(1)), int(m.group(2)), float(m.group(3)))
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout_s))
+    except TimeoutError:
+        raise GpufleetError(f"job {sid} still running after {timeout_s:g}s") from None
+    deadline = time.monotonic() + 30
+    while (status := str(client.get_job_status(sid).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return status

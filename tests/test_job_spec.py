@@ -1,0 +1,100 @@
+"""Job specs: bad input is rejected with the field and the fix, before anything is reserved."""
+
+import json
+
+import pytest
+import ray
+
+from cluster.errors import PlanError, SpecError
+from cluster.spec import builtin_models
+from jobs.data import load_conversations, tokenize
+from jobs.finetune import prepare, run
+from jobs.layout import deepspeed_config, resolve_layout
+from jobs.spec import JobSpec
+from tests.conftest import write_spec
+
+
+def spec_file(tmp_path, tiny_model, greeting_data, **over):
+    fields = dict(model=str(tiny_model), dataset=str(greeting_data), max_steps=2, global_batch=2, seq_len=64)
+    fields.update(over)
+    return write_spec(tmp_path / "job.yaml", **fields)
+
+
+def test_valid_spec_prepares_a_layout(tmp_path, tiny_model, greeting_data):
+    spec, layout, cfg = prepare(spec_file(tmp_path, tiny_model, greeting_data))
+    assert layout.workers == 2 and layout.dtype == "float32" and cfg["deepspeed"]["train_batch_size"] == 2
+
+
+def test_unknown_key_is_named_with_the_known_ones(tmp_path, tiny_model, greeting_data):
+    with pytest.raises(SpecError, match="unknown key 'learning_rat'.*learning_rate"):
+        prepare(spec_file(tmp_path, tiny_model, greeting_data, learning_rat=0.1))
+
+
+def test_missing_dataset_is_reported(tmp_path, tiny_model, greeting_data):
+    with pytest.raises(SpecError, match="dataset .*nope.jsonl not found"):
+        prepare(spec_file(tmp_path, tiny_model, greeting_data, dataset="nope.jsonl"))
+
+
+def test_empty_dataset_is_reported(tmp_path, tiny_model, greeting_data):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SpecError, match="empty.jsonl is empty"):
+        prepare(spec_file(tmp_path, tiny_model, greeting_data, dataset="empty.jsonl"))
+
+
+def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path, tiny_model, greeting_data):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
+    with pytest.raises(SpecError, match=r"bad.jsonl:2: malformed JSON"):
+        prepare(spec_file(tmp_path, tiny_model, greeting_data, dataset="bad.jsonl"))
+
+
+def test_seq_len_above_model_maximum_is_refused(tmp_path, tiny_model, greeting_data):
+    with pytest.raises(SpecError, match="seq_len=4096 exceeds the model's max_position_embeddings=2048"):
+        prepare(spec_file(tmp_path, tiny_model, greeting_data, seq_len=4096))
+
+
+def test_missing_model_directory_is_reported(tmp_path, tiny_model, greeting_data):
+    with pytest.raises(SpecError, match="has no config.json"):
+        prepare(spec_file(tmp_path, tiny_model, greeting_data, model=str(tmp_path)))
+
+
+def test_negative_learning_rate_names_the_field(tmp_path, tiny_model, greeting_data):
+    with pytest.raises(SpecError, match="learning_rate=-0.1"):
+        prepare(spec_file(tmp_path, tiny_model, greeting_data, learning_rate=-0.1))
+
+
+def test_steps_or_epochs_required():
+    with pytest.raises(ValueError, match="neither epochs nor max_steps"):
+        JobSpec(model="m", dataset="d")
+
+
+def test_more_workers_than_the_cluster_can_hold_fails_fast(tmp_path, tiny_model, greeting_data):
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        with pytest.raises(PlanError, match=r"needs 8 CPU in all; the cluster can offer 2"):
+            run(spec_file(tmp_path, tiny_model, greeting_data, global_batch=8, plan={"workers": 8}))
+    finally:
+        ray.shutdown()
+
+
+def test_three_record_formats_become_the_same_chat(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                 '{"prompt": "q", "completion": "a"}\n{"instruction": "q", "input": "", "output": "a"}\n')
+    convs = load_conversations(f)
+    assert convs[0] == convs[1] == convs[2]
+
+
+def test_loss_only_on_assistant_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids, labels = tokenize([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], tok)
+    learned = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert learned.startswith("hello") and "hi" not in learned
+
+
+def test_gpu_plan_drives_layout_and_fp16_on_t4():
+    spec = JobSpec(model="m", dataset="d", task="full", max_steps=1, gpu="T4", global_batch=16, seq_len=1024)
+    layout = resolve_layout(spec, json.loads(builtin_models()["qwen2.5-0.5b"].read_text()))
+    cfg = deepspeed_config(layout, spec)
+    assert layout.dtype == "float16" and cfg["fp16"]["loss_scale"] == 0 and "bf16" not in cfg
