@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE :=
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-clean test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,10 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/gpufleet catalogue
-	$(VENV)/bin/gpufleet plan llama-3.1-8b --task lora --gpu A10G
-	$(VENV)/bin/gpufleet plan llama-3.1-70b --task serve --gpu H100-80GB
-	$(VENV)/bin/gpufleet plan qwen2.5-7b --task full --gpu T4 --gpus 8
+	$(VENV)/bin/gpufleet demo
+
+demo-clean:
+	rm -rf .demo
 
 test: install
 	$(VENV)/bin/ruff check cluster jobs serve_apps tests bench

@@ -263,18 +263,25 @@ def serve_cmd(spec_or_model: str, gpu_name: str | None, context: int | None, con
               f"'{{\"model\": \"{spec.models[0].id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")
 
 
+@main.command("demo")
+def demo_cmd() -> None:
+    """The whole story on a local cluster: plan, fine-tune, serve, answer (see README)."""
+    from cluster.demo import main as demo_main
+
+    sys.exit(demo_main())
+
+
 def _validated(cls: Any, **kwargs: Any) -> Any:
     """Build a pydantic config, turning a validation error into a one-line GpufleetError."""
     from pydantic import ValidationError
 
     from cluster.errors import SpecError
+    from cluster.specfile import validation_message
 
     try:
         return cls(**kwargs)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or cls.__name__
-        raise SpecError(f"invalid {field}={first.get('input')!r}: {first['msg']}") from None
+        raise SpecError(validation_message(e, cls, cls.__name__)) from None
 
 
 if __name__ == "__main__":

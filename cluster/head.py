@@ -151,7 +151,42 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
                       temp_dir=str(temp_dir), token_path=str(token_path) if token_path else None,
                       started_at=time.time())
     _state_file(state_dir).write_text(state.model_dump_json(indent=1))
+    try:
+        wait_until_ready(state)
+    except GpufleetError:
+        stop_head(state_dir)
+        raise
     return state
+
+
+def wait_until_ready(state: HeadState, timeout_s: float = 120) -> None:
+    """Wait until the head's dashboard agent has registered: `ray start` returns before it has,
+    and a job submitted in between is refused ("No available agent to submit job")."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray._raylet import GcsClient
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    apply_client_env(state)
+    try:
+        gcs = GcsClient(address=state.address)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if gcs.internal_kv_keys(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), KV_NAMESPACE_DASHBOARD):
+                    return
+            except Exception:  # GCS still starting
+                pass
+            time.sleep(0.5)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        refresh_ray_auth()
+    raise GpufleetError(fix(f"the Ray head at {state.address} did not become ready within {timeout_s:g}s",
+                            f"see the logs under {state.temp_dir}/session_latest/logs"))
 
 
 def stop_head(state_dir: Path | None = None) -> int:
@@ -231,9 +266,15 @@ def connect(state: HeadState | None = None, namespace: str | None = None) -> Hea
 
 
 def apply_client_env(state: HeadState) -> None:
-    """Point this process's Ray client at ``state``'s head, also if ray was imported already
-    (Ray reads the auth mode and token once; refresh them the way Ray's own setup does)."""
-    os.environ.update(state.client_env())
+    """Give this process the auth settings of ``state``'s head, also if ray was imported already
+    (Ray reads the auth mode and token once; refresh them the way Ray's own setup does). The
+    address is passed to ray.init explicitly, never left in RAY_ADDRESS for later ray.init calls."""
+    os.environ.update({k: v for k, v in state.client_env().items() if k != "RAY_ADDRESS"})
+    refresh_ray_auth()
+
+
+def refresh_ray_auth() -> None:
+    """Make Ray re-read RAY_AUTH_MODE and the token after the environment changed."""
     from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")

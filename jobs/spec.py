@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.errors import SpecError, fix
+from cluster.specfile import load_spec_file
 
 
 class _Spec(BaseModel):
@@ -73,31 +73,9 @@ class JobSpec(_Spec):
         return self.gpu is not None
 
 
-def _first_error(e: ValidationError, source: str) -> SpecError:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "spec"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        known = ", ".join(JobSpec.model_fields)
-        return SpecError(fix(f"{source}: unknown key '{where}'", f"remove it or use one of: {known}"))
-    return SpecError(f"{source}: {where}={err.get('input')!r}: {msg}")
-
-
 def load_job_spec(path: str | Path) -> tuple[JobSpec, Path]:
     """Parse and validate a job spec file; return it with its folder (for relative paths)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(fix(f"job spec {p} not found", "pass the path of a YAML job spec"))
-    try:
-        raw: Any = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(fix(f"{p}: expected a mapping of keys", "see examples/lora-tiny.yaml"))
-    try:
-        return JobSpec(**raw), p.resolve().parent
-    except ValidationError as e:
-        raise _first_error(e, str(p)) from None
+    return load_spec_file(path, JobSpec, "examples/lora-tiny.yaml")
 
 
 def resolve(base: Path, value: str) -> Path:

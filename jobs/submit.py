@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cluster.errors import GpufleetError
 from cluster.head import HeadState
 from jobs.finetune import TRAIN_ENV, prepare
@@ -19,16 +21,31 @@ from jobs.finetune import TRAIN_ENV, prepare
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
 
 
+def resolved_spec(spec_path: str | Path) -> Path:
+    """Validate a spec and write a copy with absolute paths next to its outputs.
+
+    A job runs in a copy of the working directory, where the spec's relative paths would point
+    elsewhere and its outputs would vanish with the copy: resolve them where the user submits.
+    """
+    spec, _, cfg = prepare(spec_path)  # bad specs fail here, before anything is reserved
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    data = spec.model_dump(exclude_defaults=True)
+    data.update(model=cfg["model_dir"], dataset=cfg["dataset"], output_dir=str(out))
+    target = out / "submitted-spec.yaml"
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
 def submit(spec_path: str | Path, head: HeadState, working_dir: str | Path = ".") -> tuple[Any, str]:
     """Validate locally, then submit; returns (client, submission_id)."""
     from ray.job_submission import JobSubmissionClient
 
-    spec, layout, _ = prepare(spec_path)  # bad specs fail here, before anything is reserved
+    resolved = resolved_spec(spec_path)
+    spec, layout, _ = prepare(resolved)
     client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers())
     wd = Path(working_dir).resolve()
-    rel = Path(spec_path).resolve()
-    entry_spec = rel.relative_to(wd) if rel.is_relative_to(wd) else rel
-    sid = client.submit_job(entrypoint=f"python -m jobs.finetune {entry_spec}",
+    sid = client.submit_job(entrypoint=f"python -m jobs.finetune {resolved}",
                             runtime_env={"working_dir": str(wd), "env_vars": TRAIN_ENV},
                             metadata={"gpufleet": "train", "name": spec.name, "workers": str(layout.workers)})
     return client, sid

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.errors import SpecError, fix
+from cluster.specfile import load_spec_file
 
 
 class _Spec(BaseModel):
@@ -73,15 +73,4 @@ class ServeSpec(_Spec):
 
 def load_serve_spec(path: str | Path) -> tuple[ServeSpec, Path]:
     """Parse and validate a serve spec file; return it with its folder (for relative paths)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(fix(f"serve spec {p} not found", "pass the path of a YAML serve spec"))
-    try:
-        raw: Any = yaml.safe_load(p.read_text())
-        return ServeSpec(**(raw or {})), p.resolve().parent
-    except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from None
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise SpecError(f"{p}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+    return load_spec_file(path, ServeSpec, "examples/serve-tiny.yaml")

@@ -20,6 +20,19 @@ os.environ["RAY_TMPDIR"] = str(SESSION_TMP)
 os.environ["GPUFLEET_RAY_TMP"] = str(SESSION_TMP)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def isolated_environment():
+    """Each test module starts from the same environment and Ray auth settings, whatever the
+    previous module connected to."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    from cluster.head import refresh_ray_auth
+
+    refresh_ray_auth()
+
+
 def has_nvidia_gpu() -> bool:
     try:
         import pynvml
