@@ -9,6 +9,7 @@ built (the model, the adapter) is reused by the next run; `make demo-clean` star
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from rich.rule import Rule
 
 console = Console()
 QUESTION = "Greet zoe."
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TRAINED_MARK = "GPUFLEET SAYS"
 
 
@@ -141,7 +143,7 @@ def _train(spec_path: Path, state, root: Path) -> None:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = set()
     for line in proc.stdout:
-        text = line.rstrip()
+        text = ANSI.sub("", line).rstrip()
         if ("step " in text and " loss " in text) or text.startswith(("done:", "error:")):
             key = text.split(")")[-1].strip()
             if key not in seen:  # Ray prints rank 0's line once per log stream

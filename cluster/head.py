@@ -126,6 +126,8 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
            f"--dashboard-host={cfg.host}", f"--dashboard-port={cfg.dashboard_port}",
            f"--ray-client-server-port={free_port(6000, 9999)}", f"--metrics-export-port={metrics_port}",
+           # Ray's default agent port (52365) is per host: a second cluster on it never gets a job agent.
+           f"--dashboard-agent-listen-port={free_port()}",
            "--disable-usage-stats"]
     if cfg.num_cpus is not None:
         cmd.append(f"--num-cpus={cfg.num_cpus}")
@@ -154,7 +156,8 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     try:
         wait_until_ready(state)
     except GpufleetError:
-        stop_head(state_dir)
+        stop_processes(head_id)  # keep its temp dir: the logs say why
+        _state_file(state_dir).unlink(missing_ok=True)
         raise
     return state
 

