@@ -34,7 +34,11 @@ ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}
 async def one_level(url: str, model: str, concurrency: int, seconds: float) -> dict:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+    async with AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=300) as client:
+        return await _closed_loop(client, model, concurrency, seconds)
+
+
+async def _closed_loop(client, model: str, concurrency: int, seconds: float) -> dict:
     ttfts: list[float] = []
     tokens, errors = 0, 0
     deadline = time.perf_counter() + seconds
@@ -131,7 +135,7 @@ def main() -> None:
     from cluster.head import free_port
     from jobs.tiny_model import build_tiny_model
 
-    model_dir = str(build_tiny_model(args.model))
+    model_dir = str(build_tiny_model(args.model).resolve())
     plain = run_plain_vllm(model_dir, free_port(), args.seconds)
     ours = run_gpufleet(model_dir, free_port(), args.seconds, Path(args.out).parent)
     rows = []
