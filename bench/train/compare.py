@@ -1,0 +1,38 @@
+"""Measured DeepSpeed peaks (bench/train/results/*.json) beside the catalogue's plan; prints a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cluster.memory import GIB, TrainSetup, estimate
+from cluster.spec import load_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def rows() -> list[dict]:
+    out = []
+    for f in sorted(RESULTS.glob("h100*.json")):
+        for r in json.loads(f.read_text())["rows"]:
+            if "measured_peak_gib" not in r:
+                continue
+            setup = TrainSetup(task=r["task"], micro_batch=r["micro_batch"], seq_len=r["seq"], grad_ckpt=r["grad_ckpt"],
+                               engine="deepspeed", zero_stage=r["zero_stage"])
+            pred = estimate(load_model(r["model"]), setup).peak / GIB
+            out.append({**r, "plan_gib": pred, "error": (pred - r["measured_peak_gib"]) / r["measured_peak_gib"],
+                        "file": f.name})
+    return out
+
+
+def main() -> None:
+    print(f"{'model':14} {'task':5} {'ZeRO':>4} {'ckpt':>4} {'micro':>5} {'tok/s':>7} {'MFU':>6} "
+          f"{'measured GiB':>12} {'plan GiB':>9} {'error':>7}")
+    for r in rows():
+        print(f"{r['model']:14} {r['task']:5} {r['zero_stage']:>4} {int(r['grad_ckpt']):>4} {r['micro_batch']:>5} "
+              f"{r['tokens_per_s']:>7.0f} {r['mfu']:>6.1%} {r['measured_peak_gib']:>12.2f} {r['plan_gib']:>9.2f} "
+              f"{r['error']:>+7.1%}")
+
+
+if __name__ == "__main__":
+    main()
