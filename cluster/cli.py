@@ -268,7 +268,7 @@ def demo_cmd() -> None:
     """The whole story on a local cluster: plan, fine-tune, serve, answer (see README)."""
     from cluster.demo import main as demo_main
 
-    sys.exit(demo_main())
+    sys.exit(demo_main([]))
 
 
 def _validated(cls: Any, **kwargs: Any) -> Any:

@@ -8,6 +8,8 @@ built (the model, the adapter) is reused by the next run; `make demo-clean` star
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.rule import Rule
 
@@ -28,9 +31,27 @@ def stage(n: int, title: str) -> None:
     console.print(Rule(f"[bold cyan]{n}/7  {title}"))
 
 
-def main() -> int:
+def derived_spec(template: Path, target: Path, **changes) -> Path:
+    """Copy an example spec with some keys replaced (absolute paths for this run)."""
+    data = yaml.safe_load(template.read_text())
+    for key, value in changes.items():
+        if key == "model_entry":
+            data["models"][0].update(value)
+        else:
+            data[key] = value
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="The whole gpufleet story on a local cluster.")
+    ap.add_argument("--demo-dir", default=".demo", help="Where the model, adapter and head state go.")
+    ap.add_argument("--port", type=int, default=8000, help="OpenAI endpoint port.")
+    ap.add_argument("--dashboard-port", type=int, default=8265)
+    args = ap.parse_args(argv)
     root = Path.cwd()
-    demo = root / ".demo"
+    demo = Path(args.demo_dir).resolve()
+    demo.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GPUFLEET_HOME", str(demo / "home"))
     t0 = time.monotonic()
     from cluster.head import HeadConfig, free_port, load_state, start_head, stop_head
@@ -46,7 +67,7 @@ def main() -> int:
         stage(2, "gpufleet up: a local Ray head")
         state = load_state()
         if state is None or not state.head_id:
-            port = 8265 if _port_free(8265) else free_port()
+            port = args.dashboard_port if _port_free(args.dashboard_port) else free_port()
             state = start_head(HeadConfig(num_cpus=8, dashboard_port=port))
             started = True
         console.print(f"Ray head at {state.address}; dashboard [link]{state.dashboard_url}[/link]; "
@@ -64,14 +85,19 @@ def main() -> int:
         if (adapter / "adapter_model.safetensors").exists():
             console.print(f"reusing the adapter trained by an earlier run: {adapter}")
         else:
-            _train(root / "examples" / "lora-tiny.yaml", state, root)
+            job = derived_spec(root / "examples" / "lora-tiny.yaml", demo / "lora-tiny.yaml", model=str(model_dir),
+                               dataset=str(root / "examples" / "data" / "greetings.jsonl"),
+                               output_dir=str(demo / "lora-tiny"))
+            _train(job, state, root)
 
         stage(5, "serve base and adapter: Ray Serve + vLLM, OpenAI API")
         from serve_apps.app import deploy
         from serve_apps.spec import load_serve_spec
 
         start_monitors()
-        spec, base = load_serve_spec(root / "examples" / "serve-tiny.yaml")
+        serve_file = derived_spec(root / "examples" / "serve-tiny.yaml", demo / "serve-tiny.yaml", port=args.port,
+                                  model_entry={"source": str(model_dir), "adapters": {"greeter": str(adapter)}})
+        spec, base = load_serve_spec(serve_file)
         t = time.monotonic()
         url = deploy(spec, base)
         console.print(f"serving at {url} after {time.monotonic() - t:.0f}s")
@@ -87,6 +113,7 @@ def main() -> int:
             answers[model] = r.choices[0].message.content
             console.print(f"[bold]{model:>13}[/]: {answers[model]!r}")
         learned = TRAINED_MARK in answers["tiny:greeter"] and TRAINED_MARK not in answers["tiny"]
+        (demo / "answers.json").write_text(json.dumps({"question": QUESTION, "answers": answers, "learned": learned}))
         console.print("[green]the adapter learned the answer format[/]" if learned
                       else "[red]the adapter did not learn the answer format[/]")
 

@@ -1,0 +1,29 @@
+"""The whole story end to end, as `make demo` runs it: plan, LoRA fine-tune by `ray job submit`,
+serve base + adapter with Ray Serve + vLLM, and the adapter answers in the trained format."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.head import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+
+
+def test_demo_adapter_answers_in_the_trained_format(short_tmp):
+    demo_dir = short_tmp / "demo"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "GPUFLEET_HOME")}
+    p = subprocess.run([sys.executable, "-m", "cluster.demo", "--demo-dir", str(demo_dir), "--port", str(free_port()),
+                        "--dashboard-port", str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    result = json.loads((demo_dir / "answers.json").read_text())
+    assert result["learned"]
+    assert result["answers"]["tiny:greeter"].startswith("GPUFLEET SAYS: hello")
+    assert "GPUFLEET" not in result["answers"]["tiny"]
+    assert "nothing left running" in p.stdout
