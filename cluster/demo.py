@@ -162,7 +162,7 @@ def _print_plans(model_dir: Path) -> None:
 def _train(spec_path: Path, state, root: Path) -> None:
     from jobs.submit import resolved_spec
 
-    resolved = resolved_spec(spec_path)
+    resolved, _, _ = resolved_spec(spec_path)
     env = {**os.environ, **state.client_env()}
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", state.dashboard_url,
            "--working-dir", str(root), "--", "python", "-m", "jobs.finetune", str(resolved)]

@@ -17,32 +17,33 @@ import yaml
 from cluster.errors import GpufleetError
 from cluster.head import HeadState
 from jobs.finetune import TRAIN_ENV, prepare
+from jobs.layout import TrainLayout
+from jobs.spec import JobSpec
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
 
 
-def resolved_spec(spec_path: str | Path) -> Path:
+def resolved_spec(spec_path: str | Path) -> tuple[Path, JobSpec, TrainLayout]:
     """Validate a spec and write a copy with absolute paths next to its outputs.
 
     A job runs in a copy of the working directory, where the spec's relative paths would point
     elsewhere and its outputs would vanish with the copy: resolve them where the user submits.
     """
-    spec, _, cfg = prepare(spec_path)  # bad specs fail here, before anything is reserved
+    spec, layout, cfg = prepare(spec_path)  # bad specs fail here, before anything is reserved
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     data = spec.model_dump(exclude_defaults=True)
     data.update(model=cfg["model_dir"], dataset=cfg["dataset"], output_dir=str(out))
     target = out / "submitted-spec.yaml"
     target.write_text(yaml.safe_dump(data, sort_keys=False))
-    return target
+    return target, spec, layout
 
 
 def submit(spec_path: str | Path, head: HeadState, working_dir: str | Path = ".") -> tuple[Any, str]:
     """Validate locally, then submit; returns (client, submission_id)."""
     from ray.job_submission import JobSubmissionClient
 
-    resolved = resolved_spec(spec_path)
-    spec, layout, _ = prepare(resolved)
+    resolved, spec, layout = resolved_spec(spec_path)
     client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers())
     wd = Path(working_dir).resolve()
     sid = client.submit_job(entrypoint=f"python -m jobs.finetune {resolved}",

@@ -121,10 +121,15 @@ def llm_configs(spec: ServeSpec, base: Path) -> list[dict[str, Any]]:
     return [llm_config_dict(m, base) for m in spec.models]
 
 
+def all_adapters(spec: ServeSpec, base: Path) -> dict[str, dict[str, Any]]:
+    """Model id -> adapters table, for the models that have adapters."""
+    return {m.id: t for m in spec.models if (t := adapters_table(m, base))}
+
+
 def build_app(spec: ServeSpec, base: Path) -> Any:
     """The Ray Serve application for ``spec`` (see ``build_from_args``)."""
-    return build_from_args({"llm_configs": llm_configs(spec, base), "adapters": {
-        m.id: adapters_table(m, base) for m in spec.models if adapters_table(m, base)}, "api_key": spec.api_key()})
+    return build_from_args({"llm_configs": llm_configs(spec, base), "adapters": all_adapters(spec, base),
+                            "api_key": spec.api_key()})
 
 
 def build_from_args(args: dict[str, Any]) -> Any:
@@ -172,7 +177,7 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
     from ray.serve.llm import LLMConfig
 
     configs = [json.loads(LLMConfig(**c).model_dump_json(exclude_defaults=True)) for c in llm_configs(spec, base)]
-    adapters = {m.id: adapters_table(m, base) for m in spec.models if adapters_table(m, base)}
+    adapters = all_adapters(spec, base)
     return {
         "http_options": {"host": spec.host, "port": spec.port},
         "applications": [{"name": spec.name, "route_prefix": "/", "import_path": "serve_apps.app:build_from_args",
