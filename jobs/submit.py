@@ -16,7 +16,7 @@ import yaml
 
 from cluster.errors import GpufleetError
 from cluster.head import HeadState
-from jobs.finetune import TRAIN_ENV, prepare
+from jobs.finetune import prepare
 from jobs.layout import TrainLayout
 from jobs.spec import JobSpec
 
@@ -47,7 +47,9 @@ def submit(spec_path: str | Path, head: HeadState, working_dir: str | Path = "."
     client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers())
     wd = Path(working_dir).resolve()
     sid = client.submit_job(entrypoint=f"python -m jobs.finetune {resolved}",
-                            runtime_env={"working_dir": str(wd), "env_vars": TRAIN_ENV},
+                            # no env_vars: jobs.finetune's ray.init sets TRAIN_ENV, and Ray refuses
+                            # the same key set by both the job and its driver
+                            runtime_env={"working_dir": str(wd)},
                             metadata={"gpufleet": "train", "name": spec.name, "workers": str(layout.workers)})
     return client, sid
 

@@ -105,18 +105,35 @@ def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(local_ray
     assert resumed[-1]["loss"] <= baseline * 1.01 + 1e-3
 
 
-def test_ray_job_submit_end_to_end(tmp_path, tiny_model, greeting_data):
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
     from cluster.head import HeadConfig, free_port, start_head, stop_head
 
-    state = start_head(HeadConfig(state_dir=tmp_path / "head", num_cpus=4, dashboard_port=free_port()))
-    try:
-        spec = job(tmp_path, tiny_model, greeting_data, max_steps=6, checkpoint_every=3)
-        env = {**os.environ, **state.client_env()}
-        p = subprocess.run([str(os.path.dirname(os.sys.executable)) + "/ray", "job", "submit", "--address",
-                            state.dashboard_url, "--working-dir", os.getcwd(), "--", "python", "-m",
-                            "jobs.finetune", str(spec)], env=env, capture_output=True, text=True, timeout=400)
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        assert "done: step 6/6" in p.stdout
-        assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
-    finally:
-        stop_head(tmp_path / "head")
+    d = tmp_path_factory.mktemp("head")
+    state = start_head(HeadConfig(state_dir=d, num_cpus=4, dashboard_port=free_port()))
+    yield d, state
+    stop_head(d)
+
+
+def test_ray_job_submit_end_to_end(head, tmp_path, tiny_model, greeting_data):
+    _, state = head
+    spec = job(tmp_path, tiny_model, greeting_data, max_steps=6, checkpoint_every=3)
+    env = {**os.environ, **state.client_env()}
+    p = subprocess.run([str(os.path.dirname(os.sys.executable)) + "/ray", "job", "submit", "--address",
+                        state.dashboard_url, "--working-dir", os.getcwd(), "--", "python", "-m",
+                        "jobs.finetune", str(spec)], env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "done: step 6/6" in p.stdout
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_gpufleet_train_submits_and_follows_the_job(head, tmp_path, tiny_model, greeting_data):
+    state_dir, _ = head
+    spec = job(tmp_path, tiny_model, greeting_data, max_steps=4, checkpoint_every=2, output_dir="rel-out")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"GPUFLEET_HOME": str(state_dir)}
+    p = subprocess.run([os.sys.executable, "-m", "cluster.cli", "train", str(spec)], env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "SUCCEEDED" in p.stdout and "done: step 4/4" in p.stdout
+    # relative paths in the spec resolve where it was submitted, not in the job's copy of the working dir
+    assert (tmp_path / "rel-out" / "final" / "adapter_model.safetensors").exists()
