@@ -107,6 +107,8 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
         conf["server_cls"] = LORA_SERVER
         env[ADAPTERS_ENV] = json.dumps(adapters)
     conf["engine_kwargs"] = engine
+    if entry.stream_batching_ms is not None:
+        conf["experimental_configs"] = {"stream_batching_interval_ms": entry.stream_batching_ms}
     conf["runtime_env"] = {"env_vars": env}
     target = max(1, math.ceil(TARGET_FRACTION * capacity))
     conf["deployment_config"] = {

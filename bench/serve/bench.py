@@ -105,7 +105,7 @@ def run_plain_vllm(model_dir: str, port: int, seconds: float) -> list[dict]:
         proc.wait(30)
 
 
-def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path) -> list[dict]:
+def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path, stream_batching_ms: int | None) -> list[dict]:
     import ray
     from ray import serve
 
@@ -114,7 +114,8 @@ def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path) -> li
 
     spec_file = workdir / "bench-serve.yaml"
     spec_file.write_text(yaml.safe_dump({"name": "bench", "port": port, "models": [
-        {"id": "tiny", "source": model_dir, "context": ENGINE["max_model_len"], "concurrency": 32}]}))
+        {"id": "tiny", "source": model_dir, "context": ENGINE["max_model_len"], "concurrency": 32,
+         "stream_batching_ms": stream_batching_ms}]}))
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     try:
         spec, base = load_serve_spec(spec_file)
@@ -131,13 +132,14 @@ def main() -> None:
     ap.add_argument("--model", default=".demo/tiny-model")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--out", default=str(HERE / "results" / "cpu.json"))
+    ap.add_argument("--stream-batching-ms", type=int, help="gpufleet side: Ray Serve LLM's stream batching interval")
     args = ap.parse_args()
     from cluster.head import free_port
     from jobs.tiny_model import build_tiny_model
 
     model_dir = str(build_tiny_model(args.model).resolve())
     plain = run_plain_vllm(model_dir, free_port(), args.seconds)
-    ours = run_gpufleet(model_dir, free_port(), args.seconds, Path(args.out).parent)
+    ours = run_gpufleet(model_dir, free_port(), args.seconds, Path(args.out).parent, args.stream_batching_ms)
     rows = []
     print(f"{'concurrency':>11} | {'plain vLLM tok/s':>16} | {'gpufleet tok/s':>14} | {'ratio':>5} | "
           f"{'TTFT plain ms':>13} | {'TTFT gpufleet ms':>16} | {'overhead ms':>11}")
@@ -151,6 +153,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                           "engine": ENGINE, "max_tokens": MAX_TOKENS, "seconds": args.seconds,
+                                          "stream_batching_ms": args.stream_batching_ms,
                                           "rows": rows}, indent=1) + "\n")
     print("wrote", args.out)
 
