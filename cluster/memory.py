@@ -20,15 +20,14 @@ model name.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from cluster.errors import SpecError, fix
+from cluster.gpus import GIB
 from cluster.spec import ModelSpec, _Frozen
 
-GIB = 2**30
 Task = Literal["infer", "lora", "full"]
 Precision = Literal["bf16", "fp16", "mixed"]
 
@@ -295,7 +294,3 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
         peak=int(moments[phase]), peak_phase=phase, cpu_offload=int(offloaded),
     )
 
-
-def gib(n: float) -> str:
-    """Format bytes as GiB for humans."""
-    return f"{n / GIB:.1f} GiB" if n < 100 * GIB else f"{math.ceil(n / GIB)} GiB"

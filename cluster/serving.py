@@ -11,14 +11,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from cluster.gpus import GIB, GpuType
+from cluster.memory import CUDA_CONTEXT
 from cluster.parallelism import kv_heads_per_rank
 from cluster.spec import DTYPE_BYTES, ModelSpec, _Frozen
 
 BLOCK_SIZE = 16  # vLLM's default KV block (tokens)
 DEFAULT_UTILIZATION = 0.90
 DEFAULT_MAX_BATCHED_TOKENS = 8192
-DEFAULT_MAX_NUM_SEQS = 256
-CUDA_CONTEXT = int(0.75 * GIB)
+DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch cap: a replica never runs more sequences at once
 CUDA_GRAPHS = int(0.5 * GIB)
 NCCL_PER_RANK = int(0.25 * GIB)
 

@@ -148,10 +148,6 @@ class ModelSpec(_Frozen):
         idle = (self.num_experts - self.experts_per_token) * per_expert
         return self.num_params - idle * len(self.moe_layers)
 
-    def linear_params_per_layer(self) -> int:
-        """Weights of the linear layers in one (dense-averaged) layer; LoRA wraps these."""
-        return round(sum(self.layer_params(i) for i in range(self.num_layers)) / self.num_layers)
-
     @property
     def mlp_activation_width(self) -> int:
         """MLP width one token actually passes through (MoE: k experts plus the shared one)."""

@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import PlanError, SpecError, fix
-from cluster.gpus import get_gpu
+from cluster.gpus import GIB, get_gpu
 from cluster.parallelism import check_tp
 from cluster.planner import plan
-from cluster.serving import kv_bytes_for_sequence
+from cluster.serving import DEFAULT_MAX_NUM_SEQS, kv_bytes_for_sequence
 from cluster.spec import builtin_models, spec_from_config
 from jobs.spec import check_model_dir, resolve
 from serve_apps.spec import ModelEntry, ServeSpec
 
-GIB = 2**30
 TARGET_FRACTION = 0.75
-MAX_NUM_SEQS = 256  # vLLM's default batch cap; a replica never runs more sequences than this
 LORA_SERVER = "serve_apps.lora:LocalLoraServer"
 ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"
 
@@ -70,7 +68,7 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
             check_tp(spec, entry.tensor_parallel, 8)
         p = plan(spec, "serve", gpu, gpus=entry.tensor_parallel, seq_len=context, batch=entry.concurrency)
         mem = p.serving
-        capacity = min(MAX_NUM_SEQS, max(1, mem.concurrent_seqs))
+        capacity = min(DEFAULT_MAX_NUM_SEQS, max(1, mem.concurrent_seqs))
         engine.update(tensor_parallel_size=p.tensor_parallel, pipeline_parallel_size=p.pipeline_parallel,
                       gpu_memory_utilization=mem.gpu_memory_utilization, max_num_seqs=capacity,
                       dtype=entry.dtype if entry.dtype != "auto" else p.dtype)
@@ -87,7 +85,7 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
             raise PlanError(fix(f"models[{entry.id}]: one sequence of {context} tokens needs {need / GIB:.2f} GiB of "
                                 f"KV cache, above cpu_kv_cache_gib={entry.cpu_kv_cache_gib}",
                                 f"raise cpu_kv_cache_gib to {math.ceil(need / GIB * 10) / 10} or lower context"))
-        capacity = min(MAX_NUM_SEQS, max(1, kv_budget // need))
+        capacity = min(DEFAULT_MAX_NUM_SEQS, max(1, kv_budget // need))
         engine.update(tensor_parallel_size=tp, dtype=entry.dtype if entry.dtype != "auto" else "float32",
                       max_num_seqs=capacity)
         conf["accelerator_config"] = {"kind": "cpu"}
