@@ -36,6 +36,11 @@ LOGITS_SAVED = 4  # fp32 log_softmax output kept for backward
 SOFTCAP_SAVED = 2  # tanh output kept when final_logit_softcapping is set
 LOSS_BACKWARD = 8  # fp32 grad of log_softmax input and of its output, live at backward start
 INFER_LOGITS = 10  # bf16 logits + fp32 upcast + log_softmax output, under no_grad
+# Under torch.compile the loss is one fused kernel: it keeps the bf16 logits (plus the capped
+# ones under softcapping) and its backward writes one fp32 gradient of them.
+COMPILED_LOGITS_SAVED = 2
+COMPILED_SOFTCAP_SAVED = 1
+COMPILED_LOSS_BACKWARD = 4
 # What a GPU holds outside torch's allocator (CUDA context, cuBLAS workspaces, NCCL), and the
 # default safety margin a plan keeps on top of the predicted peak for allocator fragmentation.
 CUDA_CONTEXT = int(0.75 * GIB)
@@ -58,6 +63,9 @@ class TrainSetup(_Frozen):
     engine: Literal["torch", "deepspeed"] = Field(default="torch", description=(
         "torch: one GPU, torch.optim.AdamW (states in the parameters' dtype); "
         "deepspeed: fp32 master weights and fp32 Adam states, ZeRO-sharded."))
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    compile: bool = Field(default=False, description=(
+        "torch.compile: inductor keeps fewer activations and fuses the loss (deepspeed engine only)."))
     data_parallel: int = Field(default=1, ge=1, description="GPUs sharing the ZeRO partitions.")
     zero_stage: int = Field(default=0, ge=0, le=3)
     offload_optimizer: bool = False
@@ -67,8 +75,9 @@ class TrainSetup(_Frozen):
     def _check(self) -> TrainSetup:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(fix("offload_params needs zero_stage=3", "set zero_stage=3 or drop offload_params"))
-        if self.engine == "torch" and (self.data_parallel > 1 or self.zero_stage or self.offload_optimizer):
-            raise ValueError(fix("ZeRO, offload and data_parallel>1 need engine='deepspeed'",
+        if self.engine == "torch" and (self.data_parallel > 1 or self.zero_stage or self.offload_optimizer
+                                       or self.compile or self.grad_accum > 1):
+            raise ValueError(fix("ZeRO, offload, compile, grad_accum>1 and data_parallel>1 need engine='deepspeed'",
                                  "set engine='deepspeed'"))
         return self
 
@@ -132,6 +141,23 @@ def layer_activation_bytes(spec: ModelSpec, task: Task, grad_ckpt: bool, precisi
         a += 10 * h
     if task == "lora":
         a += _lora_activation_delta(spec)
+    return a
+
+
+def compiled_layer_activation_bytes(spec: ModelSpec, grad_ckpt: bool) -> float:
+    """Bytes one decoder layer keeps per token under torch.compile (bf16, SDPA).
+
+    Inductor saves the matmul inputs and recomputes the pointwise work in backward: per norm
+    its input and normalised output, the residual stream after attention, q/k/v and the
+    attention output, gate and up (act(gate)*up is recomputed). Measured on an H100
+    (bench/train/results/h100-compile-*.json).
+    """
+    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.mlp_activation_width
+    if grad_ckpt:
+        return 2 * h + CKPT_CONST
+    a = 4 * spec.norms_per_layer * h + 4 * h + 4 * q + 4 * kv + 6 * i
+    if spec.has_qk_norm:
+        a += 4 * (q + kv)
     return a
 
 
@@ -278,11 +304,24 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
         buckets = half * (STAGE3_PREFETCH + REDUCE_BUCKET) + half * max(
             spec.layer_params(i) for i in range(L)) * 2
     act_task: Task = "full" if s.precision in ("bf16", "fp16") else s.task
-    acts = int(T * L * layer_activation_bytes(spec, act_task, s.grad_ckpt, "bf16"))
-    logits = T * (_logits_saved(spec) + LOSS_BACKWARD * V)
+    if s.compile:
+        acts = int(T * L * compiled_layer_activation_bytes(spec, s.grad_ckpt))
+        saved = COMPILED_LOGITS_SAVED + (COMPILED_SOFTCAP_SAVED if spec.final_logit_softcapping else 0)
+        # the first layer backward reaches (no checkpointing) recomputes act(gate) in fp32
+        logits = T * ((saved + COMPILED_LOSS_BACKWARD) * V + (0 if s.grad_ckpt else 4 * spec.mlp_activation_width))
+    else:
+        acts = int(T * L * layer_activation_bytes(spec, act_task, s.grad_ckpt, "bf16"))
+        logits = T * (_logits_saved(spec) + LOSS_BACKWARD * V)
     base = params + master + states
+    # Between the micro-batches of one optimizer step the half-precision gradients stay, and
+    # under ZeRO-1 so do its reduce and all-gather buckets. ZeRO-1/2 may also still hold the
+    # previous step's half-precision gradients when the next forward starts (seen in 4 of 7
+    # compiled runs on an H100; overlap_comm frees them on a side stream): count them.
+    carried = (grads + (buckets if z == 1 else 0)) if s.grad_accum > 1 else 0
+    if z in (1, 2):
+        carried += grads
     moments = {
-        "backward start": base + acts + logits,
+        "backward start": base + carried + acts + logits,
         "backward end": base + grads + buckets + T * layer_activation_bytes(spec, act_task, False),
         # the step also holds one more half-precision copy of the trainable partition
         "optimizer step": base + grads + fp32_grads + half * n_train / shard,

@@ -6,6 +6,7 @@ plan's bundles into a Ray placement group elsewhere (``cluster.placement``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ class Plan(_Frozen):
     offload_optimizer: bool = False
     offload_params: bool = False
     grad_ckpt: bool = False
+    compile: bool = Field(default=False, description="Training runs the model under torch.compile.")
     seq_len: int
     micro_batch: int = 1
     grad_accum: int = 1
@@ -90,11 +92,12 @@ class Plan(_Frozen):
 
 def plan(spec: ModelSpec, task: str, gpu: GpuType, gpus: int | None = None, gpus_per_node: int = 8,
          seq_len: int | None = None, batch: int | None = None, headroom: float = DEFAULT_HEADROOM,
-         max_gpus: int | None = None) -> Plan:
+         max_gpus: int | None = None, compile: bool = True) -> Plan:
     """The cheapest legal layout (fewest GPUs) for ``spec`` doing ``task`` on ``gpu``.
 
     ``gpus`` pins the GPU count; ``max_gpus`` is the inventory; ``batch`` is the global batch for
-    training and the concurrent sequences wanted for serving; ``seq_len`` the tokens per sequence.
+    training and the concurrent sequences wanted for serving; ``seq_len`` the tokens per sequence;
+    ``compile`` whether training runs under torch.compile (it changes the activation memory).
     """
     if task not in TASKS:
         raise PlanError(fix(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}"))
@@ -107,7 +110,7 @@ def plan(spec: ModelSpec, task: str, gpu: GpuType, gpus: int | None = None, gpus
     seq = seq_len or min(DEFAULT_SEQ[task], spec.max_position_embeddings)
     limit = gpus or max_gpus or 1024
     ctx = dict(spec=spec, gpu=gpu, gpus_per_node=gpus_per_node, seq=seq, headroom=headroom)
-    finder = {"serve": _plan_serve, "infer": _plan_infer}.get(task, _plan_train)
+    finder = {"serve": _plan_serve, "infer": _plan_infer}.get(task, functools.partial(_plan_train, compile=compile))
     found = finder(task=task, batch=batch, counts=_counts(gpus, limit), **ctx)
     if found is not None:
         return found
@@ -198,7 +201,7 @@ _TRAIN_OPTIONS = [  # (zero_stage, grad_ckpt, offload_optimizer, offload_params)
 ]
 
 
-def _plan_train(spec, gpu, gpus_per_node, seq, headroom, task, batch, counts) -> Plan | None:
+def _plan_train(spec, gpu, gpus_per_node, seq, headroom, task, batch, counts, compile) -> Plan | None:
     global_batch = batch or DEFAULT_GLOBAL_BATCH
     for n in counts:
         if global_batch % n:
@@ -209,15 +212,15 @@ def _plan_train(spec, gpu, gpus_per_node, seq, headroom, task, batch, counts) ->
             if n > 1 and stage == 0:
                 continue
             for micro in _micro_batches(global_batch // n):
+                micro_b, accum = split_batch(global_batch, n, micro)
                 setup = TrainSetup(task=task, precision="bf16" if gpu.supports_bf16 else "fp16",
-                                   micro_batch=micro, seq_len=seq, grad_ckpt=ckpt, engine="deepspeed",
-                                   data_parallel=n, zero_stage=stage, offload_optimizer=off_opt,
-                                   offload_params=off_par)
+                                   micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
+                                   engine="deepspeed", compile=compile, data_parallel=n, zero_stage=stage,
+                                   offload_optimizer=off_opt, offload_params=off_par)
                 mem = estimate(spec, setup)
                 if fits(mem.peak, gpu.memory_bytes, headroom):
-                    micro_b, accum = split_batch(global_batch, n, micro)
                     return _make(spec, task, gpu, n, gpus_per_node, seq, headroom, data_parallel=n,
-                                 zero_stage=stage, grad_ckpt=ckpt, offload_optimizer=off_opt,
+                                 zero_stage=stage, grad_ckpt=ckpt, compile=compile, offload_optimizer=off_opt,
                                  offload_params=off_par, micro_batch=micro_b, grad_accum=accum,
                                  global_batch=global_batch, memory=mem,
                                  peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,

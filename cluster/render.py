@@ -41,6 +41,7 @@ def plan_table(p: Plan) -> Table:
             ("parallelism", f"data {p.data_parallel}, DeepSpeed ZeRO-{p.zero_stage}"),
             ("offload", ", ".join(x for x, on in (("optimizer", p.offload_optimizer), ("parameters", p.offload_params)) if on) or "none"),
             ("gradient checkpointing", "on" if p.grad_ckpt else "off"),
+            ("torch.compile", "on" if p.compile else "off"),
             ("batch", f"global {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x dp {p.data_parallel}"),
         ]
     rows.append(("sequence length", str(p.seq_len)))

@@ -38,11 +38,12 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
         "model_dir": str(model_dir), "dataset": str(dataset), "output_dir": str(out),
     }
     if spec.use_gpu:
+        from cluster.flops import train_flops_per_token
         from cluster.gpus import get_gpu
         from cluster.spec import spec_from_config
 
         cfg["peak_tflops"] = get_gpu(spec.gpu).peak_tflops
-        cfg["active_params"] = spec_from_config(model_cfg).active_params
+        cfg["flops_per_token"] = train_flops_per_token(spec_from_config(model_cfg), spec.seq_len, spec.task)
     return spec, layout, cfg
 
 

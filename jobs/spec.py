@@ -33,6 +33,7 @@ class PlanOverrides(_Spec):
     micro_batch: int | None = Field(default=None, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         default=None, description="float32 for CPU runs; default: bf16 where the GPU supports it, else fp16.")
+    compile: bool | None = Field(default=None, description="torch.compile the model (default: on GPUs only).")
 
 
 class JobSpec(_Spec):

@@ -113,7 +113,6 @@ def train_func(cfg: dict[str, Any]) -> None:
                                                  lora_dropout=spec.lora.dropout,
                                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in model.parameters())
 
     data = build_dataset(dataset_path, tokenizer, spec.seq_len)
     per_epoch = steps_per_epoch(len(data), world, layout.micro_batch, layout.grad_accum)
@@ -129,6 +128,8 @@ def train_func(cfg: dict[str, Any]) -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, spec.warmup_steps, total))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if layout.compile:
+        engine.compile()
 
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -156,7 +157,7 @@ def train_func(cfg: dict[str, Any]) -> None:
     metrics_file = out_dir / "metrics.jsonl"
     zero_run = 0
     peak_flops = cfg.get("peak_tflops", 0) * 1e12
-    flops_per_token = (8 if layout.grad_ckpt else 6) * cfg.get("active_params", n_params)
+    flops_per_token = cfg.get("flops_per_token", 0.0)  # cluster.flops: model FLOPs, no recompute
     for step in range(start, total):
         t0 = time.perf_counter()
         losses, tokens = [], 0
@@ -180,7 +181,7 @@ def train_func(cfg: dict[str, Any]) -> None:
              "tokens_per_s": tokens_all / dt, "step_time_s": dt, "resumed_from": start, "epoch": step // per_epoch}
         if layout.use_gpu:
             m["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if peak_flops:
+            if peak_flops and flops_per_token:
                 m["mfu"] = flops_per_token * tokens_all / world / dt / peak_flops
         if rank == 0:
             with metrics_file.open("a") as f:

@@ -98,3 +98,19 @@ def test_gpu_plan_drives_layout_and_fp16_on_t4():
     layout = resolve_layout(spec, json.loads(builtin_models()["qwen2.5-0.5b"].read_text()))
     cfg = deepspeed_config(layout, spec)
     assert layout.dtype == "float16" and cfg["fp16"]["loss_scale"] == 0 and "bf16" not in cfg
+
+
+def test_gpu_jobs_compile_by_default_and_cpu_jobs_do_not():
+    cfg = json.loads(builtin_models()["llama-3.2-1b"].read_text())
+    gpu = JobSpec(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=32, seq_len=2048)
+    cpu = JobSpec(model="m", dataset="d", task="full", max_steps=1)
+    assert resolve_layout(gpu, cfg).compile and not resolve_layout(cpu, cfg).compile
+
+
+def test_compile_override_plans_for_eager_memory():
+    """Turning compile off is planned with eager activations, which need more memory."""
+    cfg = json.loads(builtin_models()["llama-3.2-1b"].read_text())
+    base = dict(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=32, seq_len=2048)
+    compiled = resolve_layout(JobSpec(**base), cfg)
+    eager = resolve_layout(JobSpec(**base, plan={"compile": False}), cfg)
+    assert not eager.compile and eager.predicted_peak_bytes > compiled.predicted_peak_bytes

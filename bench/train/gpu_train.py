@@ -1,12 +1,15 @@
 """Training throughput and memory on one GPU with DeepSpeed, beside the catalogue's prediction.
 
 Runs what a gpufleet training worker runs (transformers model, the DeepSpeed config that
-``jobs.layout.deepspeed_config`` generates, torch fused AdamW, bf16) in one process without
-Ray, on random weights and random tokens, and records tokens/s, MFU against the GPU's bf16
-peak, and ``torch.cuda.max_memory_allocated()`` beside ``cluster.memory.estimate`` for the same
-layout. Writes JSON.
+``jobs.layout.deepspeed_config`` generates, torch fused AdamW, bf16, ``engine.compile()`` where
+the case asks) in one process without Ray, on random weights and random tokens, and records
+tokens/s, MFU (``cluster.flops``: PaLM's convention) against the GPU's bf16 peak, and
+``torch.cuda.max_memory_allocated()`` beside ``cluster.memory.estimate`` for the same layout,
+plus the allocator peak of each phase (forward, backward, optimizer step) of one extra step.
+Writes JSON.
 
-    python bench/train/gpu_train.py --out results.json [--model llama-3.2-1b] [--steps 12]
+    python bench/train/gpu_train.py --out results.json [--model llama-3.2-1b] [--steps 12] \
+        [--cases full:1::4:8:compile,lora:0::4]
 """
 
 from __future__ import annotations
@@ -19,30 +22,64 @@ from pathlib import Path
 
 import torch
 
+from cluster.flops import mfu, train_flops_per_token
 from cluster.gpus import GIB, get_gpu
 from cluster.memory import TrainSetup, estimate
 from cluster.spec import builtin_models, load_model
 from jobs.layout import TrainLayout, deepspeed_config
 from jobs.spec import JobSpec
 
-CASES = [  # (task, zero_stage, grad_ckpt, micro_batch)
-    ("full", 1, False, 4), ("full", 2, True, 8), ("lora", 0, False, 4),
+Case = tuple[str, int, bool, int, int, bool]  # task, zero_stage, grad_ckpt, micro_batch, grad_accum, compile
+CASES: list[Case] = [
+    ("full", 1, False, 4, 1, False), ("full", 2, True, 8, 1, False), ("lora", 0, False, 4, 1, False),
 ]
 
 
-def parse_cases(text: str) -> list[tuple[str, int, bool, int]]:
-    """'full:2:ckpt:8,lora:0::4' -> [(task, zero_stage, grad_ckpt, micro_batch), ...]"""
+def parse_cases(text: str) -> list[Case]:
+    """'full:2:ckpt:8,lora:0::4:8:compile' -> [(task, zero_stage, grad_ckpt, micro, accum, compile), ...]"""
     out = []
     for item in text.split(","):
-        task, stage, ckpt, micro = item.split(":")
-        out.append((task, int(stage), ckpt == "ckpt", int(micro)))
+        task, stage, ckpt, micro, *rest = item.split(":")
+        accum = int(rest[0]) if rest and rest[0] else 1
+        out.append((task, int(stage), ckpt == "ckpt", int(micro), accum, rest[1:2] == ["compile"]))
     return out
 
 
-def run_case(name: str, task: str, stage: int, ckpt: bool, micro: int, seq: int, steps: int, gpu_name: str) -> dict:
+def _micro_step(engine, ids) -> torch.Tensor:
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def _phase_peaks(engine, ids, accum: int, base: int) -> dict[str, float]:
+    """Allocator peaks (and live bytes) around forward, backward and step of the last micro-batch
+    of one more step, relative to ``base``."""
+    for _ in range(accum - 1):
+        _micro_step(engine, ids)
+    torch.cuda.synchronize()
+
+    def gib(n: int) -> float:
+        return round((n - base) / GIB, 3)
+
+    out = {"before_forward_gib": gib(torch.cuda.memory_allocated())}
+    torch.cuda.reset_peak_memory_stats()
+    loss = engine(input_ids=ids, labels=ids).loss
+    out |= {"forward_gib": gib(torch.cuda.max_memory_allocated()), "after_forward_gib": gib(torch.cuda.memory_allocated())}
+    torch.cuda.reset_peak_memory_stats()
+    engine.backward(loss)
+    out |= {"backward_gib": gib(torch.cuda.max_memory_allocated()), "after_backward_gib": gib(torch.cuda.memory_allocated())}
+    torch.cuda.reset_peak_memory_stats()
+    engine.step()
+    out |= {"step_gib": gib(torch.cuda.max_memory_allocated()), "after_step_gib": gib(torch.cuda.memory_allocated())}
+    return out
+
+
+def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict:
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    task, stage, ckpt, micro, accum, compiled = case
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -56,37 +93,56 @@ def run_case(name: str, task: str, stage: int, ckpt: bool, micro: int, seq: int,
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
-    spec = JobSpec(model=name, dataset="-", task=task, max_steps=steps, global_batch=micro, seq_len=seq, gpu=gpu_name)
-    layout = TrainLayout(workers=1, use_gpu=True, zero_stage=stage, grad_ckpt=ckpt, micro_batch=micro, grad_accum=1,
-                         dtype="bfloat16")
+    spec = JobSpec(model=name, dataset="-", task=task, max_steps=steps, global_batch=micro * accum, seq_len=seq,
+                   gpu=gpu_name)
+    layout = TrainLayout(workers=1, use_gpu=True, zero_stage=stage, grad_ckpt=ckpt, micro_batch=micro,
+                         grad_accum=accum, dtype="bfloat16", compile=compiled)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=opt,
                                       config=deepspeed_config(layout, spec))
+    if compiled:
+        engine.compile()
     ids = torch.randint(0, cfg.vocab_size, (micro, seq), device="cuda")
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
+        for _ in range(accum):
+            loss = _micro_step(engine, ids)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() - base
-    step_s = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up
+    phases = _phase_peaks(engine, ids, accum, base)
+    step_s = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (and compilation)
     spec_m = load_model(name)
-    tok_s = micro * seq / step_s
-    flops_per_token = (8 if ckpt else 6) * spec_m.num_params if task == "full" else (
-        (8 if ckpt else 6) * spec_m.num_params * 2 / 3)  # LoRA skips the weight gradients: ~2/3 of the work
+    tok_s = micro * accum * seq / step_s
     predicted = estimate(spec_m, TrainSetup(task=task, precision="bf16", micro_batch=micro, seq_len=seq, grad_ckpt=ckpt,
                                             engine="deepspeed", zero_stage=stage, data_parallel=1)).peak
     del engine, model, opt
     torch.cuda.empty_cache()
-    return {"model": name, "task": task, "zero_stage": stage, "grad_ckpt": ckpt, "micro_batch": micro, "seq": seq,
-            "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / (get_gpu(gpu_name).bf16_tflops * 1e12),
+    return {"model": name, "task": task, "zero_stage": stage, "grad_ckpt": ckpt, "micro_batch": micro,
+            "grad_accum": accum, "compile": compiled, "seq": seq, "tokens_per_s": tok_s,
+            "mfu": mfu(tok_s, train_flops_per_token(spec_m, seq, task), get_gpu(gpu_name).bf16_tflops),
             "measured_peak_gib": peak / GIB, "predicted_peak_gib": predicted / GIB,
-            "peak_error": (predicted - peak) / peak, "step_time_s": step_s, "final_loss": float(loss)}
+            "peak_error": (predicted - peak) / peak, "step_time_s": step_s, "final_loss": float(loss.detach()),
+            "phase_peaks": phases}
+
+
+def _one_case(args: argparse.Namespace) -> dict:
+    """Run one case in this (fresh) process: compiled graphs and DeepSpeed state of an earlier
+    case would otherwise stay on the GPU and skew the next case's peak."""
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    deepspeed.init_distributed(dist_backend="nccl")
+    case = parse_cases(args.one)[0]
+    try:
+        return run_case(args.model, case, args.seq, args.steps, args.gpu)
+    except torch.OutOfMemoryError:
+        return dict(zip(("task", "zero_stage", "grad_ckpt", "micro_batch", "grad_accum", "compile"), case, strict=True),
+                    model=args.model, status="oom")
 
 
 def main() -> None:
@@ -96,32 +152,38 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--gpu", default="H100-80GB")
-    ap.add_argument("--cases", help="task:zero:ckpt|:micro,... (default: the three in CASES)")
+    ap.add_argument("--cases", help="task:zero:ckpt|:micro[:accum[:compile]],... (default: the three in CASES)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, write its row to --out
     args = ap.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    if args.one:
+        Path(args.out).write_text(json.dumps(_one_case(args)))
+        return
+    import subprocess
+    import sys
+    import tempfile
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl")
+    cases = args.cases.split(",") if args.cases else [
+        f"{t}:{z}:{'ckpt' if c else ''}:{m}:{a}:{'compile' if k else ''}" for t, z, c, m, a, k in CASES]
     rows = []
-    for task, stage, ckpt, micro in (parse_cases(args.cases) if args.cases else CASES):
-        try:
-            r = run_case(args.model, task, stage, ckpt, micro, args.seq, args.steps, args.gpu)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            r = {"model": args.model, "task": task, "zero_stage": stage, "grad_ckpt": ckpt, "micro_batch": micro,
-                 "status": "oom"}
+    for i, case in enumerate(cases):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--one", case, "--out", f.name, "--model", args.model,
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--gpu", args.gpu]
+            proc = subprocess.run(cmd, env={**os.environ, "MASTER_PORT": str(29511 + i)})
+            text = Path(f.name).read_text()
+        r = json.loads(text) if text else {"model": args.model, "case": case, "status": f"exit {proc.returncode}"}
         rows.append(r)
         print(json.dumps(r), flush=True)
         Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                               "deepspeed": deepspeed.__version__, "rows": rows}, indent=1))
-    print(f"{'task':5} {'ZeRO':>4} {'ckpt':>4} {'micro':>5} {'tok/s':>8} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} {'err':>6}")
+    print(f"{'task':5} {'ZeRO':>4} {'ckpt':>4} {'micro':>5} {'accum':>5} {'compile':>7} {'tok/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>9} {'plan GiB':>9} {'err':>6}")
     for r in rows:
         if "tokens_per_s" in r:
             print(f"{r['task']:5} {r['zero_stage']:>4} {int(r['grad_ckpt']):>4} {r['micro_batch']:>5} "
+                  f"{r['grad_accum']:>5} {int(r['compile']):>7} "
                   f"{r['tokens_per_s']:>8.0f} {r['mfu']:>6.1%} {r['measured_peak_gib']:>9.2f} "
                   f"{r['predicted_peak_gib']:>9.2f} {r['peak_error']:>+6.1%}")
 
