@@ -169,7 +169,7 @@ def train_func(cfg: dict[str, Any]) -> None:
             losses.append(loss.detach().float())
             tokens += int(batch["attention_mask"].sum())
         mean = torch.stack(losses).mean()
-        stats = torch.tensor([float(mean), float(tokens)], dtype=torch.float64)
+        stats = torch.tensor([float(mean), float(tokens)], dtype=torch.float64, device=device)  # NCCL: on the GPU
         dist.all_reduce(stats)
         loss_v, tokens_all = float(stats[0]) / world, float(stats[1])
         dt = time.perf_counter() - t0
