@@ -28,6 +28,7 @@ from serve_apps.spec import ModelEntry, ServeSpec
 
 TARGET_FRACTION = 0.75
 LORA_SERVER = "serve_apps.lora:LocalLoraServer"
+SERVER = "serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
 ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"
 
 
@@ -104,6 +105,7 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
                                "max_num_adapters_per_replica": slots}
         conf["server_cls"] = LORA_SERVER
         env[ADAPTERS_ENV] = json.dumps(adapters)
+    conf.setdefault("server_cls", SERVER)
     conf["engine_kwargs"] = engine
     if entry.stream_batching_ms is not None:
         conf["experimental_configs"] = {"stream_batching_interval_ms": entry.stream_batching_ms}

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+
+from serve_apps.server import GpufleetServer
 
 ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"  # JSON: {"adapters": {name: dir}, "adapters_dir": dir | null}
 
@@ -58,7 +59,7 @@ class LocalLoraLoader(LoraModelLoader):
         return cfg
 
 
-class LocalLoraServer(LLMServer):
+class LocalLoraServer(GpufleetServer):
     def _init_multiplex_loader(self, model_downloader_cls=None):
         super()._init_multiplex_loader(LocalLoraLoader)
 

@@ -133,7 +133,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--out", default=str(HERE / "results" / "cpu.json"))
     ap.add_argument("--stream-batching-ms", type=int, help="gpufleet side: Ray Serve LLM's stream batching interval")
+    ap.add_argument("--throughput-optimized", action="store_true",
+                    help="gpufleet side: start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's own fast-path flags)")
     args = ap.parse_args()
+    if args.throughput_optimized:  # read by the proxy and replicas, which inherit this process's env
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     from cluster.head import free_port
     from jobs.tiny_model import build_tiny_model
 
@@ -154,6 +158,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                           "engine": ENGINE, "max_tokens": MAX_TOKENS, "seconds": args.seconds,
                                           "stream_batching_ms": args.stream_batching_ms,
+                                          "throughput_optimized": args.throughput_optimized,
+                                          "server": "serve_apps.server:GpufleetServer (first chunk at once)",
                                           "rows": rows}, indent=1) + "\n")
     print("wrote", args.out)
 

@@ -1,0 +1,58 @@
+"""The LLM replica gpufleet deploys: Ray Serve LLM's ``LLMServer`` with a streaming batcher that
+sends the first chunk at once.
+
+Ray batches streamed chunks every ``stream_batching_interval_ms`` (50 ms by default) to cut the
+per-chunk cost of the replica -> ingress -> proxy hops, but its batcher also waits a whole interval
+before the *first* chunk, which adds the interval to every request's time to first token. Here
+the first chunk goes out as soon as the engine yields it; later chunks are batched as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any, TypeVar
+
+from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from ray.llm._internal.serve.utils.batcher import Batcher
+
+T = TypeVar("T")
+
+
+class FirstChunkBatcher(Batcher[T]):
+    """Ray's ``Batcher``, except that the first item is yielded without waiting an interval."""
+
+    async def stream(self) -> AsyncGenerator[Iterable[T], None]:
+        if not self.interval_s:  # 0: no batching; None: one batch at the end. Ray's behaviour.
+            async for batch in super().stream():
+                yield batch
+            return
+        try:
+            first = await self._first_or_done()
+            if first:
+                yield self._merge_results(first)
+            async for batch in super().stream():
+                yield batch
+        finally:
+            if not self.read_task.done():
+                self.read_task.cancel()
+
+    async def _first_or_done(self) -> list[T]:
+        """Wait until the engine yields its first item (or ends); return what is queued."""
+        getter = asyncio.ensure_future(self.queue.get())
+        done = asyncio.ensure_future(self.done_event.wait())
+        try:
+            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            if not getter.done():
+                getter.cancel()
+        head = [getter.result()] if getter.done() and not getter.cancelled() else []
+        return head + self.drain_queue()
+
+
+class GpufleetServer(LLMServer):
+    """``LLMServer`` whose streamed responses start without the batching delay."""
+
+    def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> AsyncGenerator[Any, None]:
+        return FirstChunkBatcher(generator, interval_ms=self._get_batch_interval_ms()).stream()
