@@ -58,13 +58,15 @@ def main() -> None:
 @click.option("--seq", type=int, help="Tokens per sequence (serve: context length wanted).")
 @click.option("--batch", type=int, help="Training: global batch. Serve: concurrent sequences wanted.")
 @click.option("--headroom", type=float, default=0.10, show_default=True, help="Safety margin on memory.")
+@click.option("--compile/--no-compile", "compiled", default=True, show_default=True,
+              help="Training: run under torch.compile (gpufleet's GPU default; changes activation memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @one_line_errors
 def plan_cmd(model: str, task: str, gpu_name: str, gpus: int | None, gpus_per_node: int, max_gpus: int | None,
-             seq: int | None, batch: int | None, headroom: float, as_json: bool) -> None:
+             seq: int | None, batch: int | None, headroom: float, compiled: bool, as_json: bool) -> None:
     """Plan MODEL (a built-in name or a config.json path) for TASK on a GPU type."""
     p = plan(load_model(model), task, get_gpu(gpu_name), gpus=gpus, gpus_per_node=gpus_per_node,
-             seq_len=seq, batch=batch, headroom=headroom, max_gpus=max_gpus)
+             seq_len=seq, batch=batch, headroom=headroom, max_gpus=max_gpus, compile=compiled)
     if as_json:
         emit_json(p.to_dict())
     else:

@@ -277,7 +277,9 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     Measured on an H100 (bench/train): ZeRO-1/2 allocate the fp32 gradient partition only inside
     the optimizer step, and DeepSpeed's bf16/fp16 mode casts LoRA adapters to half precision too,
     so peft makes no fp32 copies of their inputs (LoRA activations equal full fine-tuning's); the
-    optimizer step holds one more half-precision copy of the trainable partition.
+    optimizer step holds one more half-precision copy of the trainable partition. Under
+    ``compile`` the activations and loss buffers follow ``compiled_layer_activation_bytes`` and
+    the ``COMPILED_*`` constants (bench/train/results/h100-compile-*.json).
     """
     if s.task == "infer":
         raise SpecError(fix("engine='deepspeed' is for training", "use engine='torch' for task 'infer'"))

@@ -25,6 +25,14 @@ def test_plan_json_contains_bundles_and_tp():
     assert d["tensor_parallel"] == 2 and len(d["bundles"]) == 2
 
 
+def test_training_plan_assumes_torch_compile_unless_told_not_to():
+    args = ["plan", "llama-3.2-1b", "--task", "full", "--gpu", "H100-80GB", "--seq", "2048", "--batch", "32", "--json"]
+    compiled = json.loads(runner.invoke(main, args).output)
+    eager = json.loads(runner.invoke(main, [*args, "--no-compile"]).output)
+    assert compiled["compile"] is True and "compile" not in eager
+    assert eager["memory_gib"]["peak_gib"] > compiled["memory_gib"]["peak_gib"]
+
+
 def test_catalogue_json_lists_every_builtin_model():
     d = json.loads(runner.invoke(main, ["catalogue", "--json", "--gpu", "H100"]).output)
     assert len(d) >= 20 and d[0]["plans"]["H100-80GB"]["serve"]["gpus"] == 1
