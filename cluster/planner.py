@@ -136,8 +136,6 @@ def _explain_failure(task: str, batch: int | None, gpus: int | None, limit: int,
     alt = finder(task=task, batch=batch, counts=_counts(None, 4096), **ctx)
     if alt is not None:
         remedy = f"use {alt.summary()}"
-        if gpus and alt.gpus <= limit and task in ("serve",):
-            remedy += " (a TP size must divide the heads)"
     else:
         remedy = "choose a GPU type with more memory, a shorter sequence or a smaller batch"
     return fix(f"{spec.name} ({task}, {ctx['seq']} tokens) does not fit on {asked}: "
@@ -163,10 +161,18 @@ def _plan_serve(spec, gpu, gpus_per_node, seq, headroom, task, batch, counts) ->
                 return _make(spec, "serve", gpu, tp * pp, gpus_per_node, seq, headroom, tensor_parallel=tp,
                              pipeline_parallel=pp, serving=mem, peak_bytes_per_gpu=mem.peak,
                              notes=_serve_notes(spec, mem))
-    if len(counts) == 1:  # pinned count: say why a TP size is illegal rather than "does not fit"
+    if len(counts) == 1:  # pinned count: say why its layout is illegal rather than "does not fit"
         n = counts[0]
         if n <= gpus_per_node:
             check_tp(spec, n, gpus_per_node)
+        elif n % gpus_per_node:
+            raise PlanError(fix(f"{n} GPUs are not a whole number of {gpus_per_node}-GPU nodes",
+                                f"pin a multiple of {gpus_per_node}, or one of {legal}"))
+        elif gpus_per_node not in legal:
+            raise PlanError(fix(
+                f"{n} GPUs over {gpus_per_node}-GPU nodes need tensor_parallel_size={gpus_per_node}, which does not "
+                f"split {spec.name}'s {spec.num_heads} attention heads / {spec.num_kv_heads} KV heads evenly",
+                f"pin one of {legal}"))
     return None
 
 

@@ -84,8 +84,9 @@ def resolve(base: Path, value: str) -> Path:
     return q if q.is_absolute() else (base / q).resolve()
 
 
-def check_model_dir(model_dir: Path, seq_len: int) -> dict[str, Any]:
-    """The model's config, after checking the directory is loadable and holds ``seq_len`` tokens."""
+def check_model_dir(model_dir: Path, seq_len: int | None = None) -> dict[str, Any]:
+    """The model's config, after checking the directory is loadable (and, given ``seq_len``, that
+    the model holds that many tokens: a job's ``seq_len``; serving checks its own ``context``)."""
     cfg_file = model_dir / "config.json"
     if not cfg_file.is_file():
         raise SpecError(fix(f"model: {model_dir} has no config.json",
@@ -94,7 +95,7 @@ def check_model_dir(model_dir: Path, seq_len: int) -> dict[str, Any]:
         raise SpecError(fix(f"model: {model_dir} has no tokenizer", "save the tokenizer into the model directory"))
     cfg = json.loads(cfg_file.read_text())
     max_pos = cfg.get("max_position_embeddings")
-    if max_pos and seq_len > max_pos:
+    if max_pos and seq_len is not None and seq_len > max_pos:
         raise SpecError(fix(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}",
                             f"set seq_len <= {max_pos}"))
     return cfg

@@ -55,7 +55,7 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
         cfg = json.loads(builtin_models()[entry.source].read_text())
         model_dir = Path(entry.source)
     else:
-        cfg = check_model_dir(model_dir, entry.context or 16)
+        cfg = check_model_dir(model_dir)
     spec = spec_from_config(cfg, name=entry.id)
     context = entry.context or spec.max_position_embeddings
     if context > spec.max_position_embeddings:

@@ -64,6 +64,16 @@ def test_pinned_count_with_illegal_tp_names_legal_sizes():
         plan(load_model("qwen2.5-7b"), "serve", get_gpu("H100-80GB"), gpus=8)
 
 
+def test_pinned_count_across_nodes_needs_a_legal_node_wide_tp():
+    with pytest.raises(PlanError, match=r"tensor_parallel_size=8, which does not split .* pin one of \[1, 2, 5\]"):
+        plan(load_model("phi-3-medium-4k"), "serve", get_gpu("L4"), gpus=16)
+
+
+def test_pinned_count_that_is_not_whole_nodes_is_refused():
+    with pytest.raises(PlanError, match="12 GPUs are not a whole number of 8-GPU nodes"):
+        plan(load_model("llama-3.1-70b"), "serve", get_gpu("H100-80GB"), gpus=12)
+
+
 def test_too_small_request_says_what_would_fit():
     with pytest.raises(PlanError, match=r"does not fit on 2 x A10G: 131 GiB .* To fix: use llama-3.1-70b serve on \d+ x A10G"):
         plan(load_model("llama-3.1-70b"), "serve", get_gpu("A10G"), gpus=2)
