@@ -4,7 +4,7 @@
 # and the exported files. .whl/ must hold what the machine lacks (see ../shared/PLATFORM.md): Ray 2.60
 # cp312 without jars/rllib as ray-2.60.0-slim.tar.xz, jsonschema, jsonschema-specifications, referencing,
 # rpds-py, deepspeed-0.19.8.tar.gz, hjson, pydantic, pydantic-core, annotated-types, typing-inspection.
-#   device: bash bench/train/gpu_ray_job.sh   (carry .whl)
+#   device: [WORKERS=2] bash bench/train/gpu_ray_job.sh   (carry .whl; WORKERS: GPUs, one worker each)
 set -e
 SITE=/tmp/site; t0=$(date +%s)
 if [ ! -d $SITE/ray ]; then
@@ -31,6 +31,7 @@ checkpoint_every: 20
 log_every: 10
 gpu: H100-80GB
 output_dir: /tmp/out-$task
+plan: {workers: ${WORKERS:-1}}
 Y
 done
 python - <<'P'
@@ -44,4 +45,6 @@ for task in ("full", "lora"):
     print(task, "layout", s["layout"])
     print(task, "first", {k: lines[0][k] for k in ("step", "loss")}, "last", {k: round(v, 4) if isinstance(v, float) else v for k, v in lines[-1].items()})
     print(task, "result", sorted(os.listdir(s["output"])))
+    ck = s["checkpoint"]
+    print(task, "checkpoint", ck, sorted(str(q.relative_to(ck)) for q in __import__("pathlib").Path(ck).rglob("*") if q.is_file()))
 P
