@@ -178,7 +178,11 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
     The API key is never written into it: set it on the cluster instead."""
     from ray.serve.llm import LLMConfig
 
-    configs = [json.loads(LLMConfig(**c).model_dump_json(exclude_defaults=True)) for c in llm_configs(spec, base)]
+    # What Ray would refuse, refused now; the plain dicts are what gets written (copied through
+    # JSON so shared sub-dicts do not turn into YAML anchors).
+    configs = json.loads(json.dumps(llm_configs(spec, base)))
+    for c in configs:
+        LLMConfig(**c)
     adapters = all_adapters(spec, base)
     return {
         "http_options": {"host": spec.host, "port": spec.port},

@@ -216,3 +216,9 @@ def test_emitted_config_passes_ray_serve_schema(tiny_model, tmp_path):
     cfg = emit_config(spec, base)
     ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(cfg)
     assert json.dumps(cfg)  # plain data, no Python objects
+    from ray.serve.llm import LLMConfig
+
+    from serve_apps.server import GpufleetServer
+
+    emitted = cfg["applications"][0]["args"]["llm_configs"][0]
+    assert LLMConfig(**emitted).server_cls is GpufleetServer  # the replica class survives the round trip
