@@ -118,7 +118,8 @@ def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict
     spec_m = load_model(name)
     tok_s = micro * accum * seq / step_s
     predicted = estimate(spec_m, TrainSetup(task=task, precision="bf16", micro_batch=micro, seq_len=seq, grad_ckpt=ckpt,
-                                            engine="deepspeed", zero_stage=stage, data_parallel=1)).peak
+                                            engine="deepspeed", zero_stage=stage, data_parallel=1, grad_accum=accum,
+                                            compile=compiled)).peak
     del engine, model, opt
     torch.cuda.empty_cache()
     return {"model": name, "task": task, "zero_stage": stage, "grad_ckpt": ckpt, "micro_batch": micro,
