@@ -105,11 +105,12 @@ def run_plain_vllm(model_dir: str, port: int, seconds: float) -> list[dict]:
         proc.wait(30)
 
 
-def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path, stream_batching_ms: int | None) -> list[dict]:
+def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path, stream_batching_ms: int | None,
+                 direct_streaming: bool = False) -> list[dict]:
     import ray
     from ray import serve
 
-    from serve_apps.app import deploy
+    from serve_apps.app import deploy, llm_configs
     from serve_apps.spec import load_serve_spec
 
     spec_file = workdir / "bench-serve.yaml"
@@ -119,7 +120,14 @@ def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path, strea
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     try:
         spec, base = load_serve_spec(spec_file)
-        url = deploy(spec, base)
+        if direct_streaming:  # gpufleet's LLM configs on Ray's own direct-streaming app (no auth, no local LoRA)
+            from ray.serve.llm import build_openai_app
+
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_openai_app({"llm_configs": llm_configs(spec, base)}), name=spec.name, route_prefix="/")
+            url = f"http://127.0.0.1:{port}/v1"
+        else:
+            url = deploy(spec, base)
         wait_ready(url)
         return measure(url, "tiny", seconds)
     finally:
@@ -135,15 +143,22 @@ def main() -> None:
     ap.add_argument("--stream-batching-ms", type=int, help="gpufleet side: Ray Serve LLM's stream batching interval")
     ap.add_argument("--throughput-optimized", action="store_true",
                     help="gpufleet side: start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's own fast-path flags)")
+    ap.add_argument("--direct-streaming", metavar="HAPROXY",
+                    help="gpufleet side: Ray's direct-streaming mode (replica serves HTTP, HAProxy in front; "
+                         "needs the haproxy binary at this path)")
     args = ap.parse_args()
     if args.throughput_optimized:  # read by the proxy and replicas, which inherit this process's env
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if args.direct_streaming:  # Ray reads these at import time, in every process: set before Ray starts
+        os.environ.update(RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING="1", RAY_SERVE_ENABLE_HA_PROXY="1",
+                          RAY_SERVE_HAPROXY_BINARY_PATH=args.direct_streaming)
     from cluster.head import free_port
     from jobs.tiny_model import build_tiny_model
 
     model_dir = str(build_tiny_model(args.model).resolve())
     plain = run_plain_vllm(model_dir, free_port(), args.seconds)
-    ours = run_gpufleet(model_dir, free_port(), args.seconds, Path(args.out).parent, args.stream_batching_ms)
+    ours = run_gpufleet(model_dir, free_port(), args.seconds, Path(args.out).parent, args.stream_batching_ms,
+                        direct_streaming=bool(args.direct_streaming))
     rows = []
     print(f"{'concurrency':>11} | {'plain vLLM tok/s':>16} | {'gpufleet tok/s':>14} | {'ratio':>5} | "
           f"{'TTFT plain ms':>13} | {'TTFT gpufleet ms':>16} | {'overhead ms':>11}")
@@ -159,6 +174,7 @@ def main() -> None:
                                           "engine": ENGINE, "max_tokens": MAX_TOKENS, "seconds": args.seconds,
                                           "stream_batching_ms": args.stream_batching_ms,
                                           "throughput_optimized": args.throughput_optimized,
+                                          "direct_streaming": bool(args.direct_streaming),
                                           "server": "serve_apps.server:GpufleetServer (first chunk at once)",
                                           "rows": rows}, indent=1) + "\n")
     print("wrote", args.out)
