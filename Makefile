@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE :=
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install demo demo-clean test lint clean
+.PHONY: install haproxy demo demo-clean test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,21 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PY) -c "import cluster, jobs, serve_apps, ray.train, ray.serve.llm, deepspeed, transformers, peft, pynvml, vllm, openai"
 	touch $(STAMP)
 
-install: $(STAMP)
+# HAProxy fronts Ray Serve (`gpufleet up --serve-proxy auto`): Debian's package, installed where this
+# user may (root or passwordless sudo). Elsewhere serving falls back to Ray's Python proxy, except
+# in CI (CI=true), where a missing haproxy fails the install.
+haproxy:
+	@PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v haproxy >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq haproxy >/dev/null; \
+	  else \
+	    echo "haproxy is not installed and cannot be installed here: serving uses Ray's Python proxy" \
+	         "(install haproxy for the faster endpoint)"; [ -z "$$CI" ]; \
+	  fi; }
+	@PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v haproxy >/dev/null 2>&1 || [ -z "$$CI" ]
+
+install: $(STAMP) haproxy
 
 demo: install
 	$(VENV)/bin/gpufleet demo

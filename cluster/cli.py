@@ -123,9 +123,11 @@ def catalogue_cmd(as_json: bool, gpu_names: tuple[str, ...]) -> None:
 @click.option("--num-gpus", type=int, help="GPUs of the head (default: detect).")
 @click.option("--no-token-auth", is_flag=True, help="Turn token authentication off (not recommended).")
 @click.option("--no-monitor", is_flag=True, help="Do not start the GPU metrics actors.")
+@click.option("--serve-proxy", type=click.Choice(["auto", "haproxy", "ray"]), default="auto", show_default=True,
+              help="HTTP front of Ray Serve: HAProxy (no Python proxy per token; needs haproxy) or Ray's proxy.")
 @one_line_errors
 def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | None, host: str, dashboard_port: int,
-           num_cpus: int | None, num_gpus: int | None, no_token_auth: bool, no_monitor: bool) -> None:
+           num_cpus: int | None, num_gpus: int | None, no_token_auth: bool, no_monitor: bool, serve_proxy: str) -> None:
     """Start a local Ray head (or attach to one, or launch a cloud cluster)."""
     from cluster import head
 
@@ -145,7 +147,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
         out.print(f"attached to {address}; `gpufleet down` will only forget it")
         return
     cfg = _validated(head.HeadConfig, host=host, dashboard_port=dashboard_port, num_cpus=num_cpus,
-                     num_gpus=num_gpus, token_auth=not no_token_auth)
+                     num_gpus=num_gpus, token_auth=not no_token_auth, serve_proxy=serve_proxy)
     with out.status("starting the Ray head ..."):
         state = head.start_head(cfg)
     if not no_monitor:
@@ -155,6 +157,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
         start_monitors()
     out.print(f"[bold green]Ray head up[/] at {state.address}")
     out.print(f"  dashboard: {state.dashboard_url}   metrics: 127.0.0.1:{state.metrics_export_port}/metrics")
+    out.print(f"  serve proxy: {'HAProxy' if state.serve_env else 'Ray Serve proxy'}")
     if state.token_path:
         out.print(f"  token: {state.token_path}  (clients: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={state.token_path})")
     out.print(f"  submit: ray job submit --address {state.dashboard_url} --working-dir . -- python -m jobs.finetune SPEC")

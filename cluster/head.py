@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -58,6 +59,9 @@ class HeadConfig(_Frozen):
     token_auth: bool = True
     autoscaling_config: Path | None = None
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the head processes.")
+    serve_proxy: Literal["auto", "haproxy", "ray"] = Field(default="auto", description=(
+        "HTTP front of Ray Serve. haproxy: Ray's HAProxy mode, no Python proxy process on the token "
+        "path (needs the haproxy binary); ray: Serve's Python proxy; auto: haproxy when it is installed."))
 
 
 class HeadState(_Frozen):
@@ -70,12 +74,16 @@ class HeadState(_Frozen):
     temp_dir: str
     token_path: str | None
     started_at: float
+    serve_env: dict[str, str] = Field(default_factory=dict, description="Ray Serve mode flags of the head "
+                                      "(HAProxy); drivers that deploy need the same.")
 
     def client_env(self) -> dict[str, str]:
         """Environment a client (ray.init, job SDK, `ray job submit`) needs to reach this head."""
         if self.token_path:
-            return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, "RAY_ADDRESS": self.address}
-        return {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": self.address}
+            auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+        else:
+            auth = {"RAY_AUTH_MODE": "disabled"}
+        return {**auth, "RAY_ADDRESS": self.address, **self.serve_env}
 
     def auth_headers(self) -> dict[str, str]:
         """HTTP headers for the dashboard / job REST API."""
@@ -94,6 +102,29 @@ def load_state(state_dir: Path | None = None) -> HeadState | None:
     return HeadState.model_validate_json(f.read_text()) if f.exists() else None
 
 
+def haproxy_binary() -> str | None:
+    """The haproxy executable: on PATH, or where Debian installs it (sbin is not on every user's PATH)."""
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+
+
+def serve_proxy_env(mode: str) -> dict[str, str]:
+    """Environment that puts every Ray process of a node in the chosen Serve proxy mode.
+
+    Ray reads these flags once, at import, in each process (controller, replicas, and the driver that
+    builds the app), so they are set when the node starts, never per application.
+    """
+    binary = haproxy_binary()
+    if mode == "ray" or (mode == "auto" and not binary):
+        return {}
+    if not binary:
+        raise GpufleetError(fix("serve_proxy=haproxy but no haproxy binary is on PATH",
+                                "install it (Debian/Ubuntu: `apt-get install haproxy`) or use --serve-proxy ray"))
+    # HAProxy's stats and metrics ports are fixed by default (8404, 9101): pick free ones so that
+    # several heads on one machine do not collide.
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": binary,
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
 def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     """Start a Ray head as configured and record it. Refuses if one is already recorded and alive."""
     state_dir = Path(cfg.state_dir)
@@ -108,7 +139,8 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     # 108 bytes: keep the temp dir short and near the root.
     temp_dir = Path(os.environ.get("GPUFLEET_RAY_TMP", "/tmp")) / f"gf-{head_id[:8]}"
     token_path = None
-    env = {**os.environ, **cfg.env, HEAD_MARKER: head_id, "RAY_USAGE_STATS_ENABLED": "0"}
+    serve_env = serve_proxy_env(cfg.serve_proxy)
+    env = {**os.environ, **serve_env, **cfg.env, HEAD_MARKER: head_id, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     # Job entrypoints run `python ...` through the head's PATH: make that this environment's python,
     # also when gpufleet was started as .venv/bin/gpufleet without activating the venv.
@@ -151,7 +183,7 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     state = HeadState(head_id=head_id, address=f"{_node_ip()}:{port}",
                       dashboard_url=f"http://{cfg.host}:{cfg.dashboard_port}", metrics_export_port=metrics_port,
                       temp_dir=str(temp_dir), token_path=str(token_path) if token_path else None,
-                      started_at=time.time())
+                      started_at=time.time(), serve_env=serve_env)
     _state_file(state_dir).write_text(state.model_dump_json(indent=1))
     try:
         wait_until_ready(state)

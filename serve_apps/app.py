@@ -131,15 +131,36 @@ def all_adapters(spec: ServeSpec, base: Path) -> dict[str, dict[str, Any]]:
 def build_app(spec: ServeSpec, base: Path) -> Any:
     """The Ray Serve application for ``spec`` (see ``build_from_args``)."""
     return build_from_args({"llm_configs": llm_configs(spec, base), "adapters": all_adapters(spec, base),
-                            "api_key": spec.api_key()})
+                            "api_key": spec.api_key(), "ingress": spec.ingress_mode()})
+
+
+def build_direct_app(config: Any, api_key: str | None) -> Any:
+    """One model whose replicas are the HTTP ingress: each serves vLLM's own OpenAI app.
+
+    This is Ray Serve LLM's direct-streaming layout: no router deployment between Serve's proxy
+    and the engine, and no per-token hop through it. Under Ray's HAProxy mode
+    (``RAY_SERVE_ENABLE_HA_PROXY=1`` on the cluster) HAProxy replaces Serve's proxy too and asks
+    Ray's ``LLMRouter`` which replica takes each request, as Ray's own builder does.
+    """
+    from ray.llm._internal.serve.core.ingress.builder import (
+        _build_direct_streaming_llm_deployment,
+        _build_openai_ingress_request_router,
+    )
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+
+    app = _build_direct_streaming_llm_deployment(config, bind_kwargs={"api_key": api_key})
+    if RAY_SERVE_ENABLE_HA_PROXY:
+        app = app._with_ingress_request_router(_build_openai_ingress_request_router(server=app, llm_config=config))
+    return app
 
 
 def build_from_args(args: dict[str, Any]) -> Any:
     """Application builder (also the import path of emitted Serve configs).
 
-    Ray's OpenAI ingress and LLM servers, with gpufleet's ingress subclass for local LoRA adapters and,
-    when ``api_key`` is set, a bearer-token check before any other middleware. Ray 2.60's
-    build_openai_app creates its FastAPI app internally, so its last steps are repeated here.
+    ``ingress: direct``: see ``build_direct_app``. Otherwise Ray's OpenAI ingress and LLM servers,
+    with gpufleet's ingress subclass for local LoRA adapters and, when ``api_key`` is set, a
+    bearer-token check before any other middleware. Ray 2.60's build_openai_app creates its FastAPI
+    app internally, so its last steps are repeated here.
     """
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
@@ -152,6 +173,8 @@ def build_from_args(args: dict[str, Any]) -> Any:
 
     configs = [LLMConfig(**c) if isinstance(c, dict) else c for c in args["llm_configs"]]
     key = args.get("api_key") or (os.environ.get(args["api_key_env"]) if args.get("api_key_env") else None)
+    if args.get("ingress") == "direct":
+        return build_direct_app(configs[0], key)
     app = init()
     add_openai_error_handlers(app)
     if key:
@@ -187,5 +210,6 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
     return {
         "http_options": {"host": spec.host, "port": spec.port},
         "applications": [{"name": spec.name, "route_prefix": "/", "import_path": "serve_apps.app:build_from_args",
-                          "args": {"llm_configs": configs, "adapters": adapters, "api_key_env": spec.api_key_env}}],
+                          "args": {"llm_configs": configs, "adapters": adapters, "api_key_env": spec.api_key_env,
+                                   "ingress": spec.ingress_mode()}}],
     }

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse
 
+UNAUTHORIZED = {"error": {"message": "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                          "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
 
-class BearerTokenMiddleware(BaseHTTPMiddleware):
-    def __init__(self, app, token: str):
-        super().__init__(app)
+
+class BearerTokenMiddleware:
+    """Refuse HTTP requests without ``Authorization: Bearer <token>`` (401, OpenAI's shape).
+
+    A plain ASGI middleware, not Starlette's ``BaseHTTPMiddleware``: that one wraps every response
+    in a second stream, which costs CPU on each streamed token.
+    """
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
         self._token = token.encode()
 
-    async def dispatch(self, request, call_next):
-        header = request.headers.get("authorization", "")
-        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
-        if not hmac.compare_digest(given, self._token):
-            return JSONResponse(status_code=401, content={"error": {
-                "message": "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
-        return await call_next(request)
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            given = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self._token):
+                await JSONResponse(status_code=401, content=UNAUTHORIZED)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def openai_error(status: int, message: str, code: str | None = None) -> JSONResponse:

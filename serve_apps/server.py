@@ -1,10 +1,13 @@
 """The LLM replica gpufleet deploys: Ray Serve LLM's ``LLMServer`` with a streaming batcher that
-sends the first chunk at once.
+sends the first chunk at once, and, when the replica is the HTTP ingress itself, the API key check.
 
 Ray batches streamed chunks every ``stream_batching_interval_ms`` (50 ms by default) to cut the
 per-chunk cost of the replica -> ingress -> proxy hops, but its batcher also waits a whole interval
 before the *first* chunk, which adds the interval to every request's time to first token. Here
 the first chunk goes out as soon as the engine yields it; later chunks are batched as before.
+
+With ``ingress: direct`` (serve_apps.app) the replica serves vLLM's own OpenAI app and there is no
+gpufleet ingress in front of it, so the bearer-token check is added to that app here.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import asyncio
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from ray.llm._internal.serve.core.server.llm_server import LLMServer, _add_middleware_to_built_app
 from ray.llm._internal.serve.utils.batcher import Batcher
+
+from serve_apps.http_edge import BearerTokenMiddleware
 
 T = TypeVar("T")
 
@@ -52,7 +57,18 @@ class FirstChunkBatcher(Batcher[T]):
 
 
 class GpufleetServer(LLMServer):
-    """``LLMServer`` whose streamed responses start without the batching delay."""
+    """``LLMServer`` whose streamed responses start without the batching delay and whose own
+    HTTP app (direct ingress) checks the API key when one is set."""
+
+    async def __init__(self, llm_config: Any, *, api_key: str | None = None, **kwargs: Any) -> None:
+        self._api_key = api_key
+        await super().__init__(llm_config, **kwargs)
 
     def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> AsyncGenerator[Any, None]:
         return FirstChunkBatcher(generator, interval_ms=self._get_batch_interval_ms()).stream()
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        app = await super().__serve_build_asgi_app__()
+        if self._api_key:  # outermost: nothing runs for a request without the key
+            _add_middleware_to_built_app(app, BearerTokenMiddleware, token=self._api_key)
+        return app

@@ -55,6 +55,10 @@ class ServeSpec(_Spec):
     host: str = Field(default="127.0.0.1", description="HTTP bind address (loopback unless told).")
     port: int = Field(default=8000, ge=1, le=65535)
     api_key_env: str | None = Field(default=None, description="Name of the env var holding the bearer token.")
+    ingress: Literal["auto", "direct", "router"] = Field(default="auto", description=(
+        "direct: the vLLM replica serves the OpenAI API itself (one model, no adapters; fastest). "
+        "router: gpufleet's OpenAI router in front of the replicas (several models, LoRA adapters). "
+        "auto: direct when it can, else router."))
     models: list[ModelEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -62,7 +66,23 @@ class ServeSpec(_Spec):
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(fix(f"model ids repeat: {ids}", "give each model its own id"))
+        if self.ingress == "direct" and not self.direct_capable():
+            raise ValueError(fix("ingress=direct serves exactly one model without adapters, and this spec has "
+                                 f"{len(self.models)} model(s)" + (" with adapters" if self._has_adapters() else ""),
+                                 "set ingress: router (or auto)"))
         return self
+
+    def _has_adapters(self) -> bool:
+        return any(m.adapters or m.adapters_dir for m in self.models)
+
+    def direct_capable(self) -> bool:
+        return len(self.models) == 1 and not self._has_adapters()
+
+    def ingress_mode(self) -> Literal["direct", "router"]:
+        """The ingress this spec deploys with (``auto`` resolved)."""
+        if self.ingress == "auto":
+            return "direct" if self.direct_capable() else "router"
+        return self.ingress
 
     def api_key(self) -> str | None:
         if not self.api_key_env:

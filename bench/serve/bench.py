@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import statistics
@@ -71,9 +72,47 @@ async def _closed_loop(client, model: str, concurrency: int, seconds: float) -> 
             "ttft_p90_ms": 1000 * statistics.quantiles(ttfts, n=10)[-1] if len(ttfts) >= 10 else None}
 
 
+def _label(proc) -> str:
+    """A process's role: Ray's process title (ray::ProxyActor, raylet, ...) or its program name."""
+    if proc.pid == os.getpid():
+        return "client (this benchmark)"
+    cmd = proc.cmdline()
+    title = cmd[0] if cmd else proc.name()
+    if title.startswith("ray::"):
+        return title.split()[0].split(".")[0]
+    return proc.name()
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter():
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = (_label(proc), t.user + t.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def cpu_breakdown(before: dict, after: dict, wall: float) -> dict[str, float]:
+    """Cores used per process role between two snapshots (the client, this process, included)."""
+    used: dict[str, float] = {}
+    for pid, (label, t) in after.items():
+        used[label] = used.get(label, 0.0) + (t - before.get(pid, (label, 0.0))[1]) / wall
+    return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+
+
 def measure(url: str, model: str, seconds: float) -> list[dict]:
     asyncio.run(one_level(url, model, 1, 3))  # warm-up
-    return [asyncio.run(one_level(url, model, c, seconds)) for c in LEVELS]
+    rows = []
+    for c in LEVELS:
+        before, t0 = cpu_snapshot(), time.perf_counter()
+        row = asyncio.run(one_level(url, model, c, seconds))
+        row["cores_by_process"] = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
+        rows.append(row)
+    return rows
 
 
 def wait_ready(url: str, timeout: float = 300) -> None:
@@ -106,28 +145,21 @@ def run_plain_vllm(model_dir: str, port: int, seconds: float) -> list[dict]:
 
 
 def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path, stream_batching_ms: int | None,
-                 direct_streaming: bool = False) -> list[dict]:
+                 ingress: str) -> list[dict]:
     import ray
     from ray import serve
 
-    from serve_apps.app import deploy, llm_configs
+    from serve_apps.app import deploy
     from serve_apps.spec import load_serve_spec
 
     spec_file = workdir / "bench-serve.yaml"
-    spec_file.write_text(yaml.safe_dump({"name": "bench", "port": port, "models": [
+    spec_file.write_text(yaml.safe_dump({"name": "bench", "port": port, "ingress": ingress, "models": [
         {"id": "tiny", "source": model_dir, "context": ENGINE["max_model_len"], "concurrency": 32,
          "stream_batching_ms": stream_batching_ms}]}))
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     try:
         spec, base = load_serve_spec(spec_file)
-        if direct_streaming:  # gpufleet's LLM configs on Ray's own direct-streaming app (no auth, no local LoRA)
-            from ray.serve.llm import build_openai_app
-
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_openai_app({"llm_configs": llm_configs(spec, base)}), name=spec.name, route_prefix="/")
-            url = f"http://127.0.0.1:{port}/v1"
-        else:
-            url = deploy(spec, base)
+        url = deploy(spec, base)
         wait_ready(url)
         return measure(url, "tiny", seconds)
     finally:
@@ -143,22 +175,27 @@ def main() -> None:
     ap.add_argument("--stream-batching-ms", type=int, help="gpufleet side: Ray Serve LLM's stream batching interval")
     ap.add_argument("--throughput-optimized", action="store_true",
                     help="gpufleet side: start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's own fast-path flags)")
-    ap.add_argument("--direct-streaming", metavar="HAPROXY",
-                    help="gpufleet side: Ray's direct-streaming mode (replica serves HTTP, HAProxy in front; "
-                         "needs the haproxy binary at this path)")
+    ap.add_argument("--ingress", choices=["auto", "direct", "router"], default="auto",
+                    help="gpufleet side: the serve spec's ingress (auto: direct for this one-model spec)")
+    ap.add_argument("--serve-proxy", choices=["auto", "haproxy", "ray"], default="auto",
+                    help="gpufleet side: Serve's HTTP front, as `gpufleet up --serve-proxy` (auto: HAProxy if installed)")
     args = ap.parse_args()
+    # Ray's driver logging would print (and format) a line per client request at INFO: keep the
+    # client's cost the same on both sides.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from cluster.head import free_port, serve_proxy_env
+
     if args.throughput_optimized:  # read by the proxy and replicas, which inherit this process's env
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-    if args.direct_streaming:  # Ray reads these at import time, in every process: set before Ray starts
-        os.environ.update(RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING="1", RAY_SERVE_ENABLE_HA_PROXY="1",
-                          RAY_SERVE_HAPROXY_BINARY_PATH=args.direct_streaming)
-    from cluster.head import free_port
+    # Ray reads the proxy mode at import, in every process: set it before Ray starts, as `gpufleet up` does.
+    proxy_env = serve_proxy_env(args.serve_proxy)
+    os.environ.update(proxy_env)
     from jobs.tiny_model import build_tiny_model
 
     model_dir = str(build_tiny_model(args.model).resolve())
     plain = run_plain_vllm(model_dir, free_port(), args.seconds)
     ours = run_gpufleet(model_dir, free_port(), args.seconds, Path(args.out).parent, args.stream_batching_ms,
-                        direct_streaming=bool(args.direct_streaming))
+                        args.ingress)
     rows = []
     print(f"{'concurrency':>11} | {'plain vLLM tok/s':>16} | {'gpufleet tok/s':>14} | {'ratio':>5} | "
           f"{'TTFT plain ms':>13} | {'TTFT gpufleet ms':>16} | {'overhead ms':>11}")
@@ -169,13 +206,18 @@ def main() -> None:
                      "ttft_overhead_ms": over})
         print(f"{p['concurrency']:>11} | {p['output_tokens_per_s']:>16.0f} | {g['output_tokens_per_s']:>14.0f} | "
               f"{ratio:>5.2f} | {p['ttft_median_ms']:>13.0f} | {g['ttft_median_ms']:>16.0f} | {over:>11.0f}")
+    for side, levels in (("plain vLLM", plain), ("gpufleet", ours)):
+        for level in levels:
+            print(f"cores used at concurrency {level['concurrency']}, {side}: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in level["cores_by_process"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                           "engine": ENGINE, "max_tokens": MAX_TOKENS, "seconds": args.seconds,
                                           "stream_batching_ms": args.stream_batching_ms,
                                           "throughput_optimized": args.throughput_optimized,
-                                          "direct_streaming": bool(args.direct_streaming),
-                                          "server": "serve_apps.server:GpufleetServer (first chunk at once)",
+                                          "ingress": args.ingress,
+                                          "serve_proxy": "haproxy" if proxy_env else "ray",
+                                          "server": "serve_apps.server:GpufleetServer",
                                           "rows": rows}, indent=1) + "\n")
     print("wrote", args.out)
 
