@@ -3,8 +3,10 @@
 Closed loop at each concurrency: every client streams /v1/completions (fixed prompt, 64 output
 tokens, ignore_eos) back to back for ``--seconds``; output tokens/s counts the tokens streamed
 (from the usage chunk), TTFT is the time to the first text chunk. Both servers run on this machine,
-one after the other, started from this process's session. Prints a table with the ratios and
-writes JSON.
+one after the other, started from this process's session. The gpufleet side deploys a one-model
+serve spec as `gpufleet serve` does (``--ingress``) on a Ray cluster in the proxy mode `gpufleet up`
+picks (``--serve-proxy``). Prints a table with the ratios and the CPU cores each process used per
+level (where the overhead goes), and writes JSON.
 
     python bench/serve/bench.py [--model DIR] [--seconds 20] [--out bench/serve/results/cpu.json]
 """
@@ -129,7 +131,26 @@ def wait_ready(url: str, timeout: float = 300) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def run_plain_vllm(model_dir: str, port: int, seconds: float) -> list[dict]:
+def run_plain_vllm(model_dir: str, port: int, seconds: float, beside_idle_ray: bool = False) -> list[dict]:
+    """Plain ``vllm serve``; with ``beside_idle_ray`` a Ray Serve cluster (no application) runs next to
+    it, so the table shows what Ray's own processes cost the engine without any request passing them."""
+    if beside_idle_ray:
+        import ray
+        from ray import serve
+
+        from cluster.head import free_port
+
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    try:
+        return _plain_vllm(model_dir, port, seconds)
+    finally:
+        if beside_idle_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _plain_vllm(model_dir: str, port: int, seconds: float) -> list[dict]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE["dtype"],
            "--max-model-len", str(ENGINE["max_model_len"]), "--enforce-eager"]
@@ -179,6 +200,8 @@ def main() -> None:
                     help="gpufleet side: the serve spec's ingress (auto: direct for this one-model spec)")
     ap.add_argument("--serve-proxy", choices=["auto", "haproxy", "ray"], default="auto",
                     help="gpufleet side: Serve's HTTP front, as `gpufleet up --serve-proxy` (auto: HAProxy if installed)")
+    ap.add_argument("--beside-idle-ray", action="store_true",
+                    help="also measure plain vLLM with an idle Ray Serve cluster running beside it")
     args = ap.parse_args()
     # Ray's driver logging would print (and format) a line per client request at INFO: keep the
     # client's cost the same on both sides.
@@ -194,6 +217,8 @@ def main() -> None:
 
     model_dir = str(build_tiny_model(args.model).resolve())
     plain = run_plain_vllm(model_dir, free_port(), args.seconds)
+    beside = run_plain_vllm(model_dir, free_port(), args.seconds, beside_idle_ray=True) if args.beside_idle_ray \
+        else None
     ours = run_gpufleet(model_dir, free_port(), args.seconds, Path(args.out).parent, args.stream_batching_ms,
                         args.ingress)
     rows = []
@@ -204,9 +229,17 @@ def main() -> None:
         over = (g["ttft_median_ms"] - p["ttft_median_ms"]) if g["ttft_median_ms"] and p["ttft_median_ms"] else None
         rows.append({"concurrency": p["concurrency"], "plain_vllm": p, "gpufleet": g, "throughput_ratio": ratio,
                      "ttft_overhead_ms": over})
+        if beside:
+            b = beside[len(rows) - 1]
+            rows[-1]["plain_vllm_beside_idle_ray"] = b
+            rows[-1]["beside_idle_ray_ratio"] = b["output_tokens_per_s"] / p["output_tokens_per_s"]
         print(f"{p['concurrency']:>11} | {p['output_tokens_per_s']:>16.0f} | {g['output_tokens_per_s']:>14.0f} | "
               f"{ratio:>5.2f} | {p['ttft_median_ms']:>13.0f} | {g['ttft_median_ms']:>16.0f} | {over:>11.0f}")
-    for side, levels in (("plain vLLM", plain), ("gpufleet", ours)):
+    if beside:
+        print("plain vLLM with an idle Ray Serve cluster beside it, tok/s (ratio to plain vLLM alone): " + ", ".join(
+            f"c={r['concurrency']} {r['plain_vllm_beside_idle_ray']['output_tokens_per_s']:.0f} "
+            f"({r['beside_idle_ray_ratio']:.2f})" for r in rows))
+    for side, levels in (("plain vLLM", plain), ("plain vLLM beside idle Ray", beside or []), ("gpufleet", ours)):
         for level in levels:
             print(f"cores used at concurrency {level['concurrency']}, {side}: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in level["cores_by_process"].items()))
