@@ -131,14 +131,23 @@ def all_adapters(spec: ServeSpec, base: Path) -> dict[str, dict[str, Any]]:
 def build_app(spec: ServeSpec, base: Path) -> Any:
     """The Ray Serve application for ``spec`` (see ``build_from_args``)."""
     return build_from_args({"llm_configs": llm_configs(spec, base), "adapters": all_adapters(spec, base),
-                            "api_key": spec.api_key(), "ingress": spec.ingress_mode()})
+                            "api_key": spec.api_key(), "ingress": spec.ingress})
+
+
+def haproxy_fronts_serve() -> bool:
+    """Whether Ray Serve runs in HAProxy mode, as this process sees it (Ray reads it at import;
+    `gpufleet up` gives the head and its clients the same setting)."""
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+
+    return bool(RAY_SERVE_ENABLE_HA_PROXY)
 
 
 def build_direct_app(config: Any, api_key: str | None) -> Any:
     """One model whose replicas are the HTTP ingress: each serves vLLM's own OpenAI app.
 
-    This is Ray Serve LLM's direct-streaming layout: no router deployment between Serve's proxy
-    and the engine, and no per-token hop through it. Under Ray's HAProxy mode
+    This is Ray Serve LLM's direct-streaming layout: no router deployment between the HTTP front and
+    the engine. Behind Ray's Python proxy each streamed token is still one proxy message (nothing
+    batches them), which is why ``auto`` picks this layout only behind HAProxy. Under Ray's HAProxy mode
     (``RAY_SERVE_ENABLE_HA_PROXY=1`` on the cluster) HAProxy replaces Serve's proxy too and asks
     Ray's ``LLMRouter`` which replica takes each request, as Ray's own builder does.
     """
@@ -146,10 +155,9 @@ def build_direct_app(config: Any, api_key: str | None) -> Any:
         _build_direct_streaming_llm_deployment,
         _build_openai_ingress_request_router,
     )
-    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
 
     app = _build_direct_streaming_llm_deployment(config, bind_kwargs={"api_key": api_key})
-    if RAY_SERVE_ENABLE_HA_PROXY:
+    if haproxy_fronts_serve():
         app = app._with_ingress_request_router(_build_openai_ingress_request_router(server=app, llm_config=config))
     return app
 
@@ -173,7 +181,11 @@ def build_from_args(args: dict[str, Any]) -> Any:
 
     configs = [LLMConfig(**c) if isinstance(c, dict) else c for c in args["llm_configs"]]
     key = args.get("api_key") or (os.environ.get(args["api_key_env"]) if args.get("api_key_env") else None)
-    if args.get("ingress") == "direct":
+    ingress = args.get("ingress", "router")
+    if ingress == "auto":  # resolved where the app is built, i.e. on the cluster it runs on
+        single = len(configs) == 1 and not args.get("adapters")
+        ingress = "direct" if single and haproxy_fronts_serve() else "router"
+    if ingress == "direct":
         return build_direct_app(configs[0], key)
     app = init()
     add_openai_error_handlers(app)
@@ -211,5 +223,5 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
         "http_options": {"host": spec.host, "port": spec.port},
         "applications": [{"name": spec.name, "route_prefix": "/", "import_path": "serve_apps.app:build_from_args",
                           "args": {"llm_configs": configs, "adapters": adapters, "api_key_env": spec.api_key_env,
-                                   "ingress": spec.ingress_mode()}}],
+                                   "ingress": spec.ingress}}],
     }

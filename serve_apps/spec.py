@@ -56,9 +56,9 @@ class ServeSpec(_Spec):
     port: int = Field(default=8000, ge=1, le=65535)
     api_key_env: str | None = Field(default=None, description="Name of the env var holding the bearer token.")
     ingress: Literal["auto", "direct", "router"] = Field(default="auto", description=(
-        "direct: the vLLM replica serves the OpenAI API itself (one model, no adapters; fastest). "
+        "direct: the vLLM replica serves the OpenAI API itself (one model, no adapters). "
         "router: gpufleet's OpenAI router in front of the replicas (several models, LoRA adapters). "
-        "auto: direct when it can, else router."))
+        "auto: direct where the cluster fronts Serve with HAProxy and the spec allows it, else router."))
     models: list[ModelEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -78,10 +78,15 @@ class ServeSpec(_Spec):
     def direct_capable(self) -> bool:
         return len(self.models) == 1 and not self._has_adapters()
 
-    def ingress_mode(self) -> Literal["direct", "router"]:
-        """The ingress this spec deploys with (``auto`` resolved)."""
+    def ingress_mode(self, haproxy: bool) -> Literal["direct", "router"]:
+        """The ingress this spec deploys with on a cluster with (or without) HAProxy in front of Serve.
+
+        ``auto`` picks direct only behind HAProxy: behind Ray's Python proxy every streamed token of a
+        direct replica is one more proxy message, and measured no faster than the router, which sends
+        chunks in batches (bench/serve/results/cpu-direct-rayproxy.json).
+        """
         if self.ingress == "auto":
-            return "direct" if self.direct_capable() else "router"
+            return "direct" if haproxy and self.direct_capable() else "router"
         return self.ingress
 
     def api_key(self) -> str | None:

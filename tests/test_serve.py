@@ -241,20 +241,33 @@ def test_emitted_config_passes_ray_serve_schema(tiny_model, tmp_path):
     assert LLMConfig(**emitted).server_cls is GpufleetServer  # the replica class survives the round trip
 
 
-def test_one_model_without_adapters_deploys_direct_and_adapters_need_the_router(tiny_model, tmp_path):
+def test_auto_ingress_is_direct_for_one_plain_model_behind_haproxy_only(tiny_model, tmp_path):
     one = {"id": "tiny", "source": str(tiny_model)}
-    assert ServeSpec(models=[one]).ingress_mode() == "direct"
-    assert ServeSpec(models=[one, {**one, "id": "two"}]).ingress_mode() == "router"
-    assert ServeSpec(models=[{**one, "adapters_dir": str(tmp_path)}]).ingress_mode() == "router"
+    assert ServeSpec(models=[one]).ingress_mode(haproxy=True) == "direct"
+    assert ServeSpec(models=[one]).ingress_mode(haproxy=False) == "router"
+    assert ServeSpec(models=[one, {**one, "id": "two"}]).ingress_mode(haproxy=True) == "router"
+    assert ServeSpec(models=[{**one, "adapters_dir": str(tmp_path)}]).ingress_mode(haproxy=True) == "router"
+
+
+def test_direct_ingress_with_adapters_is_refused(tiny_model, tmp_path):
     with pytest.raises(ValidationError, match="ingress=direct serves exactly one model .* To fix: set ingress: router"):
-        ServeSpec(ingress="direct", models=[{**one, "adapters_dir": str(tmp_path)}])
+        ServeSpec(ingress="direct", models=[{"id": "tiny", "source": str(tiny_model), "adapters_dir": str(tmp_path)}])
 
 
 def test_emitted_direct_config_builds_the_replica_as_ingress(tiny_model, tmp_path):
     from serve_apps.app import build_from_args
 
-    spec = ServeSpec(models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
+    spec = ServeSpec(ingress="direct", models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
     args = emit_config(spec, tmp_path)["applications"][0]["args"]
     assert args["ingress"] == "direct"
     app = build_from_args(args)
     assert app._bound_deployment.name == "GpufleetServer:tiny"  # no router deployment in front
+
+
+def test_emitted_auto_config_is_resolved_by_the_cluster_that_builds_it(tiny_model, tmp_path):
+    from serve_apps.app import build_from_args
+
+    spec = ServeSpec(models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
+    args = emit_config(spec, tmp_path)["applications"][0]["args"]
+    assert args["ingress"] == "auto"
+    assert build_from_args(args)._bound_deployment.name == "GpufleetIngress"  # this process: Ray's own proxy

@@ -1,6 +1,7 @@
 """The user's path to the fast endpoint: `gpufleet up` (HAProxy in front of Ray Serve), `gpufleet serve`
 of one model (its replica serves the OpenAI API itself), queried with the openai client, `gpufleet down`."""
 
+import json
 import os
 
 import psutil
@@ -46,6 +47,13 @@ def test_up_puts_haproxy_in_front_of_serve_by_default(endpoint):
     home, _, up_out, _ = endpoint
     assert "serve proxy: HAProxy" in up_out
     assert load_state(home).serve_env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_one_model_is_served_by_its_replica_directly(endpoint):
+    home = endpoint[0]
+    apps = json.loads(cli(home, "status", "--json").stdout)["serve_apps"]
+    deployments = set(next(a for a in apps if a["name"] == "direct")["deployments"])
+    assert "GpufleetServer:tiny" in deployments and "GpufleetIngress" not in deployments
 
 
 def test_endpoint_is_haproxy_on_loopback(endpoint):
