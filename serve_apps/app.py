@@ -145,21 +145,21 @@ def haproxy_fronts_serve() -> bool:
 def build_direct_app(config: Any, api_key: str | None) -> Any:
     """One model whose replicas are the HTTP ingress: each serves vLLM's own OpenAI app.
 
-    This is Ray Serve LLM's direct-streaming layout: no router deployment between the HTTP front and
-    the engine. Behind Ray's Python proxy each streamed token is still one proxy message (nothing
-    batches them), which is why ``auto`` picks this layout only behind HAProxy. Under Ray's HAProxy mode
-    (``RAY_SERVE_ENABLE_HA_PROXY=1`` on the cluster) HAProxy replaces Serve's proxy too and asks
-    Ray's ``LLMRouter`` which replica takes each request, as Ray's own builder does.
+    This is Ray Serve LLM's direct-streaming layout (the server class is the ingress, its ASGI app
+    built after the engine starts) without a router deployment between the HTTP front and the
+    engine. Behind HAProxy, HAProxy picks the replica itself (least connections: a streaming request
+    holds its connection, so that is least outstanding requests); Ray's own builder adds an
+    ``LLMRouter`` actor that HAProxy asks once per request, which costs a hop and buys nothing
+    here (one model, no adapters, no KV-aware routing). Behind Ray's Python proxy each streamed
+    token is one proxy message, which is why ``auto`` picks this layout only behind HAProxy.
     """
-    from ray.llm._internal.serve.core.ingress.builder import (
-        _build_direct_streaming_llm_deployment,
-        _build_openai_ingress_request_router,
-    )
+    from ray import serve
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
-    app = _build_direct_streaming_llm_deployment(config, bind_kwargs={"api_key": api_key})
-    if haproxy_fronts_serve():
-        app = app._with_ingress_request_router(_build_openai_ingress_request_router(server=app, llm_config=config))
-    return app
+    from serve_apps.server import GpufleetServer
+
+    return build_llm_deployment(config, bind_kwargs={"api_key": api_key},
+                                deployment_cls=serve.ingress()(config.server_cls or GpufleetServer))
 
 
 def build_from_args(args: dict[str, Any]) -> Any:
