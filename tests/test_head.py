@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster.head import HeadConfig, free_port, head_processes, load_state, start_head, stop_head
+from cluster.errors import GpufleetError
+from cluster.head import (
+    HeadConfig,
+    free_port,
+    head_processes,
+    load_state,
+    serve_proxy_env,
+    start_head,
+    stop_head,
+)
 from cluster.monitor import NO_GPU_MESSAGE, GpuSample, GpuSampler, NvmlBackend
 from tests.conftest import has_nvidia_gpu
 
@@ -134,3 +143,26 @@ def test_monitor_without_nvidia_driver_reports_once_and_idles():
 def test_monitor_reads_real_gpus():
     samples = GpuSampler(NvmlBackend(), node="n").poll()
     assert samples and all(s.memory_total_bytes > 2**30 and s.temperature_celsius > 0 for s in samples)
+
+
+def test_serve_proxy_ray_sets_no_serve_flags():
+    assert serve_proxy_env("ray") == {}
+
+
+def test_serve_proxy_auto_falls_back_to_ray_without_haproxy(monkeypatch):
+    monkeypatch.setattr("cluster.head.haproxy_binary", lambda: None)
+    assert serve_proxy_env("auto") == {}
+
+
+def test_serve_proxy_haproxy_without_the_binary_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr("cluster.head.haproxy_binary", lambda: None)
+    with pytest.raises(GpufleetError, match="no haproxy binary .* To fix: install it"):
+        serve_proxy_env("haproxy")
+
+
+def test_serve_proxy_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
+    monkeypatch.setattr("cluster.head.haproxy_binary", lambda: "/usr/sbin/haproxy")
+    env = serve_proxy_env("haproxy")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/usr/sbin/haproxy"
+    # Ray's fixed defaults (8404, 9101) would collide between two heads on one machine
+    assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) >= 20000 and int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]) >= 20000
