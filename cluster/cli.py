@@ -261,9 +261,14 @@ def serve_cmd(spec_or_model: str, gpu_name: str | None, context: int | None, con
     from cluster.head import connect
 
     connect()
+    from serve_apps.app import haproxy_fronts_serve
+
     with out.status("deploying (vLLM replicas load the model) ..."):
         url = deploy(spec, base)
-    out.print(f"[bold green]serving[/] {', '.join(m.id for m in spec.models)} at {url}")
+    front = "HAProxy" if haproxy_fronts_serve() else "Ray Serve's proxy"
+    layout = ("the replica serves the API itself" if spec.ingress_mode(haproxy_fronts_serve()) == "direct"
+              else "through gpufleet's OpenAI router")
+    out.print(f"[bold green]serving[/] {', '.join(m.id for m in spec.models)} at {url} ({front}, {layout})")
     out.print(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' -d "
               f"'{{\"model\": \"{spec.models[0].id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")
 

@@ -58,7 +58,7 @@ def test_one_model_is_served_by_its_replica_directly(endpoint):
 
 def test_endpoint_is_haproxy_on_loopback(endpoint):
     _, port, _, served = endpoint
-    assert f"http://127.0.0.1:{port}/v1" in served.replace("\n", "")
+    assert f"http://127.0.0.1:{port}/v1 (HAProxy, the replica serves the API itself)" in " ".join(served.split())
     proc = listener(port)
     assert proc.name() == "haproxy"
     assert {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port} \
