@@ -265,8 +265,9 @@ def serve_cmd(spec_or_model: str, gpu_name: str | None, context: int | None, con
 
     with out.status("deploying (vLLM replicas load the model) ..."):
         url = deploy(spec, base)
-    front = "HAProxy" if haproxy_fronts_serve() else "Ray Serve's proxy"
-    layout = ("the replica serves the API itself" if spec.ingress_mode(haproxy_fronts_serve()) == "direct"
+    haproxy = haproxy_fronts_serve()
+    front = "HAProxy" if haproxy else "Ray Serve's proxy"
+    layout = ("the replica serves the API itself" if spec.ingress_mode(haproxy) == "direct"
               else "through gpufleet's OpenAI router")
     out.print(f"[bold green]serving[/] {', '.join(m.id for m in spec.models)} at {url} ({front}, {layout})")
     out.print(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' -d "

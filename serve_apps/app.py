@@ -24,7 +24,7 @@ from cluster.planner import plan
 from cluster.serving import DEFAULT_MAX_NUM_SEQS, kv_bytes_for_sequence
 from cluster.spec import builtin_models, spec_from_config
 from jobs.spec import check_model_dir, resolve
-from serve_apps.spec import ModelEntry, ServeSpec
+from serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress
 
 TARGET_FRACTION = 0.75
 LORA_SERVER = "serve_apps.lora:LocalLoraServer"
@@ -181,11 +181,9 @@ def build_from_args(args: dict[str, Any]) -> Any:
 
     configs = [LLMConfig(**c) if isinstance(c, dict) else c for c in args["llm_configs"]]
     key = args.get("api_key") or (os.environ.get(args["api_key_env"]) if args.get("api_key_env") else None)
-    ingress = args.get("ingress", "router")
-    if ingress == "auto":  # resolved where the app is built, i.e. on the cluster it runs on
-        single = len(configs) == 1 and not args.get("adapters")
-        ingress = "direct" if single and haproxy_fronts_serve() else "router"
-    if ingress == "direct":
+    # `auto` is resolved where the app is built, i.e. on the cluster it runs on.
+    if resolve_ingress(args.get("ingress", "router"), len(configs), bool(args.get("adapters")),
+                       haproxy_fronts_serve()) == "direct":
         return build_direct_app(configs[0], key)
     app = init()
     add_openai_error_handlers(app)

@@ -50,6 +50,18 @@ class ModelEntry(_Spec):
         "Lower cuts time to first token, higher saves CPU per token."))
 
 
+def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool) -> Literal["direct", "router"]:
+    """The layout a deployment gets: ``auto`` is direct for one model without adapters behind HAProxy.
+
+    Only behind HAProxy: behind Ray's Python proxy every streamed token of a direct replica is one
+    more proxy message, and that measured no faster than the router, which sends chunks in batches
+    (bench/serve/results/cpu-direct-rayproxy.json).
+    """
+    if ingress == "auto":
+        return "direct" if haproxy and models == 1 and not adapters else "router"
+    return "direct" if ingress == "direct" else "router"
+
+
 class ServeSpec(_Spec):
     name: str = Field(default="gpufleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     host: str = Field(default="127.0.0.1", description="HTTP bind address (loopback unless told).")
@@ -79,15 +91,8 @@ class ServeSpec(_Spec):
         return len(self.models) == 1 and not self._has_adapters()
 
     def ingress_mode(self, haproxy: bool) -> Literal["direct", "router"]:
-        """The ingress this spec deploys with on a cluster with (or without) HAProxy in front of Serve.
-
-        ``auto`` picks direct only behind HAProxy: behind Ray's Python proxy every streamed token of a
-        direct replica is one more proxy message, and measured no faster than the router, which sends
-        chunks in batches (bench/serve/results/cpu-direct-rayproxy.json).
-        """
-        if self.ingress == "auto":
-            return "direct" if haproxy and self.direct_capable() else "router"
-        return self.ingress
+        """The ingress this spec deploys with on a cluster with (or without) HAProxy in front of Serve."""
+        return resolve_ingress(self.ingress, len(self.models), self._has_adapters(), haproxy)
 
     def api_key(self) -> str | None:
         if not self.api_key_env:
