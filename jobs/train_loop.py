@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.flops import mfu
+
 CKPT_TAG = "ckpt"
 STATE_FILE = "trainer_state.json"
 NUMERICS_MARKER = "STOPPED_NUMERICS"
@@ -156,8 +158,8 @@ def train_func(cfg: dict[str, Any]) -> None:
 
     metrics_file = out_dir / "metrics.jsonl"
     zero_run = 0
-    peak_flops = cfg.get("peak_tflops", 0) * 1e12
-    flops_per_token = cfg.get("flops_per_token", 0.0)  # cluster.flops: model FLOPs, no recompute
+    peak_tflops = cfg.get("peak_tflops", 0.0)
+    flops_per_token = cfg.get("flops_per_token", 0.0)  # model FLOPs (cluster.flops), no recompute
     for step in range(start, total):
         t0 = time.perf_counter()
         losses, tokens = [], 0
@@ -181,8 +183,8 @@ def train_func(cfg: dict[str, Any]) -> None:
              "tokens_per_s": tokens_all / dt, "step_time_s": dt, "resumed_from": start, "epoch": step // per_epoch}
         if layout.use_gpu:
             m["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if peak_flops and flops_per_token:
-                m["mfu"] = flops_per_token * tokens_all / world / dt / peak_flops
+            if peak_tflops and flops_per_token:
+                m["mfu"] = mfu(tokens_all / world / dt, flops_per_token, peak_tflops)
         if rank == 0:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(m) + "\n")

@@ -29,7 +29,7 @@ from serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress
 TARGET_FRACTION = 0.75
 LORA_SERVER = "serve_apps.lora:LocalLoraServer"
 SERVER = "serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
-ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"
+ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"  # JSON: {"adapters": {name: dir}, "adapters_dir": dir | null}
 
 
 def adapters_table(entry: ModelEntry, base: Path) -> dict[str, Any] | None:

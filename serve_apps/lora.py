@@ -16,9 +16,8 @@ from pathlib import Path
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
+from serve_apps.app import ADAPTERS_ENV
 from serve_apps.server import GpufleetServer
-
-ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"  # JSON: {"adapters": {name: dir}, "adapters_dir": dir | null}
 
 
 def find_adapter(table: dict, name: str) -> str | None:

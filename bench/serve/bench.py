@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--throughput-optimized", action="store_true",
                     help="gpufleet side: start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's own fast-path flags)")
     ap.add_argument("--ingress", choices=["auto", "direct", "router"], default="auto",
-                    help="gpufleet side: the serve spec's ingress (auto: direct for this one-model spec)")
+                    help="gpufleet side: the serve spec's ingress (auto: direct behind HAProxy, else router)")
     ap.add_argument("--serve-proxy", choices=["auto", "haproxy", "ray"], default="auto",
                     help="gpufleet side: Serve's HTTP front, as `gpufleet up --serve-proxy` (auto: HAProxy if installed)")
     ap.add_argument("--beside-idle-ray", action="store_true",
@@ -224,13 +224,13 @@ def main() -> None:
     rows = []
     print(f"{'concurrency':>11} | {'plain vLLM tok/s':>16} | {'gpufleet tok/s':>14} | {'ratio':>5} | "
           f"{'TTFT plain ms':>13} | {'TTFT gpufleet ms':>16} | {'overhead ms':>11}")
-    for p, g in zip(plain, ours, strict=True):
+    for i, (p, g) in enumerate(zip(plain, ours, strict=True)):
         ratio = g["output_tokens_per_s"] / p["output_tokens_per_s"] if p["output_tokens_per_s"] else None
         over = (g["ttft_median_ms"] - p["ttft_median_ms"]) if g["ttft_median_ms"] and p["ttft_median_ms"] else None
         rows.append({"concurrency": p["concurrency"], "plain_vllm": p, "gpufleet": g, "throughput_ratio": ratio,
                      "ttft_overhead_ms": over})
         if beside:
-            b = beside[len(rows) - 1]
+            b = beside[i]
             rows[-1]["plain_vllm_beside_idle_ray"] = b
             rows[-1]["beside_idle_ray_ratio"] = b["output_tokens_per_s"] / p["output_tokens_per_s"]
         print(f"{p['concurrency']:>11} | {p['output_tokens_per_s']:>16.0f} | {g['output_tokens_per_s']:>14.0f} | "
