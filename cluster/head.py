@@ -22,8 +22,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from cluster.errors import GpufleetError, fix
-from cluster.spec import _Frozen
+from catalogue.config import Config
+from catalogue.errors import GpufleetError, fix
 
 HEAD_MARKER = "GPUFLEET_HEAD_ID"
 
@@ -32,31 +32,37 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("GPUFLEET_HOME", Path.home() / ".gpufleet"))
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port on loopback can be bound now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port(low: int = 20000, high: int = 60000) -> int:
     """A port that is free now (outside Ray's default worker range 10002-19999)."""
     for _ in range(200):
         port = low + secrets.randbelow(high - low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
+        if port_is_free(port):
+            return port
     raise GpufleetError("no free TCP port found")
 
 
-class HeadConfig(_Frozen):
+class HeadConfig(Config):
     """How `gpufleet up` starts the local head."""
 
     state_dir: Path = Field(default_factory=default_state_dir, description="Where head.json and the token live.")
     host: str = Field(default="127.0.0.1", description="Address the dashboard, job API and Serve bind to.")
     port: int | None = Field(default=None, ge=1, le=65535, description="GCS port (default: a free one).")
-    dashboard_port: int = Field(default=8265, ge=1, le=65535)
+    dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Port of the dashboard and job API.")
     metrics_export_port: int | None = Field(default=None, ge=1, le=65535)
-    num_cpus: int | None = Field(default=None, ge=1)
+    num_cpus: int | None = Field(default=None, ge=1, description="Logical CPUs of the head (default: detect).")
     num_gpus: int | None = Field(default=None, ge=0, description="Declare GPUs (default: detect).")
     resources: dict[str, float] = Field(default_factory=dict)
-    token_auth: bool = True
+    token_auth: bool = Field(default=True, description="Token authentication for the dashboard, jobs and clients.")
     autoscaling_config: Path | None = None
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the head processes.")
     serve_proxy: Literal["auto", "haproxy", "ray"] = Field(default="auto", description=(
@@ -64,7 +70,7 @@ class HeadConfig(_Frozen):
         "path (needs the haproxy binary); ray: Serve's Python proxy; auto: haproxy when it is installed."))
 
 
-class HeadState(_Frozen):
+class HeadState(Config):
     """What `up` started: enough for clients to connect and for `down` to stop it."""
 
     head_id: str
@@ -99,7 +105,13 @@ def _state_file(state_dir: Path) -> Path:
 def load_state(state_dir: Path | None = None) -> HeadState | None:
     """The head recorded in ``state_dir``, or None if `up` has not started one."""
     f = _state_file(state_dir or default_state_dir())
-    return HeadState.model_validate_json(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    try:
+        return HeadState.model_validate_json(f.read_text())
+    except ValueError:  # pydantic's ValidationError, also for text that is not JSON
+        raise GpufleetError(fix(f"{f} is not a gpufleet head record (corrupt or from another version)",
+                                f"remove {f}, then run `gpufleet up`")) from None
 
 
 def haproxy_binary() -> str | None:
@@ -155,7 +167,7 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
         env["RAY_AUTH_MODE"] = "disabled"
     port = cfg.port or free_port()
     metrics_port = cfg.metrics_export_port or free_port()
-    cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+    cmd = [ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
            f"--dashboard-host={cfg.host}", f"--dashboard-port={cfg.dashboard_port}",
            f"--ray-client-server-port={free_port(6000, 9999)}", f"--metrics-export-port={metrics_port}",
            # Ray's default agent port (52365) is per host: a second cluster on it never gets a job agent.
@@ -272,7 +284,8 @@ def stop_processes(head_id: str, grace_s: float = 10) -> int:
     return len(procs)
 
 
-def _ray_bin() -> str:
+def ray_bin() -> str:
+    """The ``ray`` executable of this environment (also when gpufleet runs un-activated from a venv)."""
     return str(Path(sys.executable).with_name("ray"))
 
 
@@ -310,9 +323,10 @@ def apply_client_env(state: HeadState) -> None:
 
 def refresh_ray_auth() -> None:
     """Make Ray re-read RAY_AUTH_MODE and the token after the environment changed."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import Config as RayConfig
 
-    Config.initialize("")
+    RayConfig.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 
 

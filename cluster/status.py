@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from catalogue.placement import sum_bundles
 from cluster.head import HeadState
 
 
@@ -80,11 +81,7 @@ def _groups(jobs: list[dict[str, Any]]) -> list[GroupStatus]:
         waiting = ""
         if g["state"] == "PENDING":
             sched = g.get("stats", {}).get("scheduling_state", "")
-            total: dict[str, float] = {}
-            for b in bundles:
-                for k, v in b.items():
-                    total[k] = total.get(k, 0) + v
-            waiting = f"{total} ({g['strategy']}, {sched.lower() or 'waiting'})"
+            waiting = f"{sum_bundles(bundles)} ({g['strategy']}, {sched.lower() or 'waiting'})"
         out.append(GroupStatus(id=pg_id, name=g["name"], state=g["state"], strategy=g["strategy"],
                                bundles=bundles, owner=owner, waiting_for=waiting))
     return out

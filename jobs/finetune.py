@@ -15,10 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import GpufleetError
+from catalogue.errors import GpufleetError
+from catalogue.flops import train_flops_per_token
+from catalogue.gpus import get_gpu
+from catalogue.model import spec_from_config
+from catalogue.placement import Placement
+from catalogue.sources import check_model_dir, resolve
 from jobs.data import load_conversations
 from jobs.layout import TrainLayout, deepspeed_config, resolve_layout
-from jobs.spec import JobSpec, check_model_dir, load_job_spec, resolve
+from jobs.spec import JobSpec, load_job_spec
 
 # Ray Train's report() waits for the controller's poll (2 s by default) on every call.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
@@ -28,23 +33,27 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
     """Validate everything that needs no cluster; return the spec, layout and worker config."""
     spec, base = load_job_spec(spec_path)
     model_dir = resolve(base, spec.model)
-    model_cfg = check_model_dir(model_dir, spec.seq_len)
+    model = spec_from_config(check_model_dir(model_dir), name=spec.model)
     dataset = resolve(base, spec.dataset)
     load_conversations(dataset)  # format errors now, with line numbers, not inside a worker
-    layout = resolve_layout(spec, model_cfg)
+    layout = resolve_layout(spec, model)
     out = resolve(base, spec.output_dir)
     cfg: dict[str, Any] = {
         "spec": spec.model_dump(), "layout": layout.model_dump(), "deepspeed": deepspeed_config(layout, spec),
         "model_dir": str(model_dir), "dataset": str(dataset), "output_dir": str(out),
     }
     if spec.use_gpu:
-        from cluster.flops import train_flops_per_token
-        from cluster.gpus import get_gpu
-        from cluster.spec import spec_from_config
-
         cfg["peak_tflops"] = get_gpu(spec.gpu).peak_tflops
-        cfg["flops_per_token"] = train_flops_per_token(spec_from_config(model_cfg), spec.seq_len, spec.task)
+        cfg["flops_per_token"] = train_flops_per_token(model, spec.seq_len, spec.task)
     return spec, layout, cfg
+
+
+def scaling_kwargs(placement: Placement) -> dict[str, Any]:
+    """Ray Train's ScalingConfig arguments for a plan's placement: Ray Train reserves exactly
+    ``placement.bundles`` (it adds the accelerator pin back from ``accelerator_type``)."""
+    return dict(num_workers=len(placement.bundles), use_gpu=placement.use_gpu,
+                resources_per_worker=placement.resources_per_worker, accelerator_type=placement.accelerator_type,
+                placement_strategy=placement.strategy)
 
 
 def run(spec_path: str | Path) -> dict[str, Any]:
@@ -53,24 +62,19 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.placement import check_feasible, cluster_nodes
+    from cluster.placement import check_placeable
     from jobs.train_loop import train_func
 
     spec, layout, cfg = prepare(spec_path)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": TRAIN_ENV}, logging_level="ERROR")
-    check_feasible(layout.worker_bundles(), "PACK", cluster_nodes())
+    check_placeable(layout.placement)
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "layout.json").write_text(json.dumps({"layout": layout.model_dump(), "deepspeed": cfg["deepspeed"]},
                                                 indent=1))
-    resources = layout.worker_bundles()[0]
     trainer = TorchTrainer(
-        train_func, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=layout.workers, use_gpu=layout.use_gpu,
-                                     resources_per_worker={k: v for k, v in resources.items()
-                                                           if not k.startswith("accelerator_type")},
-                                     accelerator_type=layout.accelerator_type, placement_strategy="PACK"),
+        train_func, train_loop_config=cfg, scaling_config=ScalingConfig(**scaling_kwargs(layout.placement)),
         run_config=RunConfig(storage_path=str(out / "ray"), name=spec.name,
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )

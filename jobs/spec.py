@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from cluster.errors import SpecError, fix
-from cluster.specfile import load_spec_file
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from catalogue.config import Config
+from catalogue.errors import fix
+from catalogue.specfile import load_spec_file
 
 
-class LoraSettings(_Spec):
+class LoraSettings(Config):
     r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
     alpha: int = Field(default=32, ge=1, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: str | list[str] = Field(default="all-linear", description="peft target_modules.")
 
 
-class PlanOverrides(_Spec):
+class PlanOverrides(Config):
     """Settings the catalogue's plan would choose; set them to override it."""
 
     workers: int | None = Field(default=None, ge=1, description="Data-parallel training workers.")
     zero_stage: int | None = Field(default=None, ge=0, le=3)
     offload_optimizer: bool | None = None
+    offload_params: bool | None = Field(default=None, description="ZeRO-3 parameter offload to host memory.")
     grad_ckpt: bool | None = None
     micro_batch: int | None = Field(default=None, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
@@ -36,7 +33,7 @@ class PlanOverrides(_Spec):
     compile: bool | None = Field(default=None, description="torch.compile the model (default: on GPUs only).")
 
 
-class JobSpec(_Spec):
+class JobSpec(Config):
     """A LoRA or full fine-tune. Paths are relative to the spec file's folder."""
 
     name: str = Field(default="finetune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -77,25 +74,3 @@ class JobSpec(_Spec):
 def load_job_spec(path: str | Path) -> tuple[JobSpec, Path]:
     """Parse and validate a job spec file; return it with its folder (for relative paths)."""
     return load_spec_file(path, JobSpec, "examples/lora-tiny.yaml")
-
-
-def resolve(base: Path, value: str) -> Path:
-    q = Path(value).expanduser()
-    return q if q.is_absolute() else (base / q).resolve()
-
-
-def check_model_dir(model_dir: Path, seq_len: int | None = None) -> dict[str, Any]:
-    """The model's config, after checking the directory is loadable (and, given ``seq_len``, that
-    the model holds that many tokens: a job's ``seq_len``; serving checks its own ``context``)."""
-    cfg_file = model_dir / "config.json"
-    if not cfg_file.is_file():
-        raise SpecError(fix(f"model: {model_dir} has no config.json",
-                            "point model at a Hugging Face model directory (python -m jobs.tiny_model DIR makes one)"))
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise SpecError(fix(f"model: {model_dir} has no tokenizer", "save the tokenizer into the model directory"))
-    cfg = json.loads(cfg_file.read_text())
-    max_pos = cfg.get("max_position_embeddings")
-    if max_pos and seq_len is not None and seq_len > max_pos:
-        raise SpecError(fix(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}",
-                            f"set seq_len <= {max_pos}"))
-    return cfg

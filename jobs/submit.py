@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cluster.errors import GpufleetError
+from catalogue.errors import GpufleetError
 from cluster.head import HeadState
 from jobs.finetune import prepare
 from jobs.layout import TrainLayout

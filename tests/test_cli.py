@@ -6,13 +6,13 @@ import sys
 
 from click.testing import CliRunner
 
-from cluster.cli import main
+from gpufleet.cli import main
 
 runner = CliRunner()
 
 
 def test_estimate_json_has_peak_gib_and_breakdown():
-    r = runner.invoke(main, ["estimate", "--config", "cluster/models/llama-3.1-8b.json", "--task", "lora",
+    r = runner.invoke(main, ["estimate", "--config", "catalogue/models/llama-3.1-8b.json", "--task", "lora",
                              "--precision", "bf16", "--batch", "1", "--seq", "1024", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -22,7 +22,7 @@ def test_estimate_json_has_peak_gib_and_breakdown():
 def test_plan_json_contains_bundles_and_tp():
     r = runner.invoke(main, ["plan", "llama-3.1-70b", "--task", "serve", "--gpu", "H100-80GB", "--json"])
     d = json.loads(r.output)
-    assert d["tensor_parallel"] == 2 and len(d["bundles"]) == 2
+    assert d["tensor_parallel"] == 2 and len(d["placement"]["bundles"]) == 2
 
 
 def test_training_plan_assumes_torch_compile_unless_told_not_to():
@@ -39,7 +39,7 @@ def test_catalogue_json_lists_every_builtin_model():
 
 
 def test_errors_are_one_line_on_stderr_with_nonzero_exit():
-    p = subprocess.run([sys.executable, "-m", "cluster.cli", "plan", "llama-3.1-70b", "--task", "serve",
+    p = subprocess.run([sys.executable, "-m", "gpufleet.cli", "plan", "llama-3.1-70b", "--task", "serve",
                         "--gpu", "A10G", "--gpus", "2"], capture_output=True, text=True)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.startswith("error:") and "To fix:" in p.stderr and "Traceback" not in p.stderr

@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 def test_demo_adapter_answers_in_the_trained_format(short_tmp):
     demo_dir = short_tmp / "demo"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "GPUFLEET_HOME")}
-    p = subprocess.run([sys.executable, "-m", "cluster.demo", "--demo-dir", str(demo_dir), "--port", str(free_port()),
+    p = subprocess.run([sys.executable, "-m", "gpufleet.cli", "demo", "--demo-dir", str(demo_dir), "--port", str(free_port()),
                         "--dashboard-port", str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster.errors import GpufleetError
+from catalogue.errors import GpufleetError
 from cluster.head import (
     HeadConfig,
     free_port,
@@ -23,7 +23,7 @@ from cluster.head import (
 from cluster.monitor import NO_GPU_MESSAGE, GpuSample, GpuSampler, NvmlBackend
 from tests.conftest import has_nvidia_gpu
 
-GPUFLEET = [sys.executable, "-m", "cluster.cli"]
+GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
 
 
 class FakeNvml:

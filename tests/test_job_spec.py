@@ -1,12 +1,11 @@
 """Job specs: bad input is rejected with the field and the fix, before anything is reserved."""
 
-import json
 
 import pytest
 import ray
 
-from cluster.errors import PlanError, SpecError
-from cluster.spec import builtin_models
+from catalogue.errors import PlanError, SpecError
+from catalogue.model import load_model
 from jobs.data import load_conversations, tokenize
 from jobs.finetune import prepare, run
 from jobs.layout import deepspeed_config, resolve_layout
@@ -95,13 +94,13 @@ def test_loss_only_on_assistant_tokens(tiny_model):
 
 def test_gpu_plan_drives_layout_and_fp16_on_t4():
     spec = JobSpec(model="m", dataset="d", task="full", max_steps=1, gpu="T4", global_batch=16, seq_len=1024)
-    layout = resolve_layout(spec, json.loads(builtin_models()["qwen2.5-0.5b"].read_text()))
+    layout = resolve_layout(spec, load_model("qwen2.5-0.5b"))
     cfg = deepspeed_config(layout, spec)
     assert layout.dtype == "float16" and cfg["fp16"]["loss_scale"] == 0 and "bf16" not in cfg
 
 
 def test_gpu_jobs_compile_by_default_and_cpu_jobs_do_not():
-    cfg = json.loads(builtin_models()["llama-3.2-1b"].read_text())
+    cfg = load_model("llama-3.2-1b")
     gpu = JobSpec(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=32, seq_len=2048)
     cpu = JobSpec(model="m", dataset="d", task="full", max_steps=1)
     assert resolve_layout(gpu, cfg).compile and not resolve_layout(cpu, cfg).compile
@@ -109,7 +108,7 @@ def test_gpu_jobs_compile_by_default_and_cpu_jobs_do_not():
 
 def test_compile_override_plans_for_eager_memory():
     """Turning compile off is planned with eager activations, which need more memory."""
-    cfg = json.loads(builtin_models()["llama-3.2-1b"].read_text())
+    cfg = load_model("llama-3.2-1b")
     base = dict(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=32, seq_len=2048)
     compiled = resolve_layout(JobSpec(**base), cfg)
     eager = resolve_layout(JobSpec(**base, plan={"compile": False}), cfg)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.errors import SpecError
+from catalogue.errors import SpecError
+from catalogue.placement import node_types_from_cluster_config
 from cluster.launcher import gpufleet_errors, ray_schema_errors, validate_cluster_config
-from cluster.placement import node_types_from_cluster_config
 
 CLUSTER_YAML = Path(__file__).parents[1] / "cluster.yaml"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from bench.memory.compare import compare
-from cluster.memory import GIB, TrainSetup, estimate, fits
-from cluster.spec import load_model
+from catalogue.memory import GIB, TrainSetup, estimate, fits
+from catalogue.model import load_model
 
 RESULTS = Path(__file__).parents[1] / "bench" / "memory" / "results"
 

@@ -6,11 +6,12 @@ import pytest
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-from cluster.errors import PlanError
-from cluster.gpus import get_gpu
-from cluster.placement import NodeCapacity, check_feasible, reserve, reserve_plan, reserved
-from cluster.planner import plan
-from cluster.spec import load_model
+from catalogue.errors import PlanError
+from catalogue.gpus import get_gpu
+from catalogue.model import load_model
+from catalogue.placement import NodeCapacity, check_feasible
+from catalogue.planner import plan
+from cluster.placement import reserve, reserve_placement, reserved
 from cluster.status import collect_status
 
 H100 = {"GPU": 1.0, "accelerator_type:H100": 0.001, "CPU": 1.0}
@@ -55,7 +56,7 @@ def test_autoscaler_node_type_makes_a_group_feasible():
 def test_tp4_plan_lands_on_one_node(gpu_cluster):
     p = plan(load_model("qwen2.5-72b"), "serve", get_gpu("H100-80GB"))
     assert p.tensor_parallel == 4 and p.placement_strategy == "STRICT_PACK"
-    pg = reserve_plan(p, name="tp4", timeout_s=30)
+    pg = reserve_placement(p.placement, name="tp4", timeout_s=30)
     try:
         assert len(nodes_of(pg)) == 1
     finally:
@@ -64,8 +65,8 @@ def test_tp4_plan_lands_on_one_node(gpu_cluster):
 
 def test_data_parallel_workers_spread_when_asked(gpu_cluster):
     p = plan(load_model("qwen2.5-7b"), "full", get_gpu("H100-80GB"), gpus=2)
-    assert p.data_parallel == 2 and p.tensor_parallel == 1
-    pg = reserve_plan(p, timeout_s=30, spread=True)
+    assert p.data_parallel == 2 and p.placement_strategy == "PACK"
+    pg = reserve_placement(p.placement, timeout_s=30, spread=True)
     try:
         assert len(nodes_of(pg)) == 2
     finally:
@@ -73,7 +74,8 @@ def test_data_parallel_workers_spread_when_asked(gpu_cluster):
 
 
 def test_data_parallel_workers_pack_by_default(gpu_cluster):
-    pg = reserve_plan(plan(load_model("qwen2.5-7b"), "full", get_gpu("H100-80GB"), gpus=2), timeout_s=30)
+    pg = reserve_placement(plan(load_model("qwen2.5-7b"), "full", get_gpu("H100-80GB"), gpus=2).placement,
+                           timeout_s=30)
     try:
         assert len(nodes_of(pg)) == 1
     finally:

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from cluster.errors import PlanError
-from cluster.gpus import get_gpu
-from cluster.memory import TrainSetup, estimate, fits
-from cluster.planner import plan
-from cluster.spec import load_model
+from catalogue.errors import PlanError
+from catalogue.gpus import get_gpu
+from catalogue.memory import TrainSetup, estimate, fits
+from catalogue.model import load_model
+from catalogue.planner import plan
 
 
 def test_70b_serve_on_h100_uses_tensor_parallel_in_one_node():
@@ -86,11 +86,11 @@ def test_model_larger_than_whole_inventory_is_an_error():
 
 @pytest.mark.parametrize("field", ["gpus", "seq_len", "batch"])
 def test_zero_or_negative_sizes_are_rejected(field):
-    with pytest.raises(PlanError, match=f"{field}=0 must be a positive integer"):
+    with pytest.raises(PlanError, match=f"{field}=0: Input should be greater than or equal to 1"):
         plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("A10G"), **{field: 0})
 
 
 def test_plan_dict_is_stable_and_leaves_out_defaults():
     d = plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("L4")).to_dict()
     assert json.dumps(d) == json.dumps(plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("L4")).to_dict())
-    assert "offload_params" not in d and d["placement_strategy"] == "PACK"
+    assert "offload_params" not in d and d["placement"]["strategy"] == "PACK"

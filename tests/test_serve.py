@@ -18,7 +18,7 @@ import yaml
 from openai import OpenAI
 from pydantic import ValidationError
 
-from cluster.errors import PlanError, SpecError
+from catalogue.errors import PlanError, SpecError
 from cluster.head import free_port
 from serve_apps.app import deploy, emit_config, llm_config_dict
 from serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec

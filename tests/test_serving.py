@@ -1,8 +1,8 @@
 """vLLM KV-cache arithmetic against hand computation."""
 
-from cluster.gpus import get_gpu
-from cluster.serving import BLOCK_SIZE, kv_bytes_for_sequence, kv_bytes_per_token_layer, serving_memory
-from cluster.spec import load_model
+from catalogue.gpus import get_gpu
+from catalogue.model import load_model
+from catalogue.serving import BLOCK_SIZE, kv_bytes_for_sequence, kv_bytes_per_token_layer, serving_memory
 
 
 def test_llama_8b_kv_bytes_per_token_is_128_kib():

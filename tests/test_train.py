@@ -131,7 +131,7 @@ def test_gpufleet_train_submits_and_follows_the_job(head, tmp_path, tiny_model, 
     state_dir, _ = head
     spec = job(tmp_path, tiny_model, greeting_data, max_steps=4, checkpoint_every=2, output_dir="rel-out")
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"GPUFLEET_HOME": str(state_dir)}
-    p = subprocess.run([os.sys.executable, "-m", "cluster.cli", "train", str(spec)], env=env, capture_output=True,
+    p = subprocess.run([os.sys.executable, "-m", "gpufleet.cli", "train", str(spec)], env=env, capture_output=True,
                        text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "SUCCEEDED" in p.stdout and "done: step 4/4" in p.stdout

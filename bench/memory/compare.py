@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cluster.memory import GIB, TrainSetup, estimate, fits
-from cluster.spec import load_model
+from catalogue.memory import GIB, TrainSetup, estimate, fits
+from catalogue.model import load_model
 
 HERE = Path(__file__).parent
 RECIPES = {  # measure.py recipe -> (task, precision)

@@ -1,7 +1,7 @@
 """Measure real GPU peak memory of the catalogue's single-GPU reference recipe.
 
 Runs on a CUDA machine with only torch, transformers and peft installed (no gpufleet install
-needed): it reads the built-in configs from ``cluster/models/*.json``, builds each model with
+needed): it reads the built-in configs from ``catalogue/models/*.json``, builds each model with
 random weights directly on the GPU, runs two optimizer steps and records
 ``torch.cuda.max_memory_allocated()`` minus what was allocated before the model was built,
 plus the same number for each phase (forward, backward, optimizer step) so the memory model
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "cluster" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "catalogue" / "models"
 DEFAULT_MODELS = [
     "qwen2.5-0.5b", "llama-3.2-1b", "gemma-3-1b", "qwen2.5-1.5b", "gemma-2-2b", "llama-3.2-3b",
     "qwen2.5-3b", "phi-3-mini-4k", "qwen2.5-7b", "mistral-7b-v0.3", "llama-3.1-8b", "qwen3-8b",

@@ -1,6 +1,6 @@
 """Measured DeepSpeed peaks (bench/train/results/*.json) beside the catalogue's plan; prints a table.
 
-MFU is recomputed from the measured tokens/s with ``cluster.flops`` so every file uses one
+MFU is recomputed from the measured tokens/s with ``catalogue.flops`` so every file uses one
 convention (PaLM's), whatever the script version that wrote it.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.flops import mfu, train_flops_per_token
-from cluster.gpus import get_gpu
-from cluster.memory import GIB, TrainSetup, estimate
-from cluster.spec import load_model
+from catalogue.flops import mfu, train_flops_per_token
+from catalogue.gpus import get_gpu
+from catalogue.memory import GIB, TrainSetup, estimate
+from catalogue.model import load_model
 
 RESULTS = Path(__file__).parent / "results"
 

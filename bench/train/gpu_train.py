@@ -3,8 +3,8 @@
 Runs what a gpufleet training worker runs (transformers model, the DeepSpeed config that
 ``jobs.layout.deepspeed_config`` generates, torch fused AdamW, bf16, ``engine.compile()`` where
 the case asks) in one process without Ray, on random weights and random tokens, and records
-tokens/s, MFU (``cluster.flops``: PaLM's convention) against the GPU's bf16 peak, and
-``torch.cuda.max_memory_allocated()`` beside ``cluster.memory.estimate`` for the same layout,
+tokens/s, MFU (``catalogue.flops``: PaLM's convention) against the GPU's bf16 peak, and
+``torch.cuda.max_memory_allocated()`` beside ``catalogue.memory.estimate`` for the same layout,
 plus the allocator peak of each phase (forward, backward, optimizer step) of one extra step.
 Writes JSON.
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from cluster.flops import mfu, train_flops_per_token
-from cluster.gpus import GIB, get_gpu
-from cluster.memory import TrainSetup, estimate
-from cluster.spec import builtin_models, load_model
+from catalogue.flops import mfu, train_flops_per_token
+from catalogue.gpus import GIB, get_gpu
+from catalogue.memory import TrainSetup, estimate
+from catalogue.model import builtin_models, load_model
 from jobs.layout import TrainLayout, deepspeed_config
 from jobs.spec import JobSpec
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cluster.errors import PlanError, fix
-from cluster.spec import ModelSpec
+from catalogue.errors import PlanError, fix
+from catalogue.model import ModelSpec
 
 
 def tp_is_legal(spec: ModelSpec, tp: int) -> bool:
@@ -19,16 +19,18 @@ def legal_tp_sizes(spec: ModelSpec, gpus_per_node: int) -> list[int]:
     return [tp for tp in range(1, gpus_per_node + 1) if tp_is_legal(spec, tp)]
 
 
-def check_tp(spec: ModelSpec, tp: int, gpus_per_node: int) -> None:
-    """Raise a PlanError naming the legal sizes if ``tp`` is not one of them."""
+def check_tp(spec: ModelSpec, tp: int, gpus_per_node: int, needed_by: str | None = None) -> None:
+    """Raise a PlanError naming the legal sizes if ``tp`` is not one of them; ``needed_by`` says
+    what asked for that size (e.g. a pinned GPU count spanning nodes)."""
     legal = legal_tp_sizes(spec, gpus_per_node)
     if tp > gpus_per_node:
         raise PlanError(fix(f"tensor_parallel_size={tp} exceeds the {gpus_per_node} GPUs of one node",
                             f"use one of {legal} and add pipeline stages across nodes"))
     if tp not in legal:
-        raise PlanError(fix(
-            f"tensor_parallel_size={tp} does not split {spec.name}'s {spec.num_heads} attention heads / "
-            f"{spec.num_kv_heads} KV heads evenly", f"use one of {legal}"))
+        heads = f"split {spec.name}'s {spec.num_heads} attention heads / {spec.num_kv_heads} KV heads evenly"
+        if needed_by:
+            raise PlanError(fix(f"{needed_by} tensor_parallel_size={tp}, which does not {heads}", f"pin one of {legal}"))
+        raise PlanError(fix(f"tensor_parallel_size={tp} does not {heads}", f"use one of {legal}"))
 
 
 def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.errors import PlanError
-from cluster.gpus import get_gpu
-from cluster.planner import Plan, plan
-from cluster.spec import builtin_models, load_model
+from catalogue.errors import PlanError
+from catalogue.gpus import get_gpu
+from catalogue.model import builtin_models, load_model
+from catalogue.planner import plan
+from catalogue.plans import Plan, ServePlan, TrainPlan
 
 CATALOGUE_GPUS = ("H100-80GB", "A100-80GB", "L40S", "A10G")
 CATALOGUE_TASKS = ("serve", "lora", "full")
@@ -15,12 +16,21 @@ CATALOGUE_TASKS = ("serve", "lora", "full")
 
 def short(p: Plan) -> str:
     """A catalogue cell: GPU count and the parallelism that matters for the task."""
-    if p.task == "serve":
+    if isinstance(p, ServePlan):
         return f"{p.gpus} TP{p.tensor_parallel}" + (f" PP{p.pipeline_parallel}" if p.pipeline_parallel > 1 else "")
-    if p.task == "infer":
-        return str(p.gpus)
-    off = "+off" if p.offload_optimizer else ""
-    return f"{p.gpus} Z{p.zero_stage}{off}"
+    if isinstance(p, TrainPlan):
+        return f"{p.gpus} Z{p.zero_stage}" + ("+off" if p.offload_optimizer else "")
+    return str(p.gpus)
+
+
+def cell(p: Plan) -> dict[str, Any]:
+    """What the catalogue keeps of one plan."""
+    d: dict[str, Any] = dict(short=short(p), gpus=p.gpus, peak_gib=round(p.peak_gib, 1))
+    if isinstance(p, ServePlan):
+        d.update(tensor_parallel=p.tensor_parallel, pipeline_parallel=p.pipeline_parallel)
+    if isinstance(p, TrainPlan):
+        d.update(zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer)
+    return d
 
 
 def build_catalogue(gpus: list[str] | None = None, tasks: tuple[str, ...] = CATALOGUE_TASKS,
@@ -35,11 +45,7 @@ def build_catalogue(gpus: list[str] | None = None, tasks: tuple[str, ...] = CATA
             cells[gpu.name] = {}
             for task in tasks:
                 try:
-                    p = plan(spec, task, gpu, max_gpus=max_gpus)
-                    cells[gpu.name][task] = dict(
-                        short=short(p), gpus=p.gpus, tensor_parallel=p.tensor_parallel,
-                        pipeline_parallel=p.pipeline_parallel, zero_stage=p.zero_stage,
-                        offload_optimizer=p.offload_optimizer, peak_gib=round(p.peak_gib, 1))
+                    cells[gpu.name][task] = cell(plan(spec, task, gpu, max_gpus=max_gpus))
                 except PlanError:
                     cells[gpu.name][task] = None
         rows.append(dict(model=name, params_b=spec.num_params / 1e9, plans=cells))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from cluster.gpus import GIB, GpuType
-from cluster.memory import CUDA_CONTEXT
-from cluster.parallelism import kv_heads_per_rank
-from cluster.spec import DTYPE_BYTES, ModelSpec, _Frozen
+from catalogue.config import Config
+from catalogue.gpus import GIB, GpuType
+from catalogue.memory import CUDA_CONTEXT
+from catalogue.model import DTYPE_BYTES, ModelSpec
+from catalogue.parallelism import kv_heads_per_rank
 
 BLOCK_SIZE = 16  # vLLM's default KV block (tokens)
 DEFAULT_UTILIZATION = 0.90
@@ -23,7 +24,7 @@ CUDA_GRAPHS = int(0.5 * GIB)
 NCCL_PER_RANK = int(0.25 * GIB)
 
 
-class ServingMemory(_Frozen):
+class ServingMemory(Config):
     """Per-GPU memory of one vLLM replica (one TP rank of one pipeline stage)."""
 
     tensor_parallel: int = Field(ge=1)
@@ -74,9 +75,11 @@ def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int) -> int
 def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, context: int | None = None,
                    gpu_memory_utilization: float = DEFAULT_UTILIZATION,
                    max_num_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS,
-                   max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, enforce_eager: bool = False) -> ServingMemory:
-    """What one vLLM replica of ``spec`` with TP x PP on ``gpu`` holds, and what KV cache is left."""
-    dtype_bytes = DTYPE_BYTES[gpu.train_dtype]
+                   max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, enforce_eager: bool = False,
+                   dtype_bytes: int | None = None) -> ServingMemory:
+    """What one vLLM replica of ``spec`` with TP x PP on ``gpu`` holds, and what KV cache is left
+    (weights and KV cache in ``dtype_bytes``; default: the GPU's half precision)."""
+    dtype_bytes = dtype_bytes or DTYPE_BYTES[gpu.train_dtype]
     context = context or spec.max_position_embeddings
     w = weights_per_rank(spec, tp, pp, dtype_bytes)
     # Profiling forward of max_num_batched_tokens: MLP gate/up and activation dominate, plus

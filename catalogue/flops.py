@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from cluster.spec import ModelSpec
+from catalogue.model import ModelSpec
 
 
 def matmul_params(spec: ModelSpec) -> int:

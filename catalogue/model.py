@@ -11,9 +11,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from cluster.errors import SpecError, fix
+from catalogue.config import Config
+from catalogue.errors import SpecError, fix
 
 MODELS_DIR = Path(__file__).parent / "models"
 
@@ -36,11 +37,8 @@ BIASED_QKV = {"qwen2", "qwen2_moe"}  # q/k/v projections carry a bias in these
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class ModelSpec(_Frozen):
+class ModelSpec(Config):
     """Shapes of one decoder-only transformer, everything the memory model needs."""
 
     name: str = Field(description="Built-in name or the config's path.")
@@ -163,6 +161,13 @@ class ModelSpec(_Frozen):
         w = self.sliding_window
         return [min(context, w) if (w and i in self.sliding_layers) else context for i in range(self.num_layers)]
 
+    def check_context(self, tokens: int, field: str = "seq_len") -> int:
+        """``tokens`` if one sequence that long fits the model's positions, else a one-line error."""
+        if tokens > self.max_position_embeddings:
+            raise SpecError(fix(f"{field}={tokens} exceeds the model's max_position_embeddings="
+                                f"{self.max_position_embeddings}", f"set {field} <= {self.max_position_embeddings}"))
+        return tokens
+
     def summary(self) -> str:
         moe = f", {self.num_experts} experts top-{self.experts_per_token}" if self.is_moe else ""
         return (f"{self.name}: {self.model_type}, {self.num_params / 1e9:.2f}B params, {self.num_layers} layers, "
@@ -170,11 +175,23 @@ class ModelSpec(_Frozen):
 
 
 # ---- reading config.json --------------------------------------------------------------
-def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
+def _require(cfg: dict[str, Any], key: str, source: str) -> int:
     if cfg.get(key) is None:
         raise SpecError(fix(f"{source}: config.json has no '{key}'",
                             f"add '{key}' (a Hugging Face causal-LM config needs it)"))
-    return cfg[key]
+    return _int(cfg, key, source)
+
+
+def _int(cfg: dict[str, Any], key: str, source: str) -> int:
+    """A positive whole number from the config, or a one-line error naming the key."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(fix(f"{source}: config.json has {key}={value!r}", f"set '{key}' to a positive integer"))
+    return value
+
+
+def _optional_int(cfg: dict[str, Any], key: str, source: str) -> int | None:
+    return None if cfg.get(key) is None else _int(cfg, key, source)
 
 
 def _sliding_layers(cfg: dict[str, Any], n_layers: int) -> tuple[int, ...]:
@@ -213,6 +230,9 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     Reads ``torch_dtype`` or ``dtype``, tied embeddings, ``head_dim`` when given, sliding-window
     layers and MoE experts. Multimodal configs that nest the LM under ``text_config`` are unwrapped.
     """
+    if not isinstance(cfg, dict):
+        raise SpecError(fix(f"{name}: config.json holds a {type(cfg).__name__}, not an object of keys",
+                            "pass a Hugging Face config.json (a JSON object)"))
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     mt = cfg.get("model_type")
@@ -223,6 +243,9 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     n_heads = _require(cfg, "num_attention_heads", name)
     n_layers = _require(cfg, "num_hidden_layers", name)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    if dtype not in DTYPE_BYTES:
+        raise SpecError(fix(f"{name}: config.json has torch_dtype={dtype!r}", f"use one of: {', '.join(DTYPE_BYTES)}"))
+    n_kv = _optional_int(cfg, "num_key_value_heads", name) or n_heads  # absent: full multi-head attention
     n_experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
     tie_default = mt in ("gemma2", "gemma3_text")
     try:
@@ -233,12 +256,12 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
             intermediate_size=_require(cfg, "intermediate_size", name),
             num_layers=n_layers,
             num_heads=n_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or h // n_heads,
+            num_kv_heads=n_kv,
+            head_dim=_optional_int(cfg, "head_dim", name) or h // n_heads,
             vocab_size=_require(cfg, "vocab_size", name),
             tie_word_embeddings=cfg.get("tie_word_embeddings", tie_default),
-            torch_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
-            max_position_embeddings=cfg.get("max_position_embeddings") or 4096,
+            torch_dtype=dtype,
+            max_position_embeddings=_optional_int(cfg, "max_position_embeddings", name) or 4096,
             sliding_window=cfg.get("sliding_window") or None,
             sliding_layers=_sliding_layers(cfg, n_layers),
             final_logit_softcapping=cfg.get("final_logit_softcapping"),

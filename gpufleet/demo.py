@@ -8,18 +8,18 @@ built (the model, the adapter) is reused by the next run; `make demo-clean` star
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
+from pydantic import Field
 from rich.console import Console
 from rich.rule import Rule
+
+from catalogue.config import Config
 
 console = Console()
 QUESTION = "Greet zoe."
@@ -43,18 +43,23 @@ def derived_spec(template: Path, target: Path, **changes) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="The whole gpufleet story on a local cluster.")
-    ap.add_argument("--demo-dir", default=".demo", help="Where the model, adapter and head state go.")
-    ap.add_argument("--port", type=int, default=8000, help="OpenAI endpoint port.")
-    ap.add_argument("--dashboard-port", type=int, default=8265)
-    args = ap.parse_args(argv)
+class DemoOptions(Config):
+    """Options of `gpufleet demo`."""
+
+    demo_dir: Path = Field(default=Path(".demo"), description="Where the model, adapter and head state go.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI endpoint.")
+    dashboard_port: int = Field(default=8265, ge=1, le=65535,
+                                description="Dashboard port of the demo's head (a free one if taken).")
+
+
+def run_demo(args: DemoOptions) -> int:
+    """Every stage in order; 0 when the adapter answers in the trained format."""
     root = Path.cwd()
     demo = Path(args.demo_dir).resolve()
     demo.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GPUFLEET_HOME", str(demo / "home"))
     t0 = time.monotonic()
-    from cluster.head import HeadConfig, free_port, load_state, start_head, stop_head
+    from cluster.head import HeadConfig, free_port, load_state, port_is_free, start_head, stop_head
 
     started = False
     try:
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         stage(2, "gpufleet up: a local Ray head")
         state = load_state()
         if state is None or not state.head_id:
-            port = args.dashboard_port if _port_free(args.dashboard_port) else free_port()
+            port = args.dashboard_port if port_is_free(args.dashboard_port) else free_port()
             state = start_head(HeadConfig(num_cpus=8, dashboard_port=port))
             started = True
         console.print(f"Ray head at {state.address}; dashboard [link]{state.dashboard_url}[/link]; "
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         stage(3, "plans from the catalogue")
         _print_plans(model_dir)
 
-        stage(4, "LoRA fine-tune, submitted with `ray job submit`")
+        stage(4, "LoRA fine-tune, submitted as a Ray job (what `gpufleet train` does)")
         adapter = demo / "lora-tiny" / "final"
         if (adapter / "adapter_model.safetensors").exists():
             console.print(f"reusing the adapter trained by an earlier run: {adapter}")
@@ -118,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                       else "[red]the adapter did not learn the answer format[/]")
 
         stage(7, "gpufleet status, then gpufleet down")
-        from cluster.render import status_tables
         from cluster.status import collect_status
+        from gpufleet.render import status_tables
 
         for table in status_tables(collect_status(state)):
             console.print(table)
@@ -141,18 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"gpufleet down: stopped {n} processes; nothing left running")
 
 
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def _print_plans(model_dir: Path) -> None:
-    from cluster.gpus import get_gpu
-    from cluster.planner import plan
-    from cluster.render import plan_table
-    from cluster.spec import load_model
+    from catalogue.gpus import get_gpu
+    from catalogue.model import load_model
+    from catalogue.planner import plan
+    from gpufleet.render import plan_table
 
     for model, task, gpu, kw in [(str(model_dir), "serve", "L4", {"seq_len": 512}),
                                  ("llama-3.1-8b", "lora", "A10G", {}), ("llama-3.1-70b", "serve", "H100-80GB", {})]:
@@ -160,25 +158,21 @@ def _print_plans(model_dir: Path) -> None:
 
 
 def _train(spec_path: Path, state, root: Path) -> None:
-    from jobs.submit import resolved_spec
+    """Submit the fine-tune as `gpufleet train` does (Ray's job API) and show its progress lines."""
+    from jobs.submit import follow, submit
 
-    resolved, _, _ = resolved_spec(spec_path)
-    env = {**os.environ, **state.client_env()}
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", state.dashboard_url,
-           "--working-dir", str(root), "--", "python", "-m", "jobs.finetune", str(resolved)]
-    console.print("$ " + " ".join(cmd[1:]))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client, sid = submit(spec_path, state, root)
+    console.print(f"submitted {sid}: python -m jobs.finetune (ray job logs {sid} --address {state.dashboard_url})")
     seen = set()
-    for line in proc.stdout:
+
+    def show(line: str) -> None:
         text = ANSI.sub("", line).rstrip()
         if ("step " in text and " loss " in text) or text.startswith(("done:", "error:")):
             key = text.split(")")[-1].strip()
             if key not in seen:  # Ray prints rank 0's line once per log stream
                 seen.add(key)
                 console.print(key)
-    if proc.wait() != 0:
-        raise RuntimeError(f"the fine-tune job failed (exit {proc.returncode}); see `ray job logs`")
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    status = follow(client, sid, on_line=show)
+    if status != "SUCCEEDED":
+        raise RuntimeError(f"the fine-tune job ended {status}; see `ray job logs {sid}`")

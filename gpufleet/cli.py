@@ -12,13 +12,18 @@ from typing import Any
 import click
 from rich.console import Console
 
-from cluster.catalogue import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
-from cluster.errors import GpufleetError
-from cluster.gpus import get_gpu
-from cluster.memory import TrainSetup, estimate
-from cluster.planner import TASKS, plan
-from cluster.render import breakdown_table, catalogue_table, plan_table, print_error
-from cluster.spec import load_model
+from catalogue.errors import GpufleetError
+from catalogue.gpus import get_gpu
+from catalogue.memory import TrainSetup, estimate
+from catalogue.model import load_model
+from catalogue.planner import plan_request
+from catalogue.plans import PlanRequest
+from catalogue.table import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
+from cluster.head import HeadConfig
+from gpufleet.demo import DemoOptions
+from gpufleet.options import options_from, validated
+from gpufleet.render import breakdown_table, catalogue_table, plan_table, print_error
+from serve_apps.spec import ModelEntry
 
 out = Console()
 err = Console(stderr=True)
@@ -50,23 +55,12 @@ def main() -> None:
 
 @main.command("plan")
 @click.argument("model")
-@click.option("--task", type=click.Choice(TASKS), required=True, help="What to run.")
-@click.option("--gpu", "gpu_name", required=True, help="GPU type, e.g. H100-80GB, A10G, T4.")
-@click.option("--gpus", type=int, help="Pin the GPU count (default: the fewest that fit).")
-@click.option("--gpus-per-node", type=int, default=8, show_default=True)
-@click.option("--max-gpus", type=int, help="GPUs in the whole inventory.")
-@click.option("--seq", type=int, help="Tokens per sequence (serve: context length wanted).")
-@click.option("--batch", type=int, help="Training: global batch. Serve: concurrent sequences wanted.")
-@click.option("--headroom", type=float, default=0.10, show_default=True, help="Safety margin on memory.")
-@click.option("--compile/--no-compile", "compiled", default=True, show_default=True,
-              help="Training: run under torch.compile (gpufleet's GPU default; changes activation memory).")
+@options_from(PlanRequest, *(f for f in PlanRequest.model_fields if f != "enforce_eager"), names={"seq_len": "--seq"})
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @one_line_errors
-def plan_cmd(model: str, task: str, gpu_name: str, gpus: int | None, gpus_per_node: int, max_gpus: int | None,
-             seq: int | None, batch: int | None, headroom: float, compiled: bool, as_json: bool) -> None:
+def plan_cmd(model: str, as_json: bool, **request: Any) -> None:
     """Plan MODEL (a built-in name or a config.json path) for TASK on a GPU type."""
-    p = plan(load_model(model), task, get_gpu(gpu_name), gpus=gpus, gpus_per_node=gpus_per_node,
-             seq_len=seq, batch=batch, headroom=headroom, max_gpus=max_gpus, compile=compiled)
+    p = plan_request(load_model(model), validated(PlanRequest, **request))
     if as_json:
         emit_json(p.to_dict())
     else:
@@ -75,28 +69,22 @@ def plan_cmd(model: str, task: str, gpu_name: str, gpus: int | None, gpus_per_no
 
 @main.command("estimate")
 @click.option("--config", "config", required=True, help="config.json path, model directory or built-in name.")
-@click.option("--task", type=click.Choice(["infer", "lora", "full"]), required=True)
-@click.option("--precision", type=click.Choice(["bf16", "mixed"]), default="bf16", show_default=True,
-              help="bf16: half-precision parameters; mixed: fp32 parameters under bf16 autocast.")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--seq", type=int, default=2048, show_default=True)
-@click.option("--grad-ckpt", is_flag=True, help="Gradient checkpointing (non-reentrant).")
-@click.option("--lora-rank", type=int, default=16, show_default=True)
+@options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "grad_ckpt", "lora_rank",
+              names={"micro_batch": "--batch", "seq_len": "--seq"})
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
-def estimate_cmd(config: str, task: str, precision: str, batch: int, seq: int, grad_ckpt: bool, lora_rank: int,
-                 as_json: bool) -> None:
+def estimate_cmd(config: str, as_json: bool, **setup_fields: Any) -> None:
     """Peak GPU memory of the single-GPU reference recipe (transformers + torch AdamW)."""
     spec = load_model(config)
-    setup = _validated(TrainSetup, task=task, precision=precision, micro_batch=batch, seq_len=seq,
-                       grad_ckpt=grad_ckpt, lora_rank=lora_rank)
+    setup = validated(TrainSetup, **setup_fields)
     mem = estimate(spec, setup)
     if as_json:
         emit_json({"model": spec.name, "params": spec.num_params, **setup.model_dump(), **mem.as_gib(),
                    "peak_bytes": mem.peak})
     else:
         out.print(spec.summary())
-        out.print(breakdown_table(mem, f"{task} {precision} batch {batch} x {seq}{' +ckpt' if grad_ckpt else ''}"))
+        out.print(breakdown_table(mem, f"{setup.task} {setup.precision} batch {setup.micro_batch} x {setup.seq_len}"
+                                       f"{' +ckpt' if setup.grad_ckpt else ''}"))
 
 
 @main.command("catalogue")
@@ -117,17 +105,11 @@ def catalogue_cmd(as_json: bool, gpu_names: tuple[str, ...]) -> None:
 @click.option("--address", help="Attach to an existing cluster's GCS (host:port) instead of starting one.")
 @click.option("--dashboard-url", help="With --address: the dashboard URL (default http://<host>:8265).")
 @click.option("--cluster", "cluster_yaml", type=click.Path(), help="Validate a cluster.yaml and hand over to `ray up`.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address the dashboard and job API bind to.")
-@click.option("--dashboard-port", type=int, default=8265, show_default=True)
-@click.option("--num-cpus", type=int, help="Logical CPUs of the head (default: detect).")
-@click.option("--num-gpus", type=int, help="GPUs of the head (default: detect).")
-@click.option("--no-token-auth", is_flag=True, help="Turn token authentication off (not recommended).")
+@options_from(HeadConfig, "host", "dashboard_port", "num_cpus", "num_gpus", "token_auth", "serve_proxy")
 @click.option("--no-monitor", is_flag=True, help="Do not start the GPU metrics actors.")
-@click.option("--serve-proxy", type=click.Choice(["auto", "haproxy", "ray"]), default="auto", show_default=True,
-              help="HTTP front of Ray Serve: HAProxy (no Python proxy per token; needs haproxy) or Ray's proxy.")
 @one_line_errors
-def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | None, host: str, dashboard_port: int,
-           num_cpus: int | None, num_gpus: int | None, no_token_auth: bool, no_monitor: bool, serve_proxy: str) -> None:
+def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | None, no_monitor: bool,
+           **head_fields: Any) -> None:
     """Start a local Ray head (or attach to one, or launch a cloud cluster)."""
     from cluster import head
 
@@ -138,7 +120,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
 
         validate_cluster_config(cluster_yaml)
         out.print(f"{cluster_yaml}: valid; running `ray up -y {cluster_yaml}`")
-        sys.exit(subprocess.call([head._ray_bin(), "up", "-y", cluster_yaml]))
+        sys.exit(subprocess.call([head.ray_bin(), "up", "-y", cluster_yaml]))
     if address:
         host_part = address.rsplit(":", 1)[0]
         state = head.attach(address, dashboard_url or f"http://{host_part}:8265",
@@ -146,8 +128,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
         head.connect(state)
         out.print(f"attached to {address}; `gpufleet down` will only forget it")
         return
-    cfg = _validated(head.HeadConfig, host=host, dashboard_port=dashboard_port, num_cpus=num_cpus,
-                     num_gpus=num_gpus, token_auth=not no_token_auth, serve_proxy=serve_proxy)
+    cfg = validated(HeadConfig, **head_fields)
     with out.status("starting the Ray head ..."):
         state = head.start_head(cfg)
     if not no_monitor:
@@ -184,8 +165,8 @@ def down_cmd() -> None:
 def status_cmd(as_json: bool) -> None:
     """Nodes, GPUs, placement groups, jobs, Serve apps and GPU metrics of the cluster."""
     from cluster.head import connect
-    from cluster.render import status_tables
     from cluster.status import collect_status
+    from gpufleet.render import status_tables
 
     st = collect_status(connect())
     if as_json:
@@ -209,7 +190,7 @@ def train_cmd(spec: str, working_dir: str, no_follow: bool) -> None:
 
     head = load_state()
     if head is None:
-        from cluster.errors import GpufleetError
+        from catalogue.errors import GpufleetError
 
         raise GpufleetError("no gpufleet head is recorded. To fix: run `gpufleet up`")
     client, sid = submit(spec, head, working_dir)
@@ -233,13 +214,10 @@ def train_cmd(spec: str, working_dir: str, no_follow: bool) -> None:
 
 @main.command("serve")
 @click.argument("spec_or_model")
-@click.option("--gpu", "gpu_name", help="With a model name: the GPU type to plan for.")
-@click.option("--context", type=int, help="With a model name: max_model_len wanted.")
-@click.option("--concurrency", type=int, default=8, show_default=True, help="With a model name.")
+@options_from(ModelEntry, "gpu", "context", "concurrency")
 @click.option("--emit-config", is_flag=True, help="Print a Ray Serve config (serve deploy / RayService) instead.")
 @one_line_errors
-def serve_cmd(spec_or_model: str, gpu_name: str | None, context: int | None, concurrency: int,
-              emit_config: bool) -> None:
+def serve_cmd(spec_or_model: str, emit_config: bool, **entry_fields: Any) -> None:
     """Deploy the models of a serve spec (or one model by name) behind an OpenAI API."""
     from pathlib import Path
 
@@ -247,13 +225,12 @@ def serve_cmd(spec_or_model: str, gpu_name: str | None, context: int | None, con
 
     from serve_apps.app import deploy
     from serve_apps.app import emit_config as emit
-    from serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
+    from serve_apps.spec import ServeSpec, load_serve_spec
 
     if spec_or_model.endswith((".yaml", ".yml")):
         spec, base = load_serve_spec(spec_or_model)
     else:
-        entry = _validated(ModelEntry, id=spec_or_model.replace("/", "-"), source=spec_or_model, gpu=gpu_name,
-                           context=context, concurrency=concurrency)
+        entry = validated(ModelEntry, id=spec_or_model.replace("/", "-"), source=spec_or_model, **entry_fields)
         spec, base = ServeSpec(models=[entry]), Path.cwd()
     if emit_config:
         click.echo(yaml.safe_dump(emit(spec, base), sort_keys=False))
@@ -275,24 +252,12 @@ def serve_cmd(spec_or_model: str, gpu_name: str | None, context: int | None, con
 
 
 @main.command("demo")
-def demo_cmd() -> None:
+@options_from(DemoOptions, *DemoOptions.model_fields)
+def demo_cmd(**options: Any) -> None:
     """The whole story on a local cluster: plan, fine-tune, serve, answer (see README)."""
-    from cluster.demo import main as demo_main
+    from gpufleet.demo import run_demo
 
-    sys.exit(demo_main([]))
-
-
-def _validated(cls: Any, **kwargs: Any) -> Any:
-    """Build a pydantic config, turning a validation error into a one-line GpufleetError."""
-    from pydantic import ValidationError
-
-    from cluster.errors import SpecError
-    from cluster.specfile import validation_message
-
-    try:
-        return cls(**kwargs)
-    except ValidationError as e:
-        raise SpecError(validation_message(e, cls, cls.__name__)) from None
+    sys.exit(run_demo(validated(DemoOptions, **options)))
 
 
 if __name__ == "__main__":

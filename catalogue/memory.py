@@ -24,9 +24,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cluster.errors import SpecError, fix
-from cluster.gpus import GIB
-from cluster.spec import ModelSpec, _Frozen
+from catalogue.config import Config
+from catalogue.errors import SpecError, fix
+from catalogue.gpus import GIB
+from catalogue.model import ModelSpec
 
 Task = Literal["infer", "lora", "full"]
 Precision = Literal["bf16", "fp16", "mixed"]
@@ -50,7 +51,7 @@ LAYER_CONST = 1000
 CKPT_CONST = 1000
 
 
-class TrainSetup(_Frozen):
+class TrainSetup(Config):
     """How a model is run: task, precision, shapes and the distributed layout."""
 
     task: Task = Field(description="infer, lora or full fine-tune.")
@@ -86,7 +87,7 @@ class TrainSetup(_Frozen):
         return self.micro_batch * self.seq_len
 
 
-class MemoryBreakdown(_Frozen):
+class MemoryBreakdown(Config):
     """Bytes per GPU, by what holds them. ``peak`` is the allocator's high-water mark."""
 
     weights: int

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from cluster.memory import GIB, MemoryBreakdown
-from cluster.planner import Plan
+from catalogue.memory import GIB, MemoryBreakdown
+from catalogue.plans import InferPlan, Plan, ServePlan
 
 
 def _g(n: int | float) -> str:
@@ -30,12 +30,14 @@ def plan_table(p: Plan) -> Table:
     t = Table(title=f"plan: {p.model} / {p.task} / {p.gpu}", show_header=False)
     t.add_column("field", style="cyan")
     t.add_column("value")
-    rows: list[tuple[str, str]] = [
-        ("GPUs", f"{p.gpus} x {p.gpu} ({p.nodes} node{'s' if p.nodes > 1 else ''}, accelerator_type {p.accelerator_type})"),
-        ("dtype", p.dtype),
-    ]
-    if p.task in ("serve", "infer"):
+    where = f"{p.nodes} node{'s' if p.nodes > 1 else ''}" + (f", accelerator_type {p.accelerator_type}"
+                                                              if p.accelerator_type else "")
+    rows: list[tuple[str, str]] = [("GPUs" if p.accelerator_type else "TP ranks", f"{p.gpus} x {p.gpu} ({where})"),
+                                   ("dtype", p.dtype)]
+    if isinstance(p, ServePlan):
         rows.append(("parallelism", f"tensor {p.tensor_parallel} x pipeline {p.pipeline_parallel}"))
+    elif isinstance(p, InferPlan):
+        rows.append(("parallelism", f"device_map over {p.pipeline_parallel} GPUs"))
     else:
         rows += [
             ("parallelism", f"data {p.data_parallel}, DeepSpeed ZeRO-{p.zero_stage}"),
@@ -45,19 +47,22 @@ def plan_table(p: Plan) -> Table:
             ("batch", f"global {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x dp {p.data_parallel}"),
         ]
     rows.append(("sequence length", str(p.seq_len)))
-    if p.serving:
+    if isinstance(p, ServePlan):
         s = p.serving
+        if p.accelerator_type:
+            rows += [("gpu_memory_utilization", f"{s.gpu_memory_utilization:.2f}"),
+                     ("weights / GPU", f"{_g(s.weights)} GiB")]
         rows += [
-            ("gpu_memory_utilization", f"{s.gpu_memory_utilization:.2f}"),
-            ("weights / GPU", f"{_g(s.weights)} GiB"),
-            ("KV cache / GPU", f"{_g(max(s.kv_cache, 0))} GiB, {s.kv_bytes_per_token:,} B/token, {s.kv_tokens:,} tokens"),
+            ("KV cache", f"{_g(max(s.kv_cache, 0))} GiB, {s.kv_bytes_per_token:,} B/token, {s.kv_tokens:,} tokens"),
             ("max_model_len", f"{s.max_model_len:,}"),
             (f"concurrent seqs @ {s.context}", str(s.concurrent_seqs)),
+            ("vLLM engine_kwargs", ", ".join(f"{k}={v}" for k, v in p.engine_kwargs.items())),
+            ("autoscaling", f"max_ongoing_requests {p.max_ongoing_requests}, target {p.target_ongoing_requests}"),
         ]
-    rows += [
-        ("peak / GPU", f"[bold]{p.peak_gib:.1f} GiB[/] of {p.gpu_bytes / GIB:.1f} (headroom {p.headroom:.0%})"),
-        ("Ray placement", f"{p.gpus} bundles {p.bundles[0]}, {p.placement_strategy}"),
-    ]
+        rows += [("engine env", ", ".join(f"{k}={v}" for k, v in p.engine_env.items()))] if p.engine_env else []
+    if p.gpu_bytes:
+        rows.append(("peak / GPU", f"[bold]{p.peak_gib:.1f} GiB[/] of {p.gpu_bytes / GIB:.1f} (headroom {p.headroom:.0%})"))
+    rows.append(("Ray placement", f"{len(p.bundles)} bundles {p.bundles[0]}, {p.placement_strategy}"))
     rows += [("note", n) for n in p.notes]
     for k, v in rows:
         t.add_row(k, v)

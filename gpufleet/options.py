@@ -1,0 +1,56 @@
+"""Click options generated from pydantic config fields: each default, choice list and help text is
+written once, on the field (vLLM's ``EngineArgs`` habit)."""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+import click
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
+
+from catalogue.errors import SpecError
+from catalogue.specfile import validation_message
+
+
+def _click_type(annotation: Any) -> tuple[Any, bool]:
+    """(click type, is a boolean flag) for a field annotation; ``X | None`` is X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
+    if annotation is bool:
+        return bool, True
+    return annotation, False
+
+
+def options_from(model: type[BaseModel], *fields: str, names: dict[str, str] | None = None
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command with one option per field of ``model``: ``--field-name`` (or the name in
+    ``names``), its type, choices, default and the field's description as help."""
+    names = names or {}
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for field in reversed(fields):
+            info = model.model_fields[field]
+            flag = names.get(field, "--" + field.replace("_", "-"))
+            kind, is_flag = _click_type(info.annotation)
+            default = None if info.default is PydanticUndefined else info.default
+            decl = f"{flag}/--no-{flag[2:]}" if is_flag else flag
+            fn = click.option(decl, field, type=None if is_flag else kind, default=default,
+                              required=info.is_required(), show_default=default is not None,
+                              help=info.description)(fn)
+        return fn
+
+    return decorate
+
+
+def validated(cls: type[BaseModel], **kwargs: Any) -> Any:
+    """Build a pydantic config, turning a validation error into a one-line SpecError."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        raise SpecError(validation_message(e, cls, cls.__name__)) from None
