@@ -75,7 +75,13 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SpecError(fix(f"cluster config {p} not found", "pass the path of cluster.yaml"))
-    return yaml.safe_load(p.read_text())
+    try:
+        config = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(fix(f"{p}: not valid YAML ({str(e).splitlines()[0]})", "correct the YAML syntax")) from None
+    if not isinstance(config, dict):
+        raise SpecError(fix(f"{p}: expected a mapping of keys", "see the cluster.yaml gpufleet ships"))
+    return config
 
 
 def validate_cluster_config(path: str | Path) -> dict[str, Any]:

@@ -97,3 +97,13 @@ def write_spec(path: Path, **fields) -> Path:
 
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path
+
+
+def placed_bundles(group: dict) -> list[dict[str, float]]:
+    """The bundles Ray reserved for a placement group (from ``ray.util.placement_group_table``),
+    in order, without the zero-valued resources Ray drops anyway."""
+    return [{k: v for k, v in b.items() if v} for _, b in sorted(group["bundles"].items())]
+
+
+def planned_bundles(bundles: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in b.items() if v} for b in bundles]

@@ -166,3 +166,9 @@ def test_serve_proxy_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/usr/sbin/haproxy"
     # Ray's fixed defaults (8404, 9101) would collide between two heads on one machine
     assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) >= 20000 and int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]) >= 20000
+
+
+def test_corrupt_head_record_is_one_line_with_the_fix(tmp_path):
+    (tmp_path / "head.json").write_text("{not json")
+    with pytest.raises(GpufleetError, match=r"head.json is not a gpufleet head record .* To fix: remove"):
+        load_state(tmp_path)

@@ -59,3 +59,10 @@ def test_invalid_file_lists_the_problem(tmp_path, config):
 def test_node_types_become_launchable_capacity(config):
     types = {t.name: t for t in node_types_from_cluster_config(config)}
     assert "head" not in types and types["h100x8"].gpus == 8 and types["h100x8"].max_count == 2
+
+
+def test_cluster_yaml_that_is_not_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("cluster_name: x\n  provider: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML .* To fix: correct the YAML syntax"):
+        validate_cluster_config(bad)

@@ -20,7 +20,9 @@ from pydantic import ValidationError
 
 from catalogue.errors import PlanError, SpecError
 from cluster.head import free_port
-from serve_apps.app import deploy, emit_config, llm_config_dict
+from tests.conftest import placed_bundles, planned_bundles
+from catalogue.model import load_model
+from serve_apps.app import deploy, emit_config, entry_plan, llm_config_dict
 from serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
 
 pytestmark = pytest.mark.slow
@@ -69,6 +71,15 @@ def chat(client, model="tiny", text="Greet bob.", **kw):
 
 
 router_only = pytest.mark.parametrize("served", ["router"], indirect=True)  # adapters need the router
+
+
+def test_replica_reserves_exactly_the_planned_placement(served, tiny_model):
+    spec, _ = load_serve_spec(served[3] / "serve.yaml")
+    placement = entry_plan(spec.models[0], load_model(tiny_model)).placement
+    groups = [g for g in ray.util.placement_group_table().values()
+              if g["name"].startswith("SERVE_REPLICA") and g["state"] == "CREATED"]
+    assert [(placed_bundles(g), g["strategy"]) for g in groups] == [
+        (planned_bundles(placement.bundles), placement.strategy)]
 
 
 @router_only
@@ -214,6 +225,18 @@ def test_model_too_big_for_the_gpus_named_is_refused(tmp_path):
 def test_missing_model_directory_is_refused(tmp_path):
     with pytest.raises(SpecError, match="has no config.json"):
         llm_config_dict(ModelEntry(id="t", source=str(tmp_path / "none")), tmp_path)
+
+
+def test_gpu_replica_is_placed_as_planned():
+    entry = ModelEntry(id="m", source="llama-3.1-70b", gpu="H100-80GB", context=8192)
+    conf, p = llm_config_dict(entry, "/"), entry_plan(entry, load_model("llama-3.1-70b"))
+    assert conf["placement_group_config"] == {"bundles": p.placement.bundles, "strategy": "STRICT_PACK"}
+    assert conf["engine_kwargs"] == p.engine_kwargs and p.engine_kwargs["tensor_parallel_size"] == 2
+
+
+def test_context_above_the_models_positions_is_refused(tiny_model):
+    with pytest.raises(SpecError, match=r"models\[t\].context=4096 exceeds the model's max_position_embeddings"):
+        llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=4096), tiny_model)
 
 
 def test_autoscaling_follows_kv_capacity():

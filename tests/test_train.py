@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs.finetune import TRAIN_ENV, run
-from tests.conftest import write_spec
+from jobs.layout import TrainLayout
+from tests.conftest import placed_bundles, planned_bundles, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +44,15 @@ def generate(model, tok) -> str:
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     return tok.decode(out[0][enc["input_ids"].shape[1]:])
+
+
+def test_ray_train_reserves_exactly_the_layouts_placement(local_ray, tmp_path, tiny_model, greeting_data):
+    before = set(ray.util.placement_group_table())
+    summary = run(job(tmp_path, tiny_model, greeting_data, max_steps=2, checkpoint_every=2))
+    placement = TrainLayout(**summary["layout"]).placement
+    created = [g for pid, g in ray.util.placement_group_table().items() if pid not in before]
+    assert [(placed_bundles(g), g["strategy"]) for g in created] == [
+        (planned_bundles(placement.bundles), placement.strategy)]
 
 
 @pytest.mark.parametrize("task,stage,lr", [("lora", 2, 3e-3), ("lora", 3, 3e-3), ("full", 2, 1e-3), ("full", 3, 1e-3)])
