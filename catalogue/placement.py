@@ -21,6 +21,7 @@ Bundle = dict[str, float]
 ACCELERATOR_PREFIX = "accelerator_type:"
 # Ray's own convention for pinning a GPU type: a sliver of the node's accelerator_type resource.
 ACCELERATOR_SLIVER = 0.001
+MEMORY = "memory"  # Ray's host-memory resource, in bytes
 
 
 class Placement(Config):
@@ -52,14 +53,18 @@ class Placement(Config):
         return f"{describe_bundles(self.bundles)} ({self.strategy})"
 
 
-def worker_bundles(workers: int, gpus: int, cpus: float, accelerator_type: str | None) -> list[Bundle]:
-    """``workers`` identical bundles: ``gpus`` GPUs (pinned to a GPU type) and ``cpus`` CPUs each."""
+def worker_bundles(workers: int, gpus: int, cpus: float, accelerator_type: str | None,
+                   host_memory: int = 0) -> list[Bundle]:
+    """``workers`` identical bundles: ``gpus`` GPUs (pinned to a GPU type), ``cpus`` CPUs and, where
+    a worker keeps state in host RAM (ZeRO offload), that many bytes of Ray's ``memory`` resource."""
     b: Bundle = {}
     if gpus:
         b["GPU"] = float(gpus)
         if accelerator_type:
             b[ACCELERATOR_PREFIX + accelerator_type] = ACCELERATOR_SLIVER
     b["CPU"] = float(cpus)
+    if host_memory:
+        b[MEMORY] = float(host_memory)
     return [dict(b) for _ in range(workers)]
 
 
@@ -75,7 +80,10 @@ class NodeCapacity(Config):
         return self.resources.get("GPU", 0)
 
     def holds(self, bundle: Bundle) -> bool:
-        return all(self.resources.get(k, 0) >= v for k, v in bundle.items())
+        # A node type that does not declare its memory (cluster.yaml usually leaves it to the
+        # instance type) is not refused for it: Ray checks memory when the node exists.
+        return all(self.resources.get(k, 0) >= v for k, v in bundle.items()
+                   if not (k == MEMORY and k not in self.resources))
 
 
 def sum_bundles(bundles: Sequence[Bundle]) -> Bundle:

@@ -110,15 +110,14 @@ def _strategy(tensor_parallel: int, pipeline_parallel: int) -> Strategy:
     return "STRICT_PACK" if tensor_parallel > 1 and pipeline_parallel == 1 else "PACK"
 
 
-def _gpu_placement(gpu: GpuType, n: int, strategy: Strategy) -> Placement:
-    return Placement(bundles=worker_bundles(n, 1, CPUS_PER_GPU, gpu.ray_accelerator_type), strategy=strategy)
-
-
-def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, strategy: Strategy) -> dict[str, Any]:
+def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, strategy: Strategy,
+            host_memory: int = 0) -> dict[str, Any]:
+    placement = Placement(bundles=worker_bundles(n, 1, CPUS_PER_GPU, gpu.ray_accelerator_type, host_memory),
+                          strategy=strategy)
     return dict(model=spec.name, gpu=gpu.name, accelerator_type=gpu.ray_accelerator_type, gpus=n,
                 gpus_per_node=min(req.gpus_per_node, n), nodes=math.ceil(n / req.gpus_per_node),
                 dtype=gpu.train_dtype, seq_len=seq, headroom=req.headroom, gpu_bytes=gpu.memory_bytes,
-                placement=_gpu_placement(gpu, n, strategy))
+                placement=placement)
 
 
 # ---- serve ---------------------------------------------------------------------------------------
@@ -255,7 +254,8 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                                      compile=req.compile, offload_optimizer=off_opt, offload_params=off_par,
                                      micro_batch=micro_b, grad_accum=accum, global_batch=global_batch, memory=mem,
                                      peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT, notes=_train_notes(mem, off_opt),
-                                     **_common(spec, req, gpu, n, seq, "PACK"))
+                                     host_bytes_per_gpu=mem.cpu_offload,
+                                     **_common(spec, req, gpu, n, seq, "PACK", host_memory=mem.cpu_offload))
     return None
 
 
@@ -267,5 +267,6 @@ def _micro_batches(per_rank: int) -> list[int]:
 def _train_notes(mem: MemoryBreakdown, offload: bool) -> tuple[str, ...]:
     notes = [f"peak at {mem.peak_phase}"]
     if offload:
-        notes.append(f"{mem.cpu_offload / GIB:.0f} GiB of optimizer state per GPU lives in host memory")
+        notes.append(f"{mem.cpu_offload / GIB:.0f} GiB per GPU of ZeRO state lives in host memory "
+                     "(reserved as Ray's `memory` resource in each worker's bundle)")
     return tuple(notes)

@@ -135,6 +135,13 @@ class TrainPlan(BasePlan):
     grad_accum: int = Field(ge=1)
     global_batch: int = Field(ge=1)
     memory: MemoryBreakdown
+    host_bytes_per_gpu: int = Field(default=0, ge=0, description=(
+        "Host RAM each worker needs for what ZeRO offloads (optimizer states, fp32 master weights and "
+        "gradients; parameters too under parameter offload)."))
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        return self.host_bytes_per_gpu * self.gpus_per_node
 
     def layout(self) -> str:
         return (f"DP={self.data_parallel} ZeRO-{self.zero_stage}" + (" +offload" if self.offload_optimizer else "")

@@ -20,7 +20,7 @@ def cluster_nodes() -> list[NodeCapacity]:
 
     return [NodeCapacity(name=n["NodeManagerAddress"] + ":" + n["NodeID"][:8],
                          resources={k: float(v) for k, v in n["Resources"].items()
-                                    if not k.startswith("node:") and k not in ("memory", "object_store_memory")})
+                                    if not k.startswith("node:") and k != "object_store_memory"})
             for n in ray.nodes() if n["Alive"]]
 
 

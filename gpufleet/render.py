@@ -42,6 +42,8 @@ def plan_table(p: Plan) -> Table:
         rows += [
             ("parallelism", f"data {p.data_parallel}, DeepSpeed ZeRO-{p.zero_stage}"),
             ("offload", ", ".join(x for x, on in (("optimizer", p.offload_optimizer), ("parameters", p.offload_params)) if on) or "none"),
+            *([("host memory", f"{_g(p.host_bytes_per_gpu)} GiB per GPU, {_g(p.host_bytes_per_node)} GiB per node")]
+              if p.host_bytes_per_gpu else []),
             ("gradient checkpointing", "on" if p.grad_ckpt else "off"),
             ("torch.compile", "on" if p.compile else "off"),
             ("batch", f"global {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x dp {p.data_parallel}"),

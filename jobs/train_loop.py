@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from catalogue.flops import mfu
+from jobs.data import IGNORE
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "trainer_state.json"
@@ -123,13 +124,16 @@ def train_func(cfg: dict[str, Any]) -> None:
                          f"global batch ({layout.global_batch}). To fix: lower global_batch or seq_len, or add data")
     total = spec.max_steps or spec.epochs * per_epoch
     ds_config = cfg["deepspeed"]
-    optimizer = scheduler = None
-    if "optimizer" not in ds_config:
+    optimizer = None
+    if "optimizer" not in ds_config:  # offload configs name DeepSpeed's CPU Adam there instead
         optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay,
                                       fused=layout.use_gpu)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.schedule, spec.warmup_steps, total))
+    # A callable: DeepSpeed builds the schedule on whichever optimizer it ends up with (torch's AdamW
+    # or, under optimizer offload, its CPU Adam), steps it in engine.step() and checkpoints it.
+    schedule = lr_lambda(spec.schedule, spec.warmup_steps, total)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     if layout.compile:
         engine.compile()
 
@@ -162,7 +166,7 @@ def train_func(cfg: dict[str, Any]) -> None:
     flops_per_token = cfg.get("flops_per_token", 0.0)  # model FLOPs (catalogue.flops), no recompute
     for step in range(start, total):
         t0 = time.perf_counter()
-        losses, tokens = [], 0
+        losses, tokens, supervised = [], 0, 0
         for mb in micro_batches(step):
             batch = collate(mb)
             loss = engine(**batch).loss
@@ -170,13 +174,18 @@ def train_func(cfg: dict[str, Any]) -> None:
             engine.step()
             losses.append(loss.detach().float())
             tokens += int(batch["attention_mask"].sum())
+            supervised += int((batch["labels"] != IGNORE).sum())
         mean = torch.stack(losses).mean()
-        stats = torch.tensor([float(mean), float(tokens)], dtype=torch.float64, device=device)  # NCCL: on the GPU
+        stats = torch.tensor([float(mean), float(tokens), float(supervised)], dtype=torch.float64,
+                             device=device)  # NCCL: on the GPU
         dist.all_reduce(stats)
         loss_v, tokens_all = float(stats[0]) / world, float(stats[1])
+        masked = stats[2] == 0  # no label to learn from: the mean over none is 0/0, not a numeric fault
+        if masked:
+            loss_v = 0.0
         dt = time.perf_counter() - t0
         zero_run = zero_run + 1 if loss_v == 0.0 else 0
-        _guard(loss_v, step, layout.dtype, spec.task, out_dir, spec.stop_on_zero_loss_steps, zero_run)
+        _guard(loss_v, step, layout.dtype, spec.task, out_dir, spec.stop_on_zero_loss_steps, zero_run, masked)
         gn = engine.get_global_grad_norm()
         m = {"step": step + 1, "total_steps": total, "loss": loss_v,
              "grad_norm": float(gn) if gn is not None else None, "lr": scheduler.get_last_lr()[0],
@@ -205,9 +214,15 @@ def train_func(cfg: dict[str, Any]) -> None:
     _export(engine, model, tokenizer, spec.task, layout.zero_stage, rank, out_dir / "final")
 
 
-def _guard(loss: float, step: int, dtype: str, task: str, out_dir: Path, zero_limit: int, zero_run: int) -> None:
+def _guard(loss: float, step: int, dtype: str, task: str, out_dir: Path, zero_limit: int, zero_run: int,
+           masked: bool = False) -> None:
+    """Stop on a non-finite loss at once, and on an exactly-zero loss after ``zero_limit`` steps,
+    with the likely cause written to the job's output and log (``NumericsError``)."""
     msg = None
-    if not math.isfinite(loss):
+    if masked and zero_run >= zero_limit:
+        msg = (f"no labelled token in {zero_run} steps (step {step + 1}): every label is masked. Likely cause: "
+               "prompts longer than seq_len (the assistant's answer is cut off), or records without an answer")
+    elif not math.isfinite(loss):
         cause = ("fp16 overflow: train in bf16 on a GPU with compute capability >= 8.0, or lower the learning rate"
                  if dtype == "float16" else "the learning rate is too high or the data holds invalid tokens")
         msg = f"loss is {loss} at step {step + 1}. Likely cause: {cause}"

@@ -64,7 +64,7 @@ def test_tp4_plan_lands_on_one_node(gpu_cluster):
 
 
 def test_data_parallel_workers_spread_when_asked(gpu_cluster):
-    p = plan(load_model("qwen2.5-7b"), "full", get_gpu("H100-80GB"), gpus=2)
+    p = plan(load_model("qwen2.5-7b"), "lora", get_gpu("H100-80GB"), gpus=2)
     assert p.data_parallel == 2 and p.placement_strategy == "PACK"
     pg = reserve_placement(p.placement, timeout_s=30, spread=True)
     try:
@@ -74,7 +74,7 @@ def test_data_parallel_workers_spread_when_asked(gpu_cluster):
 
 
 def test_data_parallel_workers_pack_by_default(gpu_cluster):
-    pg = reserve_placement(plan(load_model("qwen2.5-7b"), "full", get_gpu("H100-80GB"), gpus=2).placement,
+    pg = reserve_placement(plan(load_model("qwen2.5-7b"), "lora", get_gpu("H100-80GB"), gpus=2).placement,
                            timeout_s=30)
     try:
         assert len(nodes_of(pg)) == 1

@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from catalogue.errors import PlanError, SpecError
-from catalogue.model import load_model, spec_from_config
+from catalogue.model import builtin_models, load_model, spec_from_config
+from catalogue.placement import NodeCapacity, check_feasible
 from catalogue.planner import plan
 from catalogue.plans import InferPlan, ServePlan, TrainPlan
 from gpufleet.cli import main
@@ -14,7 +15,7 @@ from jobs.finetune import scaling_kwargs
 from jobs.layout import resolve_layout
 from jobs.spec import JobSpec
 
-LLAMA = json.loads(open("catalogue/models/llama-3.2-1b.json").read())
+LLAMA = json.loads(builtin_models()["llama-3.2-1b"].read_text())
 
 
 def test_each_task_family_gets_its_own_plan_type():
@@ -92,3 +93,18 @@ def test_config_that_is_not_an_object_is_refused():
 def test_plan_options_come_from_the_request_fields():
     r = CliRunner().invoke(main, ["plan", "--help"])
     assert "GPUs per node of the cluster." in r.output and "[default: 8]" in r.output
+
+
+def test_offload_plan_states_its_host_memory_and_reserves_it():
+    p = plan(load_model("llama-3.1-8b"), "full", "H100")
+    assert p.offload_optimizer and p.host_bytes_per_gpu == p.memory.cpu_offload > 100 * 2**30
+    assert all(b["memory"] == p.host_bytes_per_gpu for b in p.placement.bundles)
+
+
+def test_offload_plan_that_no_node_can_hold_in_host_memory_is_refused():
+    p = plan(load_model("llama-3.1-8b"), "full", "H100")
+    small = NodeCapacity(name="n", resources={"CPU": 32, "GPU": 8, "accelerator_type:H100": 1, "memory": 64 * 2**30})
+    with pytest.raises(PlanError, match="can never be placed: no node has .*'memory'"):
+        check_feasible(p.placement.bundles, p.placement.strategy, [small])
+    check_feasible(p.placement.bundles, p.placement.strategy, [small.model_copy(update={"resources": {
+        **small.resources, "memory": 512 * 2**30}})])

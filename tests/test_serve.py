@@ -19,11 +19,11 @@ from openai import OpenAI
 from pydantic import ValidationError
 
 from catalogue.errors import PlanError, SpecError
-from cluster.head import free_port
-from tests.conftest import placed_bundles, planned_bundles
 from catalogue.model import load_model
+from cluster.head import free_port
 from serve_apps.app import deploy, emit_config, entry_plan, llm_config_dict
 from serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
+from tests.conftest import placed_bundles, planned_bundles
 
 pytestmark = pytest.mark.slow
 KEY_ENV, KEY = "GPUFLEET_TEST_API_KEY", "test-key-123"

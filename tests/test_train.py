@@ -115,6 +115,63 @@ def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(local_ray
     assert resumed[-1]["loss"] <= baseline * 1.01 + 1e-3
 
 
+def test_optimizer_offload_trains_on_the_specs_schedule(local_ray, tmp_path, tiny_model, greeting_data):
+    from jobs.train_loop import lr_lambda
+
+    run(job(tmp_path, tiny_model, greeting_data, max_steps=6, checkpoint_every=3, warmup_steps=2, schedule="linear",
+            plan={"workers": 2, "zero_stage": 2, "offload_optimizer": True}))
+    hist, f = losses(tmp_path / "out"), lr_lambda("linear", 2, 6)
+    assert json.loads((tmp_path / "out" / "layout.json").read_text())["deepspeed"]["optimizer"]["type"] == "AdamW"
+    # the lr logged after optimizer step s is the schedule's value for step s
+    assert [h["lr"] for h in hist] == pytest.approx([3e-3 * f(s) for s in range(1, 7)])
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_parameter_offload_is_written_and_trains(local_ray, tmp_path, tiny_model, greeting_data):
+    summary = run(job(tmp_path, tiny_model, greeting_data, max_steps=4, checkpoint_every=4,
+                      plan={"workers": 2, "zero_stage": 3, "offload_optimizer": True, "offload_params": True}))
+    zero = json.loads((tmp_path / "out" / "layout.json").read_text())["deepspeed"]["zero_optimization"]
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert summary["metrics"]["step"] == 4 and (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()
+
+
+def poisoned_copy(model_dir, out_dir):
+    """The model with one NaN in its final norm: every loss it computes is NaN."""
+    import shutil
+
+    shutil.copytree(model_dir, out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def stopped_with(spec, capsys) -> str:
+    from jobs.finetune import main
+
+    assert main([str(spec)]) == 1
+    return capsys.readouterr().err
+
+
+def test_nan_loss_stops_the_run_with_its_cause(local_ray, tmp_path, tiny_model, greeting_data, capsys):
+    spec = job(tmp_path, poisoned_copy(tiny_model, tmp_path / "nan-model"), greeting_data, max_steps=6)
+    err = stopped_with(spec, capsys)
+    assert "NumericsError: loss is nan at step 1" in err and "kept in the job's output_dir" in err
+    assert "loss is nan" in (tmp_path / "out" / "STOPPED_NUMERICS").read_text()
+
+
+def test_all_labels_masked_stops_the_run_and_keeps_its_checkpoints(local_ray, tmp_path, tiny_model, capsys):
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text("".join(json.dumps({"prompt": "tell me " * 40, "completion": "ok"}) + "\n"
+                                    for _ in range(32)))
+    spec = job(tmp_path, tiny_model, long_prompts, max_steps=10, seq_len=16, checkpoint_every=1,
+               stop_on_zero_loss_steps=3)
+    err = stopped_with(spec, capsys)
+    assert "every label is masked" in err and "prompts longer than seq_len" in err
+    assert {p.name for p in (tmp_path / "out" / "ray" / "t").glob("step_*")} >= {"step_000001", "step_000002"}
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     from cluster.head import HeadConfig, free_port, start_head, stop_head

@@ -1,0 +1,142 @@
+"""KV-cache capacity: the plan's prediction against what vLLM reports when it starts, on a GPU.
+
+For each built-in model, vLLM starts with random ("dummy") weights from the model's config.json
+alone (no checkpoint, no tokenizer), at the plan's ``gpu_memory_utilization`` and ``max_model_len``
+with CUDA graphs and torch.compile on (vLLM's defaults), and reports ``GPU KV cache size: N tokens``,
+``Maximum concurrency for L tokens per request`` and its memory profile (weights, activation peak,
+non-torch memory, KV bytes). The plan's numbers for the same model, GPU and settings stand beside
+them. Prints a table and writes JSON.
+
+    python bench/serve/kv_capacity.py --gpu H100-80GB --models llama-3.2-1b qwen2.5-7b --out kv.json
+    python bench/serve/kv_capacity.py --compare bench/serve/results/h100-kv-capacity.json   # predicted now
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from catalogue.gpus import GIB, get_gpu  # noqa: E402
+from catalogue.model import builtin_models, load_model  # noqa: E402
+from catalogue.serving import serving_memory  # noqa: E402
+
+PATTERNS = {
+    "kv_tokens": r"GPU KV cache size: ([\d,]+) tokens",
+    "max_concurrency": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
+    "kv_gib": r"Available KV cache memory: ([\d.]+) GiB",
+    "weights_gib": r"(?:Model loading took|model weights take) ([\d.]+) ?GiB",
+    "activation_gib": r"activation peak memory takes ([\d.]+) ?GiB",
+    "non_torch_gib": r"non_torch_memory takes ([\d.]+) ?GiB",
+    "cuda_graph_gib": r"Graph capturing finished in [\d.]+ secs?, took ([\d.-]+) GiB",
+}
+START = """
+import sys
+from vllm import LLM
+LLM(model=sys.argv[1], load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+    gpu_memory_utilization=float(sys.argv[2]), max_model_len=int(sys.argv[3]), seed=0)
+print("VLLM_STARTED", flush=True)
+"""
+
+
+def measure(name: str, util: float, max_len: int, work: Path, timeout_s: float) -> dict:
+    """Start vLLM on ``name``'s config with dummy weights; return what its log says."""
+    model_dir = work / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads(builtin_models()[name].read_text())
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", START, str(model_dir), str(util), str(max_len)], capture_output=True,
+                       text=True, timeout=timeout_s, env={**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG"})
+    log = p.stdout + p.stderr
+    (work / f"{name}.log").write_text(log)
+    row: dict = {"started": "VLLM_STARTED" in p.stdout, "start_s": round(time.monotonic() - t0, 1)}
+    for key, pattern in PATTERNS.items():
+        m = re.findall(pattern, log)
+        if m:
+            row[key] = float(m[-1].replace(",", ""))
+    if not row["started"]:
+        row["error"] = "\n".join(log.strip().splitlines()[-5:])
+    return row
+
+
+def predict(name: str, gpu: str, util: float, max_len: int) -> dict:
+    mem = serving_memory(load_model(name), get_gpu(gpu), context=max_len, gpu_memory_utilization=util)
+    return {"kv_tokens": mem.kv_tokens, "max_concurrency": round(mem.kv_tokens / max_len, 2),
+            "kv_gib": round(mem.kv_cache / GIB, 3), "weights_gib": round(mem.weights / GIB, 3),
+            "activation_gib": round(mem.activation_peak / GIB, 3), "non_torch_gib": round(mem.non_torch / GIB, 3),
+            "max_model_len": mem.max_model_len}
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'model':<18}{'measured tokens':>16}{'predicted':>12}{'error':>8}  {'weights m/p GiB':>16}  {'act m/p':>12}"
+    lines = [head]
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        if "kv_tokens" not in m:
+            lines.append(f"{r['model']:<18}{'(no start)':>16}{p['kv_tokens']:>12,}")
+            continue
+        lines.append(f"{r['model']:<18}{int(m['kv_tokens']):>16,}{p['kv_tokens']:>12,}{r['error']:>+8.1%}  "
+                     f"{m.get('weights_gib', 0):>7.2f}/{p['weights_gib']:<7.2f}  "
+                     f"{m.get('activation_gib', 0):>5.2f}/{p['activation_gib']:<5.2f}")
+    return "\n".join(lines)
+
+
+def with_predictions(rows: list[dict], gpu: str, util: float, max_len: int) -> list[dict]:
+    for r in rows:
+        r["predicted"] = predict(r["model"], gpu, util, max_len)
+        if "kv_tokens" in r["measured"]:
+            r["error"] = round(r["predicted"]["kv_tokens"] / r["measured"]["kv_tokens"] - 1, 4)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", default="H100-80GB")
+    ap.add_argument("--models", nargs="*", default=["llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b", "mistral-7b-v0.3"])
+    ap.add_argument("--utilization", type=float, default=0.9)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--timeout", type=float, default=300, help="Seconds one vLLM start may take.")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--compare", type=Path, help="Recompute the predictions of a results file; measure nothing.")
+    a = ap.parse_args()
+    if a.compare:
+        data = json.loads(a.compare.read_text())
+        rows = with_predictions(data["rows"], data["gpu"], data["gpu_memory_utilization"], data["max_model_len"])
+    else:
+        work = Path(tempfile.mkdtemp(prefix="kv-", dir=os.environ.get("KV_WORK", "/var/tmp")))
+        rows = []
+        for name in a.models:
+            rows.append({"model": name, "measured": measure(name, a.utilization, a.max_model_len, work, a.timeout)})
+            print(name, rows[-1]["measured"], flush=True)
+        rows = with_predictions(rows, a.gpu, a.utilization, a.max_model_len)
+        data = {"gpu": a.gpu, "gpu_memory_utilization": a.utilization, "max_model_len": a.max_model_len,
+                "machine": _machine(), "engine": "vLLM dummy weights, bf16, CUDA graphs + torch.compile (defaults)",
+                "command": " ".join(sys.argv), "rows": rows}
+    print(table(rows))
+    if a.out:
+        a.out.write_text(json.dumps(data, indent=1))
+    return 0
+
+
+def _machine() -> str:
+    try:
+        import torch
+        import vllm
+
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, vLLM {vllm.__version__}"
+    except Exception as e:  # where it is only compared, not measured
+        return f"unknown ({type(e).__name__})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
