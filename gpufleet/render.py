@@ -57,7 +57,8 @@ def plan_table(p: Plan) -> Table:
         rows += [
             ("KV cache", f"{_g(max(s.kv_cache, 0))} GiB, {s.kv_bytes_per_token:,} B/token, {s.kv_tokens:,} tokens"),
             ("max_model_len", f"{s.max_model_len:,}"),
-            (f"concurrent seqs @ {s.context}", str(s.concurrent_seqs)),
+            ("concurrent requests", f"{s.concurrent_at_expected} of {s.expected_tokens} tokens "
+                                    f"({s.concurrent_seqs} of the full {s.context})"),
             ("vLLM engine_kwargs", ", ".join(f"{k}={v}" for k, v in p.engine_kwargs.items())),
             ("autoscaling", f"max_ongoing_requests {p.max_ongoing_requests}, target {p.target_ongoing_requests}"),
         ]

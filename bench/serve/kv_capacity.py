@@ -1,8 +1,8 @@
 """KV-cache capacity: the plan's prediction against what vLLM reports when it starts, on a GPU.
 
 For each built-in model, vLLM starts with random ("dummy") weights from the model's config.json
-alone (no checkpoint, no tokenizer), at the plan's ``gpu_memory_utilization`` and ``max_model_len``
-with CUDA graphs and torch.compile on (vLLM's defaults), and reports ``GPU KV cache size: N tokens``,
+alone (no checkpoint, no tokenizer), with exactly the plan's ``engine_kwargs`` (one GPU, CUDA graphs
+and torch.compile on, vLLM's defaults), and reports ``GPU KV cache size: N tokens``,
 ``Maximum concurrency for L tokens per request`` and its memory profile (weights, activation peak,
 non-torch memory, KV bytes). The plan's numbers for the same model, GPU and settings stand beside
 them. Prints a table and writes JSON.
@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from catalogue.gpus import GIB, get_gpu  # noqa: E402
+from catalogue.gpus import GIB  # noqa: E402
 from catalogue.model import builtin_models, load_model  # noqa: E402
-from catalogue.serving import serving_memory  # noqa: E402
+from catalogue.planner import plan  # noqa: E402
 
 PATTERNS = {
     "kv_tokens": r"GPU KV cache size: ([\d,]+) tokens",
@@ -40,23 +40,29 @@ PATTERNS = {
     "cuda_graph_gib": r"Graph capturing finished in [\d.]+ secs?, took ([\d.-]+) GiB",
 }
 START = """
-import sys
+import json, sys
 from vllm import LLM
-LLM(model=sys.argv[1], load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-    gpu_memory_utilization=float(sys.argv[2]), max_model_len=int(sys.argv[3]), seed=0)
+LLM(model=sys.argv[1], load_format="dummy", skip_tokenizer_init=True, seed=0, **json.loads(sys.argv[2]))
 print("VLLM_STARTED", flush=True)
 """
 
 
-def measure(name: str, util: float, max_len: int, work: Path, timeout_s: float) -> dict:
-    """Start vLLM on ``name``'s config with dummy weights; return what its log says."""
+def serve_plan(name: str, gpu: str, util: float, max_len: int):
+    return plan(load_model(name), "serve", gpu, gpus=1, seq_len=max_len, headroom=round(1 - util, 4))
+
+
+def measure(name: str, engine: dict, work: Path, timeout_s: float) -> dict:
+    """Start vLLM on ``name``'s config with dummy weights and ``engine``; return what its log says."""
     model_dir = work / name
     model_dir.mkdir(parents=True, exist_ok=True)
     cfg = json.loads(builtin_models()[name].read_text())
     (model_dir / "config.json").write_text(json.dumps(cfg))
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", START, str(model_dir), str(util), str(max_len)], capture_output=True,
-                       text=True, timeout=timeout_s, env={**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG"})
+    try:
+        p = subprocess.run([sys.executable, "-c", START, str(model_dir), json.dumps(engine)], capture_output=True,
+                           text=True, timeout=timeout_s, env={**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG"})
+    except subprocess.TimeoutExpired as e:
+        return {"started": False, "error": f"no start within {timeout_s:g}s", "log_tail": str(e.stdout)[-1500:]}
     log = p.stdout + p.stderr
     (work / f"{name}.log").write_text(log)
     row: dict = {"started": "VLLM_STARTED" in p.stdout, "start_s": round(time.monotonic() - t0, 1)}
@@ -70,8 +76,9 @@ def measure(name: str, util: float, max_len: int, work: Path, timeout_s: float) 
 
 
 def predict(name: str, gpu: str, util: float, max_len: int) -> dict:
-    mem = serving_memory(load_model(name), get_gpu(gpu), context=max_len, gpu_memory_utilization=util)
-    return {"kv_tokens": mem.kv_tokens, "max_concurrency": round(mem.kv_tokens / max_len, 2),
+    p = serve_plan(name, gpu, util, max_len)
+    mem = p.serving
+    return {"engine_kwargs": p.engine_kwargs, "kv_tokens": mem.kv_tokens, "max_concurrency": round(mem.kv_tokens / max_len, 2),
             "kv_gib": round(mem.kv_cache / GIB, 3), "weights_gib": round(mem.weights / GIB, 3),
             "activation_gib": round(mem.activation_peak / GIB, 3), "non_torch_gib": round(mem.non_torch / GIB, 3),
             "max_model_len": mem.max_model_len}
@@ -116,7 +123,10 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="kv-", dir=os.environ.get("KV_WORK", "/var/tmp")))
         rows = []
         for name in a.models:
-            rows.append({"model": name, "measured": measure(name, a.utilization, a.max_model_len, work, a.timeout)})
+            engine = serve_plan(name, a.gpu, a.utilization, a.max_model_len).engine_kwargs
+            rows.append({"model": name, "measured": measure(name, engine, work, a.timeout)})
+            if a.out:  # what is measured so far survives a time limit
+                a.out.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))
             print(name, rows[-1]["measured"], flush=True)
         rows = with_predictions(rows, a.gpu, a.utilization, a.max_model_len)
         data = {"gpu": a.gpu, "gpu_memory_utilization": a.utilization, "max_model_len": a.max_model_len,

