@@ -42,13 +42,14 @@ class GpuType(Config):
         return self.bf16_tflops if self.supports_bf16 else self.fp16_tflops
 
 
-# Usable memory is what torch sees (slightly below the marketing GB). Throughputs are the
+# Usable memory is what torch sees (slightly below the marketing GB; the H100's 79.18 GiB was read
+# by vLLM there). Throughputs are the
 # vendors' dense (non-sparse) tensor-core numbers. ray_accelerator_type is what Ray 2.60's own
 # NVML detection derives from the device name (both A100 sizes report "A100"; memory tells them apart).
 GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
     GpuType(name="H200", memory_gib=139.8, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
             bandwidth_gbs=4800, ray_accelerator_type="H200", aliases=("H200-141GB",)),
-    GpuType(name="H100-80GB", memory_gib=79.1, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
+    GpuType(name="H100-80GB", memory_gib=79.18, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
             bandwidth_gbs=3350, ray_accelerator_type="H100", aliases=("H100",)),
     GpuType(name="A100-80GB", memory_gib=79.1, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
             bandwidth_gbs=2039, ray_accelerator_type="A100", aliases=("A100-80G",)),

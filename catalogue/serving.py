@@ -1,9 +1,12 @@
 """vLLM serving memory: weights per TP rank, the profiled activation peak, and the KV cache.
 
-vLLM sizes its KV cache as ``gpu_memory_utilization x GPU memory - weights - activation peak
-of a profiling forward pass - non-torch memory``; this module mirrors that arithmetic so the
-plan can say how many tokens of cache fit, the largest ``max_model_len``, and how many
-sequences of a given length run at once.
+vLLM (V1) sizes its KV cache as ``gpu_memory_utilization x GPU memory - weights - torch peak
+increase of a profiling run - non-torch increase during it``, each increase measured from the
+process's own start: the CUDA context it already holds and the CUDA graphs it captures after
+sizing the cache sit outside that budget (they add to the GPU's use, not to the cache's). This
+module mirrors that arithmetic so the plan can say how many tokens of cache fit, the largest
+``max_model_len``, and how many sequences of a given length run at once. Checked against vLLM
+0.26 on an H100 (bench/serve/results/h100-kv-capacity.json).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ DEFAULT_UTILIZATION = 0.90
 DEFAULT_MAX_BATCHED_TOKENS = 8192
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch cap: a replica never runs more sequences at once
 DEFAULT_EXPECTED_TOKENS = 2048  # prompt + output of a typical chat request, when the spec does not say
-CUDA_GRAPHS = int(0.5 * GIB)
+CUDA_GRAPHS = int(0.5 * GIB)  # captured after the cache is sized (0.44-0.86 GiB measured on an H100)
+FORWARD_NON_TORCH = int(0.22 * GIB)  # non-torch memory a profiling forward adds (measured, vLLM 0.26, H100)
 NCCL_PER_RANK = int(0.25 * GIB)
 
 
@@ -33,7 +37,9 @@ class ServingMemory(Config):
     gpu_memory_utilization: float = Field(gt=0, le=1)
     weights: int
     activation_peak: int
-    non_torch: int
+    non_torch: int = Field(description="Non-torch memory the profiling run adds (NCCL buffers under TP/PP).")
+    outside_budget: int = Field(default=0, description=(
+        "CUDA context and CUDA graphs: held by the replica but outside gpu_memory_utilization's budget."))
     kv_cache: int = Field(description="Bytes left for the KV cache on each GPU (<= 0: does not fit).")
     kv_bytes_per_token: int = Field(description="KV bytes per token on each GPU, all of its layers.")
     kv_tokens: int = Field(description="Tokens of KV cache that fit (full-attention accounting).")
@@ -48,7 +54,7 @@ class ServingMemory(Config):
 
     @property
     def peak(self) -> int:
-        return self.weights + self.activation_peak + self.non_torch + max(self.kv_cache, 0)
+        return self.weights + self.activation_peak + self.non_torch + max(self.kv_cache, 0) + self.outside_budget
 
 
 def kv_bytes_per_token_layer(spec: ModelSpec, tp: int, dtype_bytes: int) -> int:
@@ -104,13 +110,16 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
     max_num_batched_tokens = max_num_batched_tokens or default_batched
     expected = min(expected_tokens or DEFAULT_EXPECTED_TOKENS, context)
     w = weights_per_rank(spec, tp, pp, dtype_bytes)
-    # Profiling forward of max_num_batched_tokens: MLP gate/up and activation dominate, plus
-    # the sampler's fp32 logits and probabilities for max_num_seqs rows (full vocabulary).
+    # Profiling run: a forward of max_num_batched_tokens (MLP gate/up and activation dominate),
+    # then the sampler on max_num_seqs rows of fp32 logits beside the kept hidden states; the
+    # torch peak is the larger of the two.
     T = max_num_batched_tokens
-    act = T * dtype_bytes * (3 * spec.mlp_activation_width // tp + (spec.q_dim + 2 * spec.kv_dim) // tp
-                             + 4 * spec.hidden_size)
-    act += max_num_seqs * spec.vocab_size * 8
-    non_torch = CUDA_CONTEXT + (0 if enforce_eager else CUDA_GRAPHS) + (NCCL_PER_RANK if tp * pp > 1 else 0)
+    forward = T * dtype_bytes * (3 * spec.mlp_activation_width // tp + (spec.q_dim + 2 * spec.kv_dim) // tp
+                                 + 4 * spec.hidden_size)
+    sampler = max_num_seqs * spec.vocab_size * 4 // tp + T * spec.hidden_size * dtype_bytes
+    act = max(forward, sampler)
+    non_torch = FORWARD_NON_TORCH + (NCCL_PER_RANK if tp * pp > 1 else 0)
+    outside = CUDA_CONTEXT + (0 if enforce_eager else CUDA_GRAPHS)
     kv = int(gpu_memory_utilization * gpu.memory_bytes) - w - act - non_torch
     per_token = -(-spec.num_layers * kv_bytes_per_token_layer(spec, tp, dtype_bytes) // pp)
     kv_tokens = max(kv, 0) // per_token // BLOCK_SIZE * BLOCK_SIZE
@@ -119,7 +128,7 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
     need_expected = kv_bytes_for_sequence(spec, expected, tp, pp, dtype_bytes)
     return ServingMemory(
         tensor_parallel=tp, pipeline_parallel=pp, gpu_memory_utilization=gpu_memory_utilization,
-        weights=w, activation_peak=act, non_torch=non_torch, kv_cache=kv, kv_bytes_per_token=per_token,
+        weights=w, activation_peak=act, non_torch=non_torch, outside_budget=outside, kv_cache=kv, kv_bytes_per_token=per_token,
         kv_tokens=kv_tokens, max_model_len=max_len, context=context,
         concurrent_seqs=max(kv, 0) // need if need else 0, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, expected_tokens=expected,

@@ -39,20 +39,27 @@ METRICS = ("request_throughput", "output_throughput", "total_token_throughput", 
 
 
 def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work: Path, range_ratio: float = 0.0) -> dict:
-    """One ``vllm bench serve`` run; its result JSON, reduced to the metrics vLLM users report."""
+    """One ``vllm bench serve`` run (its own entry point, called in this process so vLLM is imported
+    once); its result JSON, reduced to the metrics vLLM users report, and the cores each process used."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as vllm_bench_serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
     name = f"c{concurrency}-r{range_ratio}.json"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm",
-           "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", MODEL_ID,
-           "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(IN_LEN),
-           "--random-output-len", str(OUT_LEN), "--random-range-ratio", str(range_ratio), "--ignore-eos",
-           "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--percentile-metrics",
-           "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(work),
-           "--result-filename", name, "--disable-tqdm", "--seed", "0"]
+    argv = ["--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
+            "--model", MODEL_ID, "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len",
+            str(IN_LEN), "--random-output-len", str(OUT_LEN), "--random-range-ratio", str(range_ratio),
+            "--ignore-eos", "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--save-result",
+            "--result-dir", str(work), "--result-filename", name, "--disable-tqdm", "--seed", "0"]
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
     before, t0 = cpu_snapshot(), time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+        vllm_bench_serve(parser.parse_args(argv))
+    except Exception as e:
+        return {"concurrency": concurrency, "error": f"{type(e).__name__}: {e}"}
     cores = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
-    if p.returncode or not (work / name).exists():
-        return {"concurrency": concurrency, "error": (p.stdout + p.stderr)[-2000:]}
     raw = json.loads((work / name).read_text())
     return {"concurrency": concurrency, "num_prompts": prompts, "random_range_ratio": range_ratio,
             **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores}

@@ -30,13 +30,14 @@ from catalogue.gpus import GIB  # noqa: E402
 from catalogue.model import builtin_models, load_model  # noqa: E402
 from catalogue.planner import plan  # noqa: E402
 
-PATTERNS = {
+PATTERNS = {  # vLLM 0.26's log lines (DEBUG for the memory profile)
     "kv_tokens": r"GPU KV cache size: ([\d,]+) tokens",
     "max_concurrency": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
     "kv_gib": r"Available KV cache memory: ([\d.]+) GiB",
-    "weights_gib": r"(?:Model loading took|model weights take) ([\d.]+) ?GiB",
-    "activation_gib": r"activation peak memory takes ([\d.]+) ?GiB",
-    "non_torch_gib": r"non_torch_memory takes ([\d.]+) ?GiB",
+    "total_gib": r"total_memory=([\d.]+)GiB",
+    "weights_gib": r"weights memory: ([\d.]+)GiB",
+    "activation_gib": r"torch peak memory increase: ([\d.]+)GiB",
+    "non_torch_gib": r"non-torch forward increase memory: ([\d.]+)GiB",
     "cuda_graph_gib": r"Graph capturing finished in [\d.]+ secs?, took ([\d.-]+) GiB",
 }
 START = """
