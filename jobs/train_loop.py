@@ -236,16 +236,28 @@ def _guard(loss: float, step: int, dtype: str, task: str, out_dir: Path, zero_li
 
 
 def _export(engine: Any, model: Any, tokenizer: Any, task: str, zero_stage: int, rank: int, out: Path) -> None:
-    """Rank 0 writes a servable directory: LoRA adapter (peft) or a full HF model, plus tokenizer.
-    Under ZeRO-3 the partitioned weights are gathered first (on every rank, as DeepSpeed requires)."""
-    import deepspeed
+    """Rank 0 writes a servable directory: the LoRA adapters only (peft), or the full model in
+    Hugging Face format, plus the tokenizer.
 
-    params = [p for p in model.parameters() if p.requires_grad] if task == "lora" else list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out)
+    Under ZeRO-3 no rank ever holds the whole model at once on its GPU: a LoRA export gathers only
+    the adapters; a full export is consolidated one layer at a time onto rank 0's host memory
+    (DeepSpeed's ``_zero3_consolidated_16bit_state_dict``, the path accelerate's ``get_state_dict``
+    takes), the other ranks only lending their shards.
+    """
+    import deepspeed
     import torch.distributed as dist
 
+    if task == "full" and zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+    else:
+        adapters = [p for p in model.parameters() if p.requires_grad] if task == "lora" else []
+        with deepspeed.zero.GatheredParameters(adapters, modifier_rank=None, enabled=zero_stage == 3 and bool(adapters)):
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                model.save_pretrained(out, safe_serialization=True)
+                tokenizer.save_pretrained(out)
     dist.barrier()
