@@ -29,7 +29,7 @@ from catalogue.errors import SpecError, fix
 from catalogue.gpus import GIB
 from catalogue.model import ModelSpec
 
-Task = Literal["infer", "lora", "full"]
+Task = Literal["infer", "generate", "lora", "full"]
 Precision = Literal["bf16", "fp16", "mixed"]
 
 # ---- per-token logits/loss buffers (bytes per vocabulary entry) --------------------------
@@ -54,7 +54,9 @@ CKPT_CONST = 1000
 class TrainSetup(Config):
     """How a model is run: task, precision, shapes and the distributed layout."""
 
-    task: Task = Field(description="infer, lora or full fine-tune.")
+    task: Task = Field(description=(
+        "generate: transformers' generate() (prompt = seq, then new_tokens); infer: one forward with "
+        "labels over every position; lora or full: a fine-tuning step."))
     precision: Precision = Field(default="bf16", description=(
         "bf16/fp16: parameters in half precision; mixed: fp32 parameters under bf16 autocast."))
     micro_batch: int = Field(default=1, ge=1, description="Sequences per GPU per forward pass.")
@@ -65,6 +67,7 @@ class TrainSetup(Config):
         "torch: one GPU, torch.optim.AdamW (states in the parameters' dtype); "
         "deepspeed: fp32 master weights and fp32 Adam states, ZeRO-sharded."))
     grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    new_tokens: int = Field(default=256, ge=0, description="generate: tokens generated after the prompt.")
     compile: bool = Field(default=False, description=(
         "torch.compile: inductor keeps fewer activations and fuses the loss (deepspeed engine only)."))
     data_parallel: int = Field(default=1, ge=1, description="GPUs sharing the ZeRO partitions.")
@@ -101,6 +104,7 @@ class MemoryBreakdown(Config):
     peak: int
     peak_phase: str
     cpu_offload: int = Field(default=0, description="Bytes moved to host memory by ZeRO offload.")
+    kv_cache: int = Field(default=0, description="generate: the KV cache at the peak.")
 
     @property
     def peak_gib(self) -> float:
@@ -216,9 +220,42 @@ def _half_copies(spec: ModelSpec, grad_ckpt: bool) -> int:
 # ---- single GPU, torch.optim.AdamW (the `gpufleet estimate` reference recipe) ------------------
 def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     """Peak memory per GPU for ``setup`` (dispatches on ``setup.engine``)."""
+    if setup.task == "generate":
+        return generate_memory(spec, setup.micro_batch, setup.seq_len, setup.new_tokens,
+                               4 if setup.precision == "mixed" else 2)
     if setup.engine == "deepspeed":
         return _deepspeed(spec, setup)
     return _torch_single_gpu(spec, setup)
+
+
+# ---- generate() (transformers, SDPA, DynamicCache) ----------------------------------------------
+GENERATE_LOGITS = 10  # per vocabulary entry of the last position: half-precision logits, fp32 copy, scores
+
+
+def generate_memory(spec: ModelSpec, batch: int, prompt: int, new_tokens: int, dtype_bytes: int = 2) -> MemoryBreakdown:
+    """Peak of a greedy ``generate()``: the larger of two moments.
+
+    * prefill: weights, the KV cache of the whole prompt (sliding-window layers too: the window is
+      applied after the prefill), one layer's MLP transient over the prompt (gate, up, act(gate),
+      act*up: 4 x the MLP width per token in half precision) and the last position's logits;
+    * last decode step: the KV cache of prompt + new tokens (sliding-window layers keep their
+      window), one layer's cache copied as it grows (DynamicCache concatenates), and the logits.
+
+    Measured on an H100 (bench/memory/results/h100-generate.json: 7 architectures, bf16 and fp16).
+    """
+    weights = spec.num_params * dtype_bytes
+    per_token_layer = 2 * spec.kv_dim * dtype_bytes
+    logits = batch * spec.vocab_size * GENERATE_LOGITS
+    kv_prompt = batch * spec.num_layers * prompt * per_token_layer
+    transient = batch * prompt * 4 * spec.mlp_activation_width * dtype_bytes
+    total = prompt + new_tokens
+    kv_end = batch * sum(spec.kv_tokens_per_layer(total)) * per_token_layer
+    grow_copy = batch * total * per_token_layer
+    moments = {"prefill": (kv_prompt, transient), "last decode step": (kv_end, grow_copy)}
+    phase = max(moments, key=lambda k: sum(moments[k]))
+    kv, act = moments[phase]
+    return MemoryBreakdown(weights=weights, kv_cache=kv, activations=act, logits_and_loss=logits,
+                           peak=weights + kv + act + logits, peak_phase=phase)
 
 
 def _logits_saved(spec: ModelSpec) -> int:

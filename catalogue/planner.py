@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from catalogue.errors import PlanError, fix
 from catalogue.gpus import CPU_DEVICE, GIB, GpuType, get_gpu
-from catalogue.memory import CUDA_CONTEXT, MemoryBreakdown, TrainSetup, estimate, fits
+from catalogue.memory import CUDA_CONTEXT, MemoryBreakdown, TrainSetup, estimate, fits, generate_memory
 from catalogue.model import DTYPE_BYTES, ModelSpec
 from catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
 from catalogue.placement import Placement, Strategy, worker_bundles
@@ -74,7 +74,12 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
         batch = req.batch or DEFAULT_GLOBAL_BATCH
         raise PlanError(fix(f"global batch {batch} is not divisible by {req.gpus} GPUs",
                             f"use a global batch that is a multiple of {req.gpus}, or pin another GPU count"))
-    finder: Finder = {"serve": _plan_serve, "infer": _plan_infer}.get(req.task, _plan_train)
+    if req.task == "generate":
+        spec.check_context(seq + req.new_tokens, "seq_len + new_tokens")
+        if req.gpus and req.gpus > req.gpus_per_node:
+            raise PlanError(fix(f"generate runs in one process on one node, and gpus={req.gpus} exceeds its "
+                                f"{req.gpus_per_node} GPUs", f"pin at most {req.gpus_per_node} GPUs, or use --task serve"))
+    finder: Finder = {"serve": _plan_serve, "infer": _plan_infer, "generate": _plan_generate}.get(req.task, _plan_train)
     limit = req.gpus or req.max_gpus or 1024
     found = finder(spec, req, gpu, seq, _counts(req.gpus, limit))
     if found is not None:
@@ -247,6 +252,24 @@ def _plan_infer(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                              peak_bytes_per_gpu=per_gpu + CUDA_CONTEXT,
                              notes=("device_map='auto' splits the layers over the GPUs",) if n > 1 else (),
                              **_common(spec, req, gpu, n, seq, "PACK"))
+    return None
+
+
+def _plan_generate(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> InferPlan | None:
+    """transformers' generate() with device_map over the GPUs of one node: each GPU holds its share
+    of the layers (weights and KV cache); the prefill transient and the logits come on top."""
+    batch = req.batch or 1
+    mem = generate_memory(spec, batch, seq, req.new_tokens, DTYPE_BYTES[gpu.train_dtype])
+    for n in counts:
+        if n > req.gpus_per_node:
+            break  # one process, one node
+        per_gpu = (mem.weights + mem.kv_cache) // n + mem.activations + mem.logits_and_loss
+        if fits(per_gpu, gpu.memory_bytes, req.headroom):
+            return InferPlan(task="generate", pipeline_parallel=n, micro_batch=batch, new_tokens=req.new_tokens,
+                             memory=mem, peak_bytes_per_gpu=per_gpu + CUDA_CONTEXT,
+                             notes=(f"peak at {mem.peak_phase}",) + (
+                                 ("device_map='auto' splits the layers over the GPUs",) if n > 1 else ()),
+                             **_common(spec, req, gpu, n, seq, "STRICT_PACK" if n > 1 else "PACK"))
     return None
 
 

@@ -18,10 +18,10 @@ from catalogue.memory import DEFAULT_HEADROOM, MemoryBreakdown
 from catalogue.placement import Placement
 from catalogue.serving import ServingMemory
 
-PlanTask = Literal["serve", "infer", "lora", "full"]
+PlanTask = Literal["serve", "generate", "infer", "lora", "full"]
 TASKS: tuple[str, ...] = PlanTask.__args__
 DType = Literal["auto", "bfloat16", "float16", "float32"]
-DEFAULT_SEQ = {"serve": 8192, "infer": 2048, "lora": 2048, "full": 2048}
+DEFAULT_SEQ = {"serve": 8192, "generate": 2048, "infer": 2048, "lora": 2048, "full": 2048}
 DEFAULT_GLOBAL_BATCH = 16
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
@@ -43,6 +43,7 @@ class PlanRequest(Config):
     expected_tokens: int | None = Field(default=None, ge=1, description=(
         "Serve: prompt + output tokens of a typical request; sizes max_num_seqs and autoscaling "
         "(default: 2048, or the context if shorter)."))
+    new_tokens: int = Field(default=256, ge=0, description="Generate: tokens generated after the prompt (--seq).")
     headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1, description="Safety margin on memory (0.1 = 10%).")
     compile: bool = Field(default=True, description=(
         "Training: run under torch.compile (gpufleet's GPU default; changes activation memory)."))
@@ -152,9 +153,11 @@ class TrainPlan(BasePlan):
 
 
 class InferPlan(BasePlan):
-    """transformers inference in one process: ``device_map`` splits the layers over the GPUs."""
+    """transformers inference in one process: ``device_map`` splits the layers over the GPUs of one
+    node. ``generate``: prompt (``seq_len``) then ``new_tokens``; ``infer``: one labelled forward."""
 
-    task: Literal["infer"] = "infer"
+    task: Literal["infer", "generate"] = "infer"
+    new_tokens: int = Field(default=0, ge=0)
     pipeline_parallel: int = Field(ge=1, description="GPUs the layers are split over.")
     micro_batch: int = Field(ge=1)
     memory: MemoryBreakdown

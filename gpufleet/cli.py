@@ -69,12 +69,13 @@ def plan_cmd(model: str, as_json: bool, **request: Any) -> None:
 
 @main.command("estimate")
 @click.option("--config", "config", required=True, help="config.json path, model directory or built-in name.")
-@options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "grad_ckpt", "lora_rank",
+@options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "new_tokens", "grad_ckpt", "lora_rank",
               names={"micro_batch": "--batch", "seq_len": "--seq"})
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
 def estimate_cmd(config: str, as_json: bool, **setup_fields: Any) -> None:
-    """Peak GPU memory of the single-GPU reference recipe (transformers + torch AdamW)."""
+    """Peak GPU memory of one GPU running transformers: generate(), a labelled forward, or a
+    fine-tuning step (torch AdamW)."""
     spec = load_model(config)
     setup = validated(TrainSetup, **setup_fields)
     mem = estimate(spec, setup)

@@ -17,7 +17,7 @@ def breakdown_table(mem: MemoryBreakdown, title: str) -> Table:
     t = Table(title=title, show_header=True)
     t.add_column("component")
     t.add_column("GiB / GPU", justify="right")
-    for k, v in mem.model_dump(exclude={"peak", "peak_phase", "cpu_offload"}).items():
+    for k, v in mem.model_dump(exclude={"peak", "peak_phase", "cpu_offload"}).items():  # kv_cache included
         if v:
             t.add_row(k.replace("_", " "), _g(v))
     t.add_row(f"[bold]peak[/] ({mem.peak_phase})", f"[bold]{_g(mem.peak)}[/]")
@@ -38,6 +38,8 @@ def plan_table(p: Plan) -> Table:
         rows.append(("parallelism", f"tensor {p.tensor_parallel} x pipeline {p.pipeline_parallel}"))
     elif isinstance(p, InferPlan):
         rows.append(("parallelism", f"device_map over {p.pipeline_parallel} GPUs"))
+        if p.task == "generate":
+            rows.append(("batch", f"{p.micro_batch} x ({p.seq_len} prompt + {p.new_tokens} new tokens)"))
     else:
         rows += [
             ("parallelism", f"data {p.data_parallel}, DeepSpeed ZeRO-{p.zero_stage}"),

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from catalogue.errors import PlanError, SpecError
+from catalogue.memory import generate_memory
 from catalogue.model import builtin_models, load_model, spec_from_config
 from catalogue.placement import NodeCapacity, check_feasible
 from catalogue.planner import plan
@@ -29,7 +30,16 @@ def test_serve_plan_carries_the_vllm_engine_kwargs():
     p = plan(load_model("llama-3.1-8b"), "serve", "H100", seq_len=8192)
     assert p.engine_kwargs == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "max_model_len": 8192,
                                "gpu_memory_utilization": 0.9, "dtype": "bfloat16",
-                               "max_num_seqs": p.max_ongoing_requests}
+                               "max_num_seqs": p.max_ongoing_requests, "max_num_batched_tokens": 8192}
+
+
+def test_serve_batch_cap_follows_the_expected_length_not_the_full_context():
+    spec = load_model("llama-3.1-8b")
+    short, long = (plan(spec, "serve", "H100", seq_len=8192, expected_tokens=n) for n in (1024, 8192))
+    assert short.engine_kwargs["max_num_seqs"] > 3 * long.engine_kwargs["max_num_seqs"]
+    assert long.engine_kwargs["max_num_seqs"] == long.serving.concurrent_seqs  # full-context requests that fit
+    tiny = plan(load_model("llama-3.2-1b"), "serve", "H100", seq_len=2048, expected_tokens=256)
+    assert tiny.engine_kwargs["max_num_seqs"] == 1024  # vLLM's own cap on an H100
 
 
 def test_cpu_serving_is_a_plan_with_cpu_bundles_and_kv_space():
@@ -108,3 +118,31 @@ def test_offload_plan_that_no_node_can_hold_in_host_memory_is_refused():
         check_feasible(p.placement.bundles, p.placement.strategy, [small])
     check_feasible(p.placement.bundles, p.placement.strategy, [small.model_copy(update={"resources": {
         **small.resources, "memory": 512 * 2**30}})])
+
+
+def test_generate_peak_is_prefill_for_a_long_prompt_and_decode_for_long_outputs():
+    spec = load_model("llama-3.2-1b")
+    assert generate_memory(spec, 1, 2048, 16).peak_phase == "prefill"
+    assert generate_memory(spec, 8, 128, 2048).peak_phase == "last decode step"
+
+
+def test_generate_keeps_only_the_window_of_sliding_layers_after_the_prefill():
+    gemma = load_model("gemma-3-1b")  # 5 of 6 layers slide over 512 tokens
+    long = generate_memory(gemma, 1, 64, 8000)
+    full_cache = 8064 * gemma.num_layers * 2 * gemma.kv_dim * 2
+    assert long.kv_cache < full_cache / 3
+
+
+def test_estimate_generate_json_has_the_peak_and_kv_cache():
+    r = CliRunner().invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "generate", "--batch", "1",
+                                  "--seq", "2048", "--new-tokens", "256", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert 0.9 < d["peak_gib"] < 1.2 and d["kv_cache_gib"] > 0 and d["new_tokens"] == 256
+
+
+def test_generate_plan_splits_layers_over_one_node_only():
+    p = plan(load_model("gemma-2-9b"), "generate", "P4", gpus=4)
+    assert p.dtype == "float16" and p.pipeline_parallel == 4 and p.nodes == 1 and p.peak_gib < 7.4
+    with pytest.raises(PlanError, match="generate runs in one process on one node"):
+        plan(load_model("gemma-2-9b"), "generate", "P4", gpus=16)
