@@ -36,7 +36,7 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
 def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
     """The LLMConfig (as a dict) for one model entry: the plan's engine arguments and placement,
     turned into Ray Serve LLM's fields and nothing computed here."""
-    source, cfg = model_source(entry.source, base, f"models[{entry.id}].source")
+    source, cfg = model_source(entry.source, base, f"models[{entry.id}].source", entry.config)
     p = entry_plan(entry, spec_from_config(cfg, name=entry.id))
     engine = dict(p.engine_kwargs)
     env = dict(p.engine_env)

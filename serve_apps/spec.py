@@ -29,7 +29,10 @@ class ModelEntry(Config):
     """One served model: a base model and, optionally, LoRA adapters trained by jobs/."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The `model` name clients use.")
-    source: str = Field(description="Model directory (config.json, weights, tokenizer).")
+    source: str = Field(description=(
+        "Model directory, built-in name, Hugging Face repo id (its config.json in the local HF cache) "
+        "or s3:// / gs:// URI (set config: too)."))
+    config: str | None = Field(default=None, description="Local config.json of an s3:// or gs:// source.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> adapter directory. "
                                      "Clients address one as `<id>:<name>`.")
     adapters_dir: str | None = Field(default=None, description="Folder whose subfolders are adapters; new ones "

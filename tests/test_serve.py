@@ -294,3 +294,41 @@ def test_emitted_auto_config_is_resolved_by_the_cluster_that_builds_it(tiny_mode
     args = emit_config(spec, tmp_path)["applications"][0]["args"]
     assert args["ingress"] == "auto"
     assert build_from_args(args)._bound_deployment.name == "GpufleetIngress"  # this process: Ray's own proxy
+
+
+def test_builtin_name_is_served_from_its_hugging_face_repo():
+    conf = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB"), "/")
+    assert conf["model_loading_config"]["model_source"] == "meta-llama/Llama-3.1-8B"
+
+
+def hf_cache_with(tmp_path, repo_id, config):
+    """A Hugging Face cache holding one repository's config.json, laid out as huggingface_hub writes it."""
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snap / "config.json").write_text(json.dumps(config))
+    return tmp_path / "hub"
+
+
+def test_repo_id_is_planned_from_the_offline_hugging_face_cache(tmp_path, monkeypatch, tiny_model):
+    config = json.loads((tiny_model / "config.json").read_text())
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache_with(tmp_path, "acme/tiny-chat", config)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", os.environ["HF_HUB_CACHE"])
+    conf = llm_config_dict(ModelEntry(id="t", source="acme/tiny-chat", context=256), tmp_path)
+    assert conf["model_loading_config"]["model_source"] == "acme/tiny-chat"
+    assert conf["engine_kwargs"]["max_model_len"] == 256
+    with pytest.raises(SpecError, match="acme/absent has no config.json in the Hugging Face cache"):
+        llm_config_dict(ModelEntry(id="t", source="acme/absent"), tmp_path)
+
+
+def test_remote_source_needs_a_local_config(tmp_path, tiny_model):
+    with pytest.raises(SpecError, match="s3://bucket/m is remote .* To fix: set the entry's config:"):
+        llm_config_dict(ModelEntry(id="t", source="s3://bucket/m"), tmp_path)
+    conf = llm_config_dict(ModelEntry(id="t", source="s3://bucket/m", config=str(tiny_model / "config.json"),
+                                      context=256), tmp_path)
+    assert conf["model_loading_config"]["model_source"] == "s3://bucket/m"
