@@ -34,6 +34,11 @@ class GpuType(Config):
         return self.compute_capability >= (8, 0)
 
     @property
+    def supports_fp8(self) -> bool:
+        """fp8 tensor cores: compute capability 8.9 (Ada: L4, L40S) or newer (Hopper: H100, H200)."""
+        return self.compute_capability >= (8, 9)
+
+    @property
     def train_dtype(self) -> str:
         return "bfloat16" if self.supports_bf16 else "float16"
 

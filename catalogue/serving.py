@@ -72,16 +72,18 @@ def kv_bytes_for_sequence(spec: ModelSpec, context: int, tp: int, pp: int, dtype
     return -(-sum(blocks) * per // pp)
 
 
-def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int) -> int:
+def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int, linear_bytes: int | None = None) -> int:
     """Weight bytes on one GPU: linears and vocabulary split by TP, KV projections replicated
-    when TP exceeds the KV heads, layers split by PP."""
+    when TP exceeds the KV heads, layers split by PP. ``linear_bytes``: the layers' linear weights
+    when they are quantized (fp8: 1); norms, embeddings and the LM head stay in ``dtype_bytes``."""
     h, kv_rank = spec.hidden_size, kv_heads_per_rank(spec, tp)
     attn = 2 * h * spec.q_dim // tp + 2 * h * kv_rank * spec.head_dim
     mlp_total = sum(spec.layer_params(i) for i in range(spec.num_layers)) - spec.num_layers * (
         spec.attention_params() + spec.norms_per_layer * h)
-    layers = spec.num_layers * (attn + spec.norms_per_layer * h) + mlp_total // tp
+    linear = spec.num_layers * attn + mlp_total // tp
+    norms = spec.num_layers * spec.norms_per_layer * h
     vocab = spec.embedding_params * (1 if spec.tie_word_embeddings else 2) // tp
-    return (layers // pp + vocab) * dtype_bytes
+    return linear // pp * (linear_bytes or dtype_bytes) + (norms // pp + vocab) * dtype_bytes
 
 
 def vllm_batch_defaults(gpu: GpuType) -> tuple[int, int]:
@@ -98,9 +100,11 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
                    gpu_memory_utilization: float = DEFAULT_UTILIZATION,
                    max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                    enforce_eager: bool = False, dtype_bytes: int | None = None,
-                   expected_tokens: int | None = None) -> ServingMemory:
+                   expected_tokens: int | None = None, linear_bytes: int | None = None,
+                   kv_dtype_bytes: int | None = None) -> ServingMemory:
     """What one vLLM replica of ``spec`` with TP x PP on ``gpu`` holds, and what KV cache is left
-    (weights and KV cache in ``dtype_bytes``; default: the GPU's half precision). The batch limits
+    (weights and KV cache in ``dtype_bytes``, default: the GPU's half precision; fp8 weights and KV
+    cache through ``linear_bytes`` and ``kv_dtype_bytes``). The batch limits
     default to vLLM's own for the GPU; ``expected_tokens`` (default: min(2048, context)) is the
     length at which ``concurrent_at_expected`` counts requests."""
     dtype_bytes = dtype_bytes or DTYPE_BYTES[gpu.train_dtype]
@@ -109,7 +113,8 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
     max_num_seqs = max_num_seqs or default_seqs
     max_num_batched_tokens = max_num_batched_tokens or default_batched
     expected = min(expected_tokens or DEFAULT_EXPECTED_TOKENS, context)
-    w = weights_per_rank(spec, tp, pp, dtype_bytes)
+    kv_bytes = kv_dtype_bytes or dtype_bytes
+    w = weights_per_rank(spec, tp, pp, dtype_bytes, linear_bytes)
     # Profiling run: a forward of max_num_batched_tokens (MLP gate/up and activation dominate),
     # then the sampler on max_num_seqs rows of fp32 logits beside the kept hidden states; the
     # torch peak is the larger of the two.
@@ -121,11 +126,11 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
     non_torch = FORWARD_NON_TORCH + (NCCL_PER_RANK if tp * pp > 1 else 0)
     outside = CUDA_CONTEXT + (0 if enforce_eager else CUDA_GRAPHS)
     kv = int(gpu_memory_utilization * gpu.memory_bytes) - w - act - non_torch
-    per_token = -(-spec.num_layers * kv_bytes_per_token_layer(spec, tp, dtype_bytes) // pp)
+    per_token = -(-spec.num_layers * kv_bytes_per_token_layer(spec, tp, kv_bytes) // pp)
     kv_tokens = max(kv, 0) // per_token // BLOCK_SIZE * BLOCK_SIZE
-    max_len = _max_model_len(spec, kv, tp, pp, dtype_bytes)
-    need = kv_bytes_for_sequence(spec, context, tp, pp, dtype_bytes)
-    need_expected = kv_bytes_for_sequence(spec, expected, tp, pp, dtype_bytes)
+    max_len = _max_model_len(spec, kv, tp, pp, kv_bytes)
+    need = kv_bytes_for_sequence(spec, context, tp, pp, kv_bytes)
+    need_expected = kv_bytes_for_sequence(spec, expected, tp, pp, kv_bytes)
     return ServingMemory(
         tensor_parallel=tp, pipeline_parallel=pp, gpu_memory_utilization=gpu_memory_utilization,
         weights=w, activation_peak=act, non_torch=non_torch, outside_budget=outside, kv_cache=kv, kv_bytes_per_token=per_token,

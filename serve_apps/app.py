@@ -29,15 +29,21 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
     if entry.context is not None:
         model.check_context(entry.context, f"models[{entry.id}].context")
     return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.context,
-                batch=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
+                batch=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
+                quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
                 enforce_eager=entry.enforce_eager)
+
+
+def sourced_plan(entry: ModelEntry, base: Path) -> tuple[str, ServePlan]:
+    """What the replica loads for ``entry`` and the plan it runs with."""
+    source, cfg = model_source(entry.source, base, f"models[{entry.id}].source", entry.config)
+    return source, entry_plan(entry, spec_from_config(cfg, name=entry.id))
 
 
 def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
     """The LLMConfig (as a dict) for one model entry: the plan's engine arguments and placement,
     turned into Ray Serve LLM's fields and nothing computed here."""
-    source, cfg = model_source(entry.source, base, f"models[{entry.id}].source", entry.config)
-    p = entry_plan(entry, spec_from_config(cfg, name=entry.id))
+    source, p = sourced_plan(entry, base)
     engine = dict(p.engine_kwargs)
     env = dict(p.engine_env)
     conf: dict[str, Any] = {
@@ -153,10 +159,42 @@ def build_from_args(args: dict[str, Any]) -> Any:
     )
 
 
+INGRESS_CPUS = 1.0  # Ray Serve's default for a deployment: gpufleet's OpenAI router asks for no other
+
+
+def check_app_fits(spec: ServeSpec, base: Path) -> None:
+    """Refuse at once an app the connected cluster can never hold: every model's replica group
+    (its plan's placement, times its initial replicas) and, in the router layout, the router's CPU.
+    Without this Ray Serve waits forever in DEPLOYING for a deployment no node can schedule."""
+    from catalogue.errors import PlanError, fix
+    from catalogue.placement import check_feasible, sum_bundles
+    from cluster.placement import check_placeable, cluster_nodes
+
+    bundles: list[dict[str, float]] = []
+    for entry in spec.models:
+        placement = sourced_plan(entry, base)[1].placement
+        check_placeable(placement)
+        bundles += placement.bundles * max(1, entry.replicas.min)
+    if spec.ingress_mode(haproxy_fronts_serve()) == "router":
+        bundles.append({"CPU": INGRESS_CPUS})
+    try:
+        check_feasible(bundles, "PACK", cluster_nodes())
+    except PlanError:
+        need = {k: v for k, v in sum_bundles(bundles).items() if not k.startswith("accelerator_type")}
+        raise PlanError(fix(f"serve app {spec.name} needs {need} in all (replicas of "
+                            f"{', '.join(m.id for m in spec.models)}" + (" and the OpenAI router" if
+                            spec.ingress_mode(haproxy_fronts_serve()) == "router" else "") +
+                            "), more than the cluster's nodes offer",
+                            "start the head with more CPUs (`gpufleet up --num-cpus N`), add nodes, or lower "
+                            "replicas.min / tensor_parallel")) from None
+
+
 def deploy(spec: ServeSpec, base: Path, blocking: bool = False) -> str:
-    """Run the app on the connected cluster; returns the base URL of the OpenAI API."""
+    """Run the app on the connected cluster (refused at once if it can never fit); returns the base
+    URL of the OpenAI API."""
     from ray import serve
 
+    check_app_fits(spec, base)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run(build_app(spec, base), name=spec.name, route_prefix="/", blocking=blocking)
     return f"http://{spec.host}:{spec.port}/v1"

@@ -47,6 +47,10 @@ class ModelEntry(Config):
     tensor_parallel: int | None = Field(default=None, ge=1, description="Override the planned TP size.")
     dtype: DType = Field(default="auto", description=PlanRequest.model_fields["dtype"].description)
     max_lora_rank: int = Field(default=16, ge=1)
+    quantization: Literal["none", "fp8"] = Field(default="none",
+                                                 description=PlanRequest.model_fields["quantization"].description)
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto",
+                                                   description=PlanRequest.model_fields["kv_cache_dtype"].description)
     cpu_kv_cache_gib: float = Field(default=DEFAULT_CPU_KV_CACHE_GIB, gt=0,
                                     description=PlanRequest.model_fields["cpu_kv_cache_gib"].description)
     enforce_eager: bool | None = Field(default=None, description=PlanRequest.model_fields["enforce_eager"].description)

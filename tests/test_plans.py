@@ -146,3 +146,19 @@ def test_generate_plan_splits_layers_over_one_node_only():
     assert p.dtype == "float16" and p.pipeline_parallel == 4 and p.nodes == 1 and p.peak_gib < 7.4
     with pytest.raises(PlanError, match="generate runs in one process on one node"):
         plan(load_model("gemma-2-9b"), "generate", "P4", gpus=16)
+
+
+def test_fp8_halves_kv_bytes_and_the_linear_weights_on_hopper():
+    spec = load_model("llama-3.1-8b")
+    bf16 = plan(spec, "serve", "H100", seq_len=8192)
+    fp8 = plan(spec, "serve", "H100", seq_len=8192, quantization="fp8", kv_cache_dtype="fp8")
+    assert fp8.serving.kv_bytes_per_token * 2 == bf16.serving.kv_bytes_per_token
+    embeddings = 2 * spec.embedding_params * 2  # untied input and output tables stay bf16
+    assert fp8.serving.weights - embeddings == pytest.approx((bf16.serving.weights - embeddings) / 2, rel=0.01)
+    assert fp8.engine_kwargs["quantization"] == "fp8" and fp8.engine_kwargs["kv_cache_dtype"] == "fp8"
+    assert fp8.serving.kv_tokens > 2 * bf16.serving.kv_tokens
+
+
+def test_fp8_on_a_gpu_without_fp8_is_refused_with_the_reason():
+    with pytest.raises(PlanError, match=r"quantization=fp8 needs fp8 tensor cores .* A100-80GB has 8.0"):
+        plan(load_model("llama-3.1-8b"), "serve", "A100-80GB", quantization="fp8")
