@@ -54,7 +54,7 @@ def test_autoscaler_node_type_makes_a_group_feasible():
 
 # ---- real cluster ----------------------------------------------------------------------------------
 def test_tp4_plan_lands_on_one_node(gpu_cluster):
-    p = plan(load_model("qwen2.5-72b"), "serve", get_gpu("H100-80GB"))
+    p = plan(load_model("qwen2.5-72b"), "serve", get_gpu("H100-80GB"), gpus=4)
     assert p.tensor_parallel == 4 and p.placement_strategy == "STRICT_PACK"
     pg = reserve_placement(p.placement, name="tp4", timeout_s=30)
     try:
