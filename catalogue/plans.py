@@ -39,7 +39,8 @@ class PlanRequest(Config):
         "Tokens per sequence (serve: the context length, max_model_len; default: 8192 for serving, "
         "2048 otherwise, capped at the model's max_position_embeddings)."))
     batch: int | None = Field(default=None, ge=1, description=(
-        f"Training: global batch (default {DEFAULT_GLOBAL_BATCH}). Serve: concurrent sequences wanted."))
+        f"Training: global batch (default {DEFAULT_GLOBAL_BATCH}). Serve: concurrent requests (of expected_tokens) "
+        "one replica must hold. Generate: sequences generated together."))
     expected_tokens: int | None = Field(default=None, ge=1, description=(
         "Serve: prompt + output tokens of a typical request; sizes max_num_seqs and autoscaling "
         "(default: 2048, or the context if shorter)."))
