@@ -70,8 +70,8 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
         return _plan_serve_cpu(spec, req)
     gpu = get_gpu(req.gpu)
     seq = _seq_len(spec, req)
-    if req.task in ("lora", "full") and req.gpus and (req.batch or DEFAULT_GLOBAL_BATCH) % req.gpus:
-        batch = req.batch or DEFAULT_GLOBAL_BATCH
+    batch = req.batch or DEFAULT_GLOBAL_BATCH
+    if req.task in ("lora", "full") and req.gpus and batch % req.gpus:
         raise PlanError(fix(f"global batch {batch} is not divisible by {req.gpus} GPUs",
                             f"use a global batch that is a multiple of {req.gpus}, or pin another GPU count"))
     if req.task == "generate":

@@ -31,11 +31,7 @@ def check_model_dir(model_dir: Path, field: str = "model") -> dict[str, Any]:
                             f"point {field} at a Hugging Face model directory (python -m jobs.tiny_model DIR makes one)"))
     if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
         raise SpecError(fix(f"{field}: {model_dir} has no tokenizer", "save the tokenizer into the model directory"))
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise SpecError(fix(f"{field}: {cfg_file} is not valid JSON ({e.msg} at line {e.lineno})",
-                            "restore the model's config.json")) from None
+    return _read_json(cfg_file, field)
 
 
 # Built-in names -> the Hugging Face repositories their config.json values come from.

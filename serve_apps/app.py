@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from catalogue.errors import PlanError, fix
 from catalogue.gpus import CPU_DEVICE
 from catalogue.model import ModelSpec, spec_from_config
+from catalogue.placement import ACCELERATOR_PREFIX, check_feasible, sum_bundles
 from catalogue.planner import plan
 from catalogue.plans import ServePlan
 from catalogue.sources import model_source
@@ -166,25 +168,24 @@ def check_app_fits(spec: ServeSpec, base: Path) -> None:
     """Refuse at once an app the connected cluster can never hold: every model's replica group
     (its plan's placement, times its initial replicas) and, in the router layout, the router's CPU.
     Without this Ray Serve waits forever in DEPLOYING for a deployment no node can schedule."""
-    from catalogue.errors import PlanError, fix
-    from catalogue.placement import check_feasible, sum_bundles
-    from cluster.placement import check_placeable, cluster_nodes
+    from cluster.placement import cluster_nodes
 
+    nodes = cluster_nodes()
     bundles: list[dict[str, float]] = []
     for entry in spec.models:
         placement = sourced_plan(entry, base)[1].placement
-        check_placeable(placement)
+        check_feasible(placement.bundles, placement.strategy, nodes)
         bundles += placement.bundles * max(1, entry.replicas.min)
-    if spec.ingress_mode(haproxy_fronts_serve()) == "router":
+    router = spec.ingress_mode(haproxy_fronts_serve()) == "router"
+    if router:
         bundles.append({"CPU": INGRESS_CPUS})
     try:
-        check_feasible(bundles, "PACK", cluster_nodes())
+        check_feasible(bundles, "PACK", nodes)
     except PlanError:
-        need = {k: v for k, v in sum_bundles(bundles).items() if not k.startswith("accelerator_type")}
+        need = {k: v for k, v in sum_bundles(bundles).items() if not k.startswith(ACCELERATOR_PREFIX)}
         raise PlanError(fix(f"serve app {spec.name} needs {need} in all (replicas of "
-                            f"{', '.join(m.id for m in spec.models)}" + (" and the OpenAI router" if
-                            spec.ingress_mode(haproxy_fronts_serve()) == "router" else "") +
-                            "), more than the cluster's nodes offer",
+                            f"{', '.join(m.id for m in spec.models)}" + (" and the OpenAI router" if router else "")
+                            + "), more than the cluster's nodes offer",
                             "start the head with more CPUs (`gpufleet up --num-cpus N`), add nodes, or lower "
                             "replicas.min / tensor_parallel")) from None
 
