@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--compare", type=Path, help="Put a results file beside the memory model; measure nothing.")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budget-s", type=float, default=480, help="Stop starting new models after this long.")
+    ap.add_argument("--shapes", help="BATCHxPROMPT+NEW,... (default: the calibration shapes; bf16 and fp16 alike)")
     a = ap.parse_args()
     if a.compare:
         compare(a.compare)
@@ -79,8 +80,12 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "transformers": transformers.__version__, "recipe": "generate(), greedy, SDPA, DynamicCache",
               "rows": []}
+    plan = (("bfloat16", SHAPES), ("float16", FP16_SHAPES))
+    if a.shapes:
+        given = [tuple(int(x) for x in s.replace("+", "x").split("x")) for s in a.shapes.split(",")]
+        plan = (("bfloat16", given[:-1] or given), ("float16", given[-1:]))
     for name in a.models.split(","):
-        for dtype, shapes in (("bfloat16", SHAPES), ("float16", FP16_SHAPES)):
+        for dtype, shapes in plan:
             if time.monotonic() - t_start > a.budget_s:
                 result["stopped_early"] = f"budget of {a.budget_s:g}s reached before {name} {dtype}"
                 break
