@@ -28,6 +28,7 @@ from catalogue.config import Config
 from catalogue.errors import SpecError, fix
 from catalogue.gpus import GIB
 from catalogue.model import ModelSpec
+from catalogue.quantization import OnTheFly, Quantization, bitsandbytes
 
 Task = Literal["infer", "generate", "lora", "full"]
 Precision = Literal["bf16", "fp16", "mixed"]
@@ -68,6 +69,9 @@ class TrainSetup(Config):
         "deepspeed: fp32 master weights and fp32 Adam states, ZeRO-sharded."))
     grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     new_tokens: int = Field(default=256, ge=0, description="generate: tokens generated after the prompt.")
+    quant: OnTheFly = Field(default="none", description=(
+        "generate: load a 16-bit checkpoint quantized by bitsandbytes (int8: LLM.int8; nf4: 4-bit NormalFloat, "
+        "bf16 compute)."))
     compile: bool = Field(default=False, description=(
         "torch.compile: inductor keeps fewer activations and fuses the loss (deepspeed engine only)."))
     data_parallel: int = Field(default=1, ge=1, description="GPUs sharing the ZeRO partitions.")
@@ -79,6 +83,9 @@ class TrainSetup(Config):
     def _check(self) -> TrainSetup:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(fix("offload_params needs zero_stage=3", "set zero_stage=3 or drop offload_params"))
+        if self.quant != "none" and self.task != "generate":
+            raise ValueError(fix(f"quant={self.quant} is planned for task 'generate' only",
+                                 "use --task generate, or drop --quant"))
         if self.engine == "torch" and (self.data_parallel > 1 or self.zero_stage or self.offload_optimizer
                                        or self.compile or self.grad_accum > 1):
             raise ValueError(fix("ZeRO, offload, compile, grad_accum>1 and data_parallel>1 need engine='deepspeed'",
@@ -222,7 +229,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     """Peak memory per GPU for ``setup`` (dispatches on ``setup.engine``)."""
     if setup.task == "generate":
         return generate_memory(spec, setup.micro_batch, setup.seq_len, setup.new_tokens,
-                               4 if setup.precision == "mixed" else 2)
+                               4 if setup.precision == "mixed" else 2, on_the_fly(spec, setup.quant))
     if setup.engine == "deepspeed":
         return _deepspeed(spec, setup)
     return _torch_single_gpu(spec, setup)
@@ -230,9 +237,19 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
 
 # ---- generate() (transformers, SDPA, DynamicCache) ----------------------------------------------
 GENERATE_LOGITS = 10  # per vocabulary entry of the last position: half-precision logits, fp32 copy, scores
+INT8_ACCUMULATOR = 4  # LLM.int8 matmuls write int32 outputs before scaling back: 4 bytes per output
 
 
-def generate_memory(spec: ModelSpec, batch: int, prompt: int, new_tokens: int, dtype_bytes: int = 2) -> MemoryBreakdown:
+def on_the_fly(spec: ModelSpec, quant: OnTheFly) -> Quantization | None:
+    """bitsandbytes quantization asked for at load time; a checkpoint quantized already refuses it."""
+    if quant != "none" and spec.quantization:
+        raise SpecError(fix(f"{spec.name} is already quantized ({spec.quantization.label}); quant={quant} "
+                            "would quantize it again", "drop --quant"))
+    return bitsandbytes(quant)
+
+
+def generate_memory(spec: ModelSpec, batch: int, prompt: int, new_tokens: int, dtype_bytes: int = 2,
+                    quant: Quantization | None = None) -> MemoryBreakdown:
     """Peak of a greedy ``generate()``: the larger of two moments.
 
     * prefill: weights, the KV cache of the whole prompt (sliding-window layers too: the window is
@@ -241,13 +258,20 @@ def generate_memory(spec: ModelSpec, batch: int, prompt: int, new_tokens: int, d
     * last decode step: the KV cache of prompt + new tokens (sliding-window layers keep their
       window), one layer's cache copied as it grows (DynamicCache concatenates), and the logits.
 
-    Measured on an H100 (bench/memory/results/h100-generate.json: 7 architectures, bf16 and fp16).
+    Quantized weights (the checkpoint's ``quantization_config`` or ``quant``) count their own bytes;
+    bitsandbytes int8 also writes the widest matmul's int32 output in the prefill.
+
+    Measured on an H100 (bench/memory/results/h100-generate.json: 7 architectures, bf16 and fp16;
+    h100-generate-heldout.json: cases the terms were not chosen from; h100-quantized.json: int8, nf4).
     """
-    weights = spec.num_params * dtype_bytes
+    quant = quant or spec.quantization
+    weights = spec.weight_bytes(dtype_bytes, quant)
     per_token_layer = 2 * spec.kv_dim * dtype_bytes
     logits = batch * spec.vocab_size * GENERATE_LOGITS
     kv_prompt = batch * spec.num_layers * prompt * per_token_layer
     transient = batch * prompt * 4 * spec.mlp_activation_width * dtype_bytes
+    if quant and quant.method == "bitsandbytes" and quant.bits == 8:
+        transient += batch * prompt * INT8_ACCUMULATOR * spec.mlp_activation_width
     total = prompt + new_tokens
     kv_end = batch * sum(spec.kv_tokens_per_layer(total)) * per_token_layer
     grow_copy = batch * total * per_token_layer

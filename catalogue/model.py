@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from catalogue.config import Config
 from catalogue.errors import SpecError, fix
+from catalogue.quantization import Quantization, read_quantization
 
 MODELS_DIR = Path(__file__).parent / "models"
 
@@ -63,6 +64,7 @@ class ModelSpec(Config):
     moe_intermediate_size: int = Field(default=0, ge=0)
     shared_expert_intermediate_size: int = Field(default=0, ge=0)
     moe_layers: tuple[int, ...] = ()
+    quantization: Quantization | None = Field(default=None, description="The checkpoint's quantization_config.")
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelSpec:
@@ -125,6 +127,44 @@ class ModelSpec(Config):
     def layer_params(self, layer: int) -> int:
         mlp = self.moe_mlp_params() if layer in self.moe_layers else self.dense_mlp_params()
         return self.attention_params() + mlp + self.norms_per_layer * self.hidden_size
+
+    def layer_linears(self, layer: int) -> list[tuple[int, int]]:
+        """``(in_features, weights)`` of each linear weight in one decoder layer that quantizers
+        convert: attention and MLP projections and the experts (routers stay in half precision)."""
+        h, q, kv = self.hidden_size, self.q_dim, self.kv_dim
+        attn = [(h, h * (q + 2 * kv))] if self.family == "phi3" else [(h, h * q), (h, h * kv), (h, h * kv)]
+        out = [*attn, (q, q * h)]
+
+        def mlp(width: int) -> list[tuple[int, int]]:
+            return [(h, 2 * h * width), (width, width * h)]
+
+        if layer in self.moe_layers:
+            out += mlp(self.moe_intermediate_size) * self.num_experts
+            if self.shared_expert_intermediate_size:
+                out += mlp(self.shared_expert_intermediate_size)
+        else:
+            out += mlp(self.intermediate_size)
+        return out
+
+    def layer_bytes(self, layer: int, dtype_bytes: float, quant: Quantization | None = None) -> float:
+        """Weight bytes of one decoder layer, its linears quantized by ``quant`` (default: the checkpoint's)."""
+        quant = quant or self.quantization
+        total = self.layer_params(layer) * dtype_bytes
+        if quant:
+            total -= sum(n * (dtype_bytes - quant.bytes_per_weight(fan_in)) for fan_in, n in self.layer_linears(layer))
+        return total
+
+    def linear_bytes_per_weight(self, quant: Quantization) -> float:
+        """Average bytes of one quantized linear weight over the decoder layers (scales included)."""
+        linears = [lin for i in range(self.num_layers) for lin in self.layer_linears(i)]
+        return sum(n * quant.bytes_per_weight(fan_in) for fan_in, n in linears) / sum(n for _, n in linears)
+
+    def weight_bytes(self, dtype_bytes: float, quant: Quantization | None = None) -> int:
+        """Bytes of all weights: decoder layers (quantized where the checkpoint or ``quant`` says),
+        embeddings, the LM head and the final norm in ``dtype_bytes``."""
+        outside = self.num_params - sum(self.layer_params(i) for i in range(self.num_layers))
+        return int(sum(self.layer_bytes(i, dtype_bytes, quant) for i in range(self.num_layers))
+                   + outside * dtype_bytes)
 
     @property
     def embedding_params(self) -> int:
@@ -233,6 +273,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     if not isinstance(cfg, dict):
         raise SpecError(fix(f"{name}: config.json holds a {type(cfg).__name__}, not an object of keys",
                             "pass a Hugging Face config.json (a JSON object)"))
+    raw = cfg
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
     mt = cfg.get("model_type")
@@ -248,6 +289,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     n_kv = _optional_int(cfg, "num_key_value_heads", name) or n_heads  # absent: full multi-head attention
     n_experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
     tie_default = mt in ("gemma2", "gemma3_text")
+    quantization = read_quantization(raw, name)
     try:
         return ModelSpec(
             name=name,
@@ -270,6 +312,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
             moe_intermediate_size=(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if n_experts else 0,
             shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
             moe_layers=_moe_layers(cfg, n_layers) if n_experts else (),
+            quantization=quantization,
         )
     except ValidationError as e:
         err = e.errors()[0]

@@ -14,7 +14,16 @@ from pydantic import ValidationError
 
 from catalogue.errors import PlanError, fix
 from catalogue.gpus import CPU_DEVICE, GIB, GPU_TYPES, GpuType, get_gpu
-from catalogue.memory import CUDA_CONTEXT, MemoryBreakdown, TrainSetup, estimate, fits, generate_memory
+from catalogue.layer_split import TL_DTYPES, LayerSplit, device_split, generate_runtime, transformerlens_split
+from catalogue.memory import (
+    CUDA_CONTEXT,
+    MemoryBreakdown,
+    TrainSetup,
+    estimate,
+    fits,
+    generate_memory,
+    on_the_fly,
+)
 from catalogue.model import DTYPE_BYTES, ModelSpec
 from catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
 from catalogue.placement import Placement, Strategy, worker_bundles
@@ -27,6 +36,7 @@ from catalogue.plans import (
     ServePlan,
     TrainPlan,
 )
+from catalogue.quantization import FP8, vllm_quantization
 from catalogue.serving import (
     DEFAULT_EXPECTED_TOKENS,
     ServingMemory,
@@ -74,6 +84,9 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
     if req.task in ("lora", "full") and req.gpus and batch % req.gpus:
         raise PlanError(fix(f"global batch {batch} is not divisible by {req.gpus} GPUs",
                             f"use a global batch that is a multiple of {req.gpus}, or pin another GPU count"))
+    if req.quant != "none" and req.task != "generate":
+        raise PlanError(fix(f"quant={req.quant} is planned for task 'generate' only",
+                            "use --task generate (serve takes --quantization fp8 or a quantized checkpoint)"))
     if req.task == "generate":
         spec.check_context(seq + req.new_tokens, "seq_len + new_tokens")
         if req.gpus and req.gpus > req.gpus_per_node:
@@ -139,6 +152,10 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         raise PlanError(fix(f"{asked} needs fp8 tensor cores (compute capability 8.9+); {gpu.name} has "
                             f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}",
                             f"drop it, or plan for one of {fp8_gpus}"))
+    if fp8["quantization"] and spec.quantization:
+        raise PlanError(fix(f"{spec.name} is already quantized ({spec.quantization.label}); quantization=fp8 "
+                            "would quantize it again", "drop quantization: fp8"))
+    quant = FP8 if fp8["quantization"] else spec.quantization
     legal = legal_tp_sizes(spec, req.gpus_per_node)
     dtype = gpu.train_dtype if req.dtype == "auto" else req.dtype
     for n in counts:
@@ -153,7 +170,7 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             eager = bool(req.enforce_eager)
             sized = dict(tp=tp, pp=pp, context=seq, gpu_memory_utilization=util, enforce_eager=eager,
                          dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens,
-                         linear_bytes=1 if fp8["quantization"] else None,
+                         linear_bytes=spec.linear_bytes_per_weight(quant) if quant else None,
                          kv_dtype_bytes=1 if fp8["kv_cache_dtype"] else None)
             mem = serving_memory(spec, gpu, **sized)
             if mem.concurrent_seqs >= 1 and mem.concurrent_at_expected >= want:
@@ -166,8 +183,8 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                               max_num_batched_tokens=mem.max_num_batched_tokens)
                 if req.enforce_eager is not None:
                     engine["enforce_eager"] = req.enforce_eager
-                if fp8["quantization"]:
-                    engine["quantization"] = "fp8"
+                if quant:  # the checkpoint's method (vLLM would detect it; naming it picks the fast kernel)
+                    engine["quantization"] = vllm_quantization(quant, gpu.compute_capability)
                 if fp8["kv_cache_dtype"]:
                     engine["kv_cache_dtype"] = "fp8"
                 common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
@@ -260,32 +277,59 @@ def _plan_infer(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     micro = req.batch or 1
     mem = estimate(spec, TrainSetup(task="infer", micro_batch=micro, seq_len=seq))
     for n in counts:
+        if n > req.gpus_per_node:
+            break  # one process, one node
         # device_map splits layers, so each GPU holds ~1/n of the weights; the logits live on the last.
         per_gpu = mem.weights // n + mem.logits_and_loss
         if fits(per_gpu, gpu.memory_bytes, req.headroom):
             return InferPlan(pipeline_parallel=n, micro_batch=micro, memory=mem,
                              peak_bytes_per_gpu=per_gpu + CUDA_CONTEXT,
                              notes=("device_map='auto' splits the layers over the GPUs",) if n > 1 else (),
-                             **_common(spec, req, gpu, n, seq, "PACK"))
+                             **_common(spec, req, gpu, n, seq, _one_node(n)))
     return None
+
+
+def _one_node(n: int) -> Strategy:
+    """One process drives every GPU of a device_map: they must share a node."""
+    return "STRICT_PACK" if n > 1 else "PACK"
 
 
 def _plan_generate(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> InferPlan | None:
-    """transformers' generate() with device_map over the GPUs of one node: each GPU holds its share
-    of the layers (weights and KV cache); the prefill transient and the logits come on top."""
+    """transformers' generate() with device_map over the GPUs of one node: the layers are split so the
+    fullest GPU is as empty as it can be (weights and KV cache of its layers; the prefill transient on
+    every GPU; embeddings on the first, the LM head and logits on the last, or the first when tied)."""
     batch = req.batch or 1
-    mem = generate_memory(spec, batch, seq, req.new_tokens, DTYPE_BYTES[gpu.train_dtype])
+    dtype_bytes = DTYPE_BYTES[gpu.train_dtype]
+    quant = on_the_fly(spec, req.quant) or spec.quantization
+    mem = generate_memory(spec, batch, seq, req.new_tokens, dtype_bytes, quant)
+    runtime = generate_runtime(spec, mem, batch, seq, req.new_tokens, dtype_bytes)
     for n in counts:
         if n > req.gpus_per_node:
             break  # one process, one node
-        per_gpu = (mem.weights + mem.kv_cache) // n + mem.activations + mem.logits_and_loss
-        if fits(per_gpu, gpu.memory_bytes, req.headroom):
-            return InferPlan(task="generate", pipeline_parallel=n, micro_batch=batch, new_tokens=req.new_tokens,
-                             memory=mem, peak_bytes_per_gpu=per_gpu + CUDA_CONTEXT,
-                             notes=(f"peak at {mem.peak_phase}",) + (
-                                 ("device_map='auto' splits the layers over the GPUs",) if n > 1 else ()),
-                             **_common(spec, req, gpu, n, seq, "STRICT_PACK" if n > 1 else "PACK"))
+        split = device_split(spec, n, runtime, dtype_bytes, gpu.memory_bytes, req.headroom, quant)
+        if split is None:
+            continue
+        tl = tuple(t for dt in TL_DTYPES if (t := transformerlens_split(
+            spec, dt, gpu.memory_bytes, req.headroom, req.gpus_per_node)) is not None)
+        return InferPlan(task="generate", pipeline_parallel=n, micro_batch=batch, new_tokens=req.new_tokens,
+                         memory=mem, peak_bytes_per_gpu=max(split.peak_per_gpu) + CUDA_CONTEXT, split=split,
+                         quantization=quant.label if quant else None, transformerlens=tl,
+                         notes=_generate_notes(spec, gpu, mem, split),
+                         **_common(spec, req, gpu, n, seq, _one_node(n)))
     return None
+
+
+def _generate_notes(spec: ModelSpec, gpu: GpuType, mem: MemoryBreakdown, split: LayerSplit) -> tuple[str, ...]:
+    notes = [f"peak at {mem.peak_phase}"]
+    if len(split.layers_per_gpu) > 1:
+        notes.append("layers per GPU " + "/".join(map(str, split.layers_per_gpu)) + "; paste `--emit device-map` "
+                     "into from_pretrained(device_map=..., max_memory=...)")
+    if not gpu.supports_bf16:
+        notes.append(f"{gpu.name} has no bf16: weights and compute in float16")
+        if spec.family == "gemma2":
+            notes.append("Gemma-2 in float16 can overflow (inf/NaN logits, known upstream); if outputs are NaN, "
+                         "run on a bf16 GPU or load in float32")
+    return tuple(notes)
 
 
 # ---- lora / full (DeepSpeed ZeRO) ---------------------------------------------------------------

@@ -14,8 +14,10 @@ from pydantic import Field, model_validator
 from catalogue.config import Config
 from catalogue.errors import fix
 from catalogue.gpus import GIB
-from catalogue.memory import DEFAULT_HEADROOM, MemoryBreakdown
+from catalogue.layer_split import LayerSplit, TransformerLensSplit
+from catalogue.memory import CUDA_CONTEXT, DEFAULT_HEADROOM, MemoryBreakdown
 from catalogue.placement import Placement
+from catalogue.quantization import OnTheFly
 from catalogue.serving import ServingMemory
 
 PlanTask = Literal["serve", "generate", "infer", "lora", "full"]
@@ -45,6 +47,9 @@ class PlanRequest(Config):
         "Serve: prompt + output tokens of a typical request; sizes max_num_seqs and autoscaling "
         "(default: 2048, or the context if shorter)."))
     new_tokens: int = Field(default=256, ge=0, description="Generate: tokens generated after the prompt (--seq).")
+    quant: OnTheFly = Field(default="none", description=(
+        "Generate: load a 16-bit checkpoint quantized by bitsandbytes (int8: LLM.int8; nf4: 4-bit NormalFloat, "
+        "bf16 compute)."))
     headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1, description="Safety margin on memory (0.1 = 10%).")
     compile: bool = Field(default=True, description=(
         "Training: run under torch.compile (gpufleet's GPU default; changes activation memory)."))
@@ -167,6 +172,18 @@ class InferPlan(BasePlan):
     pipeline_parallel: int = Field(ge=1, description="GPUs the layers are split over.")
     micro_batch: int = Field(ge=1)
     memory: MemoryBreakdown
+    quantization: str | None = Field(default=None, description="Quantized weights: the checkpoint's or bitsandbytes'.")
+    split: LayerSplit | None = Field(default=None, description="generate: device_map, max_memory and per-GPU peaks.")
+    transformerlens: tuple[TransformerLensSplit, ...] = Field(default=(), description=(
+        "generate: HookedTransformer n_devices splits, for its default float32 and for bfloat16."))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.split:
+            d.pop("split")
+            d.update(self.split.emit())
+            d["peak_per_gpu_gib"] = [round((p + CUDA_CONTEXT) / GIB, 3) for p in self.split.peak_per_gpu]
+        return d
 
     def layout(self) -> str:
         return f"device_map over {self.pipeline_parallel}"

@@ -72,10 +72,10 @@ def kv_bytes_for_sequence(spec: ModelSpec, context: int, tp: int, pp: int, dtype
     return -(-sum(blocks) * per // pp)
 
 
-def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int, linear_bytes: int | None = None) -> int:
+def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int, linear_bytes: float | None = None) -> int:
     """Weight bytes on one GPU: linears and vocabulary split by TP, KV projections replicated
     when TP exceeds the KV heads, layers split by PP. ``linear_bytes``: the layers' linear weights
-    when they are quantized (fp8: 1); norms, embeddings and the LM head stay in ``dtype_bytes``."""
+    when they are quantized (fp8: 1; AWQ 4-bit g128: ~0.52); norms, embeddings and the LM head stay in ``dtype_bytes``."""
     h, kv_rank = spec.hidden_size, kv_heads_per_rank(spec, tp)
     attn = 2 * h * spec.q_dim // tp + 2 * h * kv_rank * spec.head_dim
     mlp_total = sum(spec.layer_params(i) for i in range(spec.num_layers)) - spec.num_layers * (
@@ -83,7 +83,7 @@ def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int, linear
     linear = spec.num_layers * attn + mlp_total // tp
     norms = spec.num_layers * spec.norms_per_layer * h
     vocab = spec.embedding_params * (1 if spec.tie_word_embeddings else 2) // tp
-    return linear // pp * (linear_bytes or dtype_bytes) + (norms // pp + vocab) * dtype_bytes
+    return int(linear // pp * (linear_bytes or dtype_bytes)) + (norms // pp + vocab) * dtype_bytes
 
 
 def vllm_batch_defaults(gpu: GpuType) -> tuple[int, int]:
@@ -100,7 +100,7 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
                    gpu_memory_utilization: float = DEFAULT_UTILIZATION,
                    max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                    enforce_eager: bool = False, dtype_bytes: int | None = None,
-                   expected_tokens: int | None = None, linear_bytes: int | None = None,
+                   expected_tokens: int | None = None, linear_bytes: float | None = None,
                    kv_dtype_bytes: int | None = None) -> ServingMemory:
     """What one vLLM replica of ``spec`` with TP x PP on ``gpu`` holds, and what KV cache is left
     (weights and KV cache in ``dtype_bytes``, default: the GPU's half precision; fp8 weights and KV

@@ -12,12 +12,12 @@ from typing import Any
 import click
 from rich.console import Console
 
-from catalogue.errors import GpufleetError
-from catalogue.gpus import get_gpu
+from catalogue.errors import GpufleetError, SpecError, fix
+from catalogue.gpus import GIB, get_gpu
 from catalogue.memory import TrainSetup, estimate
 from catalogue.model import load_model
 from catalogue.planner import plan_request
-from catalogue.plans import PlanRequest
+from catalogue.plans import InferPlan, PlanRequest
 from catalogue.table import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
 from cluster.head import HeadConfig
 from gpufleet.demo import DemoOptions
@@ -57,19 +57,35 @@ def main() -> None:
 @click.argument("model")
 @options_from(PlanRequest, *(f for f in PlanRequest.model_fields if f != "enforce_eager"), names={"seq_len": "--seq"})
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--emit", type=click.Choice(["device-map", "transformerlens"]), help=(
+    "generate: print only what to paste: device-map = {device_map, max_memory} for from_pretrained; "
+    "transformerlens = n_devices and memory per GPU for HookedTransformer (float32 and bfloat16)."))
 @one_line_errors
-def plan_cmd(model: str, as_json: bool, **request: Any) -> None:
+def plan_cmd(model: str, as_json: bool, emit: str | None, **request: Any) -> None:
     """Plan MODEL (a built-in name or a config.json path) for TASK on a GPU type."""
     p = plan_request(load_model(model), validated(PlanRequest, **request))
-    if as_json:
+    if emit:
+        emit_json(emitted(p, emit))
+    elif as_json:
         emit_json(p.to_dict())
     else:
         out.print(plan_table(p))
 
 
+def emitted(p: Any, what: str) -> Any:
+    """The part of a generate plan a user pastes into transformers or TransformerLens."""
+    if not isinstance(p, InferPlan) or p.split is None:
+        raise SpecError(fix(f"--emit {what} is for generate plans", "add --task generate"))
+    if what == "device-map":
+        return p.split.emit()
+    return [{"dtype": t.dtype, "n_devices": t.n_devices, "layers_per_gpu": t.layers_per_gpu,
+             "weights_gib_per_gpu": [round(w / GIB, 2) for w in t.weights_per_gpu]} for t in p.transformerlens] or [
+        {"error": f"no even TransformerLens split of {p.model} fits {p.gpus_per_node} x {p.gpu} in float32 or bfloat16"}]
+
+
 @main.command("estimate")
 @click.option("--config", "config", required=True, help="config.json path, model directory or built-in name.")
-@options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "new_tokens", "grad_ckpt", "lora_rank",
+@options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "new_tokens", "quant", "grad_ckpt", "lora_rank",
               names={"micro_batch": "--batch", "seq_len": "--seq"})
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from catalogue.memory import GIB, MemoryBreakdown
+from catalogue.memory import CUDA_CONTEXT, GIB, MemoryBreakdown
 from catalogue.plans import InferPlan, Plan, ServePlan
 
 
@@ -40,6 +40,11 @@ def plan_table(p: Plan) -> Table:
         rows.append(("parallelism", f"device_map over {p.pipeline_parallel} GPUs"))
         if p.task == "generate":
             rows.append(("batch", f"{p.micro_batch} x ({p.seq_len} prompt + {p.new_tokens} new tokens)"))
+        if p.quantization:
+            rows.append(("quantized weights", p.quantization))
+        if p.split and len(p.split.peak_per_gpu) > 1:
+            rows.append(("peak per GPU", " / ".join(f"{(x + CUDA_CONTEXT) / GIB:.1f}" for x in p.split.peak_per_gpu)
+                         + " GiB"))
     else:
         rows += [
             ("parallelism", f"data {p.data_parallel}, DeepSpeed ZeRO-{p.zero_stage}"),

@@ -11,6 +11,7 @@ median and worst error).
 
     python bench/memory/generate.py --out generate.json [--models a,b] [--budget-s 480]
     python bench/memory/generate.py --compare bench/memory/results/h100-generate.json
+    python bench/memory/generate.py --compare bench/memory/results/h100-quantized.json  (bitsandbytes rows)
 """
 
 from __future__ import annotations
@@ -121,17 +122,22 @@ def compare(path: Path) -> None:
     sys.path.insert(0, str(MODELS_DIR.parents[1]))
     from catalogue.memory import generate_memory
     from catalogue.model import load_model
+    from catalogue.quantization import bitsandbytes
 
     errors = []
-    print(f"{'model':<15}{'dtype':<10}{'shape':>16}{'measured':>10}{'predicted':>10}{'error':>8}  phase")
-    for r in json.loads(path.read_text())["rows"]:
+    data = json.loads(path.read_text())
+    print(f"{'model':<16}{'dtype':<10}{'shape':>16}{'measured':>10}{'predicted':>10}{'error':>8}  phase")
+    for r in data.get("rows", data.get("generate", [])):
         if r.get("status") != "ok":
             continue
-        m = generate_memory(load_model(r["model"]), r["batch"], r["prompt"], r["new_tokens"])
+        quant = r.get("quant", "none")
+        m = generate_memory(load_model(r["model"]), r["batch"], r["prompt"], r["new_tokens"],
+                            quant=bitsandbytes(quant))
         err = m.peak / r["generate_peak"] - 1
         errors.append(abs(err))
         shape = f"{r['batch']}x{r['prompt']}+{r['new_tokens']}"
-        print(f"{r['model']:<15}{r['dtype']:<10}{shape:>16}{r['generate_peak'] / 2**30:>10.3f}"
+        dtype = r["dtype"] if quant == "none" else quant
+        print(f"{r['model']:<16}{dtype:<10}{shape:>16}{r['generate_peak'] / 2**30:>10.3f}"
               f"{m.peak / 2**30:>10.3f}{err:>+8.1%}  {m.peak_phase}")
     print(f"{len(errors)} cases: median |error| {statistics.median(errors):.1%}, worst {max(errors):.1%}")
 

@@ -1,0 +1,105 @@
+"""Quantized weights: checkpoints' quantization_config and bitsandbytes loading, sized by bits,
+groups and scales, checked against what an H100 measured."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from catalogue.errors import PlanError, SpecError
+from catalogue.memory import generate_memory
+from catalogue.model import MODELS_DIR, load_model, spec_from_config
+from catalogue.planner import plan
+from catalogue.quantization import bitsandbytes
+
+MEASURED = Path(__file__).parents[1] / "bench" / "memory" / "results" / "h100-quantized.json"
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+
+
+def quantized(name: str, qc: dict):
+    cfg = json.loads((MODELS_DIR / f"{name}.json").read_text())
+    return spec_from_config({**cfg, "quantization_config": qc}, name=f"{name}-{qc['quant_method']}")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return json.loads(MEASURED.read_text())["generate"]
+
+
+def test_bitsandbytes_weights_match_the_h100_within_1_5_percent(measured):
+    for r in measured:
+        predicted = load_model(r["model"]).weight_bytes(2, bitsandbytes(r["quant"]))
+        assert abs(predicted / r["weights"] - 1) < 0.015, r
+
+
+def test_quantized_generate_peaks_match_the_h100_within_5_percent(measured):
+    errors = []
+    for r in measured:
+        m = generate_memory(load_model(r["model"]), r["batch"], r["prompt"], r["new_tokens"],
+                            quant=bitsandbytes(r["quant"]))
+        errors.append(abs(m.peak / r["generate_peak"] - 1))
+    assert max(errors) < 0.05 and statistics.median(errors) < 0.02
+
+
+def test_awq_4bit_checkpoint_weighs_about_a_third_of_bf16():
+    spec, base = quantized("llama-3.1-8b", AWQ), load_model("llama-3.1-8b")
+    # decoder linears at 4 bits + an fp16 scale and a 4-bit zero per 128 weights; embeddings and head stay 16-bit
+    assert 0.34 < spec.weight_bytes(2) / base.weight_bytes(2) < 0.38
+    assert spec.linear_bytes_per_weight(spec.quantization) == pytest.approx(0.5 + 2.5 / 128)
+
+
+def test_gptq_per_channel_group_keeps_one_scale_per_row():
+    spec = quantized("llama-3.2-1b", {**GPTQ, "group_size": -1})
+    assert spec.quantization.group_size is None
+    assert 0.5 < spec.linear_bytes_per_weight(spec.quantization) < 0.502
+
+
+def test_compressed_tensors_w4a16_reads_its_config_group():
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128,
+                                           "symmetric": True}}}, "ignore": ["lm_head"]}
+    q = quantized("qwen2.5-7b", qc).quantization
+    assert (q.bits, q.group_size, q.zero_point) == (4, 128, False)
+
+
+def test_unknown_quant_method_is_one_line():
+    with pytest.raises(SpecError, match="quant_method='hqq'.*awq, gptq") as e:
+        quantized("llama-3.2-1b", {"quant_method": "hqq"})
+    assert "\n" not in str(e.value)
+
+
+def test_bad_bits_value_names_the_field():
+    with pytest.raises(SpecError, match="quantization_config has an invalid bits"):
+        quantized("llama-3.2-1b", {**AWQ, "bits": "four"})
+
+
+def test_serve_plan_names_the_checkpoints_method_for_vllm():
+    spec = quantized("llama-3.1-70b", AWQ)
+    hopper = plan(spec, "serve", "H100")
+    assert hopper.engine_kwargs["quantization"] == "awq_marlin" and hopper.gpus == 1
+    assert plan(spec, "serve", "T4", gpus=4).engine_kwargs["quantization"] == "awq"  # no Marlin before sm80
+
+
+def test_quantized_checkpoint_fits_where_bf16_does_not():
+    assert plan(load_model("llama-3.1-70b"), "serve", "H100").gpus == 2
+    assert plan(quantized("llama-3.1-70b", GPTQ), "serve", "H100").gpus == 1
+
+
+def test_generate_quant_nf4_shrinks_the_plan():
+    full = plan(load_model("llama-3.1-70b"), "generate", "A100-80GB")
+    nf4 = plan(load_model("llama-3.1-70b"), "generate", "A100-80GB", quant="nf4")
+    assert full.gpus == 2 and nf4.gpus == 1 and nf4.quantization == "nf4"
+
+
+def test_quantizing_a_quantized_checkpoint_again_is_refused():
+    with pytest.raises(SpecError, match="already quantized.*drop --quant"):
+        plan(quantized("llama-3.2-1b", AWQ), "generate", "T4", quant="int8")
+    with pytest.raises(PlanError, match="already quantized"):
+        plan(quantized("llama-3.2-1b", AWQ), "serve", "H100", quantization="fp8")
+
+
+def test_quant_outside_generate_is_one_line():
+    with pytest.raises(PlanError, match="'generate' only"):
+        plan(load_model("llama-3.2-1b"), "lora", "T4", quant="nf4")
