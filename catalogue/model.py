@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from catalogue.config import Config
 from catalogue.errors import SpecError, fix
 from catalogue.quantization import Quantization, read_quantization
+from catalogue.vision import MULTIMODAL, extra_params
 
 MODELS_DIR = Path(__file__).parent / "models"
 
@@ -32,8 +33,12 @@ FAMILIES: dict[str, str] = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    # language models inside multimodal checkpoints (vision towers: vision.py)
+    "mllama_text_model": "llama",
+    "qwen2_vl": "llama",
+    "qwen2_vl_text": "llama",
 }
-BIASED_QKV = {"qwen2", "qwen2_moe"}  # q/k/v projections carry a bias in these
+BIASED_QKV = {"qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text"}  # q/k/v projections carry a bias in these
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -65,6 +70,9 @@ class ModelSpec(Config):
     shared_expert_intermediate_size: int = Field(default=0, ge=0)
     moe_layers: tuple[int, ...] = ()
     quantization: Quantization | None = Field(default=None, description="The checkpoint's quantization_config.")
+    multimodal: str | None = Field(default=None, description="Outer model_type of a vision-language checkpoint.")
+    extra_params: int = Field(default=0, ge=0, description=(
+        "Parameters outside the text decoder: a vision tower and projector (kept in half precision)."))
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelSpec:
@@ -175,7 +183,7 @@ class ModelSpec(Config):
         """Total parameters, as ``sum(p.numel() for p in model.parameters())`` counts them."""
         n = sum(self.layer_params(i) for i in range(self.num_layers))
         n += self.embedding_params * (1 if self.tie_word_embeddings else 2) + self.hidden_size
-        return n
+        return n + self.extra_params
 
     @property
     def active_params(self) -> int:
@@ -210,6 +218,8 @@ class ModelSpec(Config):
 
     def summary(self) -> str:
         moe = f", {self.num_experts} experts top-{self.experts_per_token}" if self.is_moe else ""
+        if self.multimodal:
+            moe += f", {self.multimodal} with {self.extra_params / 1e9:.2f}B outside the text decoder"
         return (f"{self.name}: {self.model_type}, {self.num_params / 1e9:.2f}B params, {self.num_layers} layers, "
                 f"hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads}{moe}")
 
@@ -313,6 +323,8 @@ def spec_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
             shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
             moe_layers=_moe_layers(cfg, n_layers) if n_experts else (),
             quantization=quantization,
+            multimodal=raw.get("model_type") if raw.get("model_type") in MULTIMODAL else None,
+            extra_params=extra_params(raw, h),
         )
     except ValidationError as e:
         err = e.errors()[0]

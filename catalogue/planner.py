@@ -188,8 +188,16 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                 if fp8["kv_cache_dtype"]:
                     engine["kv_cache_dtype"] = "fp8"
                 common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
-                return _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
-                                   pipeline_parallel=pp, **common)
+                found = _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
+                                    pipeline_parallel=pp, **common)
+                if tp * pp > 1:  # say why fewer GPUs would not do
+                    smaller = [serving_memory(spec, gpu, **{**sized, "tp": t, "pp": 1}) for t in legal if t < tp]
+                    why = "; ".join(f"TP={m.tensor_parallel}: {m.weights / GIB:.1f} GiB of weights per GPU, "
+                                    f"{max(m.kv_cache, 0) / GIB:.1f} GiB left for KV cache" for m in smaller)
+                    found = found.model_copy(update={"notes": (
+                        f"fewer GPUs cannot hold it ({util:g} x {gpu.memory_gib:g} GiB per GPU): {why}",)
+                        + found.notes})
+                return found
     if len(counts) == 1:  # pinned count: say why its layout is illegal rather than "does not fit"
         n, per_node = counts[0], req.gpus_per_node
         if n <= per_node:
@@ -298,6 +306,9 @@ def _plan_generate(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, co
     """transformers' generate() with device_map over the GPUs of one node: the layers are split so the
     fullest GPU is as empty as it can be (weights and KV cache of its layers; the prefill transient on
     every GPU; embeddings on the first, the LM head and logits on the last, or the first when tied)."""
+    if spec.multimodal:
+        raise PlanError(fix(f"{spec.name} is a {spec.multimodal} vision-language checkpoint; generate plans split "
+                            "text decoders only", "plan it with --task serve (vLLM)"))
     batch = req.batch or 1
     dtype_bytes = DTYPE_BYTES[gpu.train_dtype]
     quant = on_the_fly(spec, req.quant) or spec.quantization

@@ -83,6 +83,7 @@ def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int, linear
     linear = spec.num_layers * attn + mlp_total // tp
     norms = spec.num_layers * spec.norms_per_layer * h
     vocab = spec.embedding_params * (1 if spec.tie_word_embeddings else 2) // tp
+    vocab += spec.extra_params // tp  # a vision tower: vLLM shards its linears like the text model's
     return int(linear // pp * (linear_bytes or dtype_bytes)) + (norms // pp + vocab) * dtype_bytes
 
 

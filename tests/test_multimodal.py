@@ -1,0 +1,40 @@
+"""Vision-language checkpoints (Llama-3.2-Vision, Qwen2-VL, LLaVA): counted as transformers builds them,
+planned for serving with TP legality from the text model's heads."""
+
+import json
+
+import pytest
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from catalogue.errors import PlanError
+from catalogue.model import MODELS_DIR, load_model
+from catalogue.planner import plan
+
+MULTIMODAL = ["llama-3.2-11b-vision", "qwen2-vl-7b", "llava-1.5-7b"]
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_parameter_count_equals_what_transformers_builds(name):
+    cfg = AutoConfig.for_model(**json.loads((MODELS_DIR / f"{name}.json").read_text()))
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(cfg)
+    model.tie_weights()
+    assert load_model(name).num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_llama_90b_vision_on_a100s_needs_tp4_and_says_why_not_fewer():
+    p = plan(load_model("llama-3.2-90b-vision"), "serve", "A100-80GB")
+    assert (p.tensor_parallel, p.gpus, p.nodes) == (4, 4, 1)
+    assert "TP=1:" in p.notes[0] and "TP=2:" in p.notes[0]
+
+
+def test_tp_legality_comes_from_the_text_models_heads():
+    with pytest.raises(PlanError, match="28"):  # Qwen2-VL-7B: 28 query heads, 4 KV heads
+        plan(load_model("qwen2-vl-7b"), "serve", "T4", gpus=8)
+
+
+def test_generate_plans_refuse_vision_checkpoints_in_one_line():
+    with pytest.raises(PlanError, match="--task serve") as e:
+        plan(load_model("llava-1.5-7b"), "generate", "A10G")
+    assert "\n" not in str(e.value)
