@@ -89,11 +89,14 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
                             "use --task generate (serve takes --quantization fp8 or a quantized checkpoint)"))
     if req.task == "generate":
         spec.check_context(seq + req.new_tokens, "seq_len + new_tokens")
-        if req.gpus and req.gpus > req.gpus_per_node:
-            raise PlanError(fix(f"generate runs in one process on one node, and gpus={req.gpus} exceeds its "
-                                f"{req.gpus_per_node} GPUs", f"pin at most {req.gpus_per_node} GPUs, or use --task serve"))
+    one_process = req.task in ("generate", "infer")
+    if one_process and req.gpus and req.gpus > req.gpus_per_node:
+        raise PlanError(fix(f"{req.task} runs in one process on one node, and gpus={req.gpus} exceeds its "
+                            f"{req.gpus_per_node} GPUs", f"pin at most {req.gpus_per_node} GPUs, or use --task serve"))
     finder: Finder = {"serve": _plan_serve, "infer": _plan_infer, "generate": _plan_generate}.get(req.task, _plan_train)
     limit = req.gpus or req.max_gpus or 1024
+    if one_process:
+        limit = min(limit, req.gpus_per_node)
     found = finder(spec, req, gpu, seq, _counts(req.gpus, limit))
     if found is not None:
         return found
@@ -120,7 +123,14 @@ def _counts(gpus: int | None, limit: int) -> list[int]:
 
 def _explain_failure(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, limit: int, finder: Finder) -> str:
     asked = f"{req.gpus} x {gpu.name}" if req.gpus else f"up to {limit} x {gpu.name}"
+    if req.task in ("generate", "infer"):
+        asked += " (one node)"
     alt = finder(spec, req, gpu, seq, _counts(None, 4096))
+    if alt is None and req.task == "generate" and req.quant == "none" and not spec.quantization:
+        alt = finder(spec, req.model_copy(update={"quant": "nf4"}), gpu, seq, _counts(None, limit))
+        if alt is not None:
+            return fix(f"{spec.name} (generate, {seq} tokens) does not fit on {asked} in 16 bits",
+                       f"load it in 4 bits (--quant nf4): {alt.summary()}")
     remedy = f"use {alt.summary()}" if alt else "choose a GPU type with more memory, a shorter sequence or a smaller batch"
     return fix(f"{spec.name} ({req.task}, {seq} tokens) does not fit on {asked}: "
                f"{spec.num_params * 2 / GIB:.0f} GiB of half-precision weights", remedy)

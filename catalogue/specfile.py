@@ -19,7 +19,10 @@ def validation_message(e: ValidationError, cls: type[BaseModel], source: str) ->
     where = ".".join(str(p) for p in err["loc"]) or "spec"
     if err["type"] == "extra_forbidden":
         return fix(f"{source}: unknown key '{where}'", f"remove it or use one of: {', '.join(cls.model_fields)}")
-    return f"{source}: {where}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a rule across fields: its message names them
+        return f"{source}: {msg}"
+    return f"{source}: {where}={err.get('input')!r}: {msg}"
 
 
 def load_spec_file(path: str | Path, cls: type[M], example: str) -> tuple[M, Path]:

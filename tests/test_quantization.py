@@ -103,3 +103,8 @@ def test_quantizing_a_quantized_checkpoint_again_is_refused():
 def test_quant_outside_generate_is_one_line():
     with pytest.raises(PlanError, match="'generate' only"):
         plan(load_model("llama-3.2-1b"), "lora", "T4", quant="nf4")
+
+
+def test_a_model_too_big_for_one_node_in_16_bits_is_pointed_at_nf4():
+    with pytest.raises(PlanError, match=r"one node\) in 16 bits.*--quant nf4\): .* on 4 x H100"):
+        plan(load_model("llama-3.1-405b"), "generate", "H100")
