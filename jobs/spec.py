@@ -53,6 +53,9 @@ class JobSpec(Config):
     seq_len: int = Field(default=512, ge=8, description="Tokens per packed training sequence.")
     output_dir: str = Field(default="outputs", description="Where checkpoints, logs and the result go.")
     checkpoint_every: int = Field(default=50, ge=1, description="Optimizer steps between checkpoints.")
+    final_checkpoint: bool = Field(default=True, description=(
+        "Also checkpoint the last step (resumable state: optimizer included; the exported model in "
+        "output_dir/final is written either way)."))
     log_every: int = Field(default=10, ge=1)
     max_failures: int = Field(default=2, ge=0, description="Worker failures to recover from by resuming.")
     gpu: str | None = Field(default=None, description="GPU type to run on; omit for CPU workers.")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -190,6 +191,7 @@ def train_func(cfg: dict[str, Any]) -> None:
         m = {"step": step + 1, "total_steps": total, "loss": loss_v,
              "grad_norm": float(gn) if gn is not None else None, "lr": scheduler.get_last_lr()[0],
              "tokens_per_s": tokens_all / dt, "step_time_s": dt, "resumed_from": start, "epoch": step // per_epoch}
+        m["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
         if layout.use_gpu:
             m["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if peak_tflops and flops_per_token:
@@ -201,7 +203,7 @@ def train_func(cfg: dict[str, Any]) -> None:
                 print(f"step {step + 1}/{total} loss {loss_v:.4f} lr {m['lr']:.2e} "
                       f"{m['tokens_per_s']:.0f} tok/s", flush=True)
         done = step + 1 == total
-        if (step + 1) % spec.checkpoint_every == 0 or done:
+        if (step + 1) % spec.checkpoint_every == 0 or (done and spec.final_checkpoint):
             with tempfile.TemporaryDirectory(prefix="gf-ckpt-") as d:
                 engine.save_checkpoint(d, tag=CKPT_TAG)
                 torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
