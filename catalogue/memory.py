@@ -324,6 +324,17 @@ def _torch_single_gpu(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     )
 
 
+# ---- host memory of a training worker -------------------------------------------------------------
+HOST_BASE = 2 * GIB  # a worker's own RSS: Python, torch, the CUDA and NCCL host state, Ray (~2 GiB measured)
+
+
+def host_peak(spec: ModelSpec, setup: TrainSetup, mem: MemoryBreakdown) -> int:
+    """A training worker's peak RSS: what ZeRO offloads, the half-precision model from_pretrained loads
+    on the CPU before it moves to the GPU, and the process itself (bench/train/results/h100-ray-layouts.json)."""
+    half = 4 if setup.precision == "mixed" else 2
+    return int(mem.cpu_offload + half * spec.num_params + HOST_BASE)
+
+
 # ---- DeepSpeed ZeRO ---------------------------------------------------------------------------
 # Communication buckets gpufleet's generated DeepSpeed config uses (elements); see jobs/.
 REDUCE_BUCKET = 200_000_000
@@ -360,6 +371,8 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     if s.offload_optimizer:
         offloaded += master + states + fp32_grads
         master = states = fp32_grads = 0
+        if s.grad_accum > 1:  # ZeRO-1/2 offload accumulates micro-batch gradients in fp32 on the host
+            offloaded += 4 * n_train / shard
     if s.offload_params:
         offloaded += params
         params = half * STAGE3_MAX_LIVE  # only the live, gathered layers stay on the GPU

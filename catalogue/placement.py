@@ -15,6 +15,7 @@ from pydantic import Field
 
 from catalogue.config import Config
 from catalogue.errors import PlanError, fix
+from catalogue.gpus import GIB
 
 Strategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 Bundle = dict[str, float]
@@ -112,6 +113,14 @@ def check_feasible(bundles: Sequence[Bundle], strategy: Strategy, nodes: Sequenc
     asked = f"placement group {describe_bundles(bundles)} ({strategy})"
     for b in bundles:
         if not any(c.holds(b) for c in candidates):
+            without_memory = {k: v for k, v in b.items() if k != "memory"}
+            if "memory" in b and any(c.holds(without_memory) for c in candidates):
+                most = max(c.resources.get("memory", 0) for c in candidates if c.holds(without_memory))
+                raise PlanError(fix(f"{asked} can never be placed: each worker needs {b['memory'] / GIB:.0f} GiB of "
+                                    f"host memory (ZeRO offload) and the largest node with its GPU type offers "
+                                    f"{most / GIB:.0f} GiB to Ray",
+                                    "add a node type with more RAM, or pin more GPUs (--gpus / plan.workers: ZeRO "
+                                    "shards the offloaded state)"))
             raise PlanError(fix(f"{asked} can never be placed: no node has {b}; {offer}",
                                 "pick the GPU type the cluster has, or add a node type that offers it"))
     if strategy == "STRICT_PACK":

@@ -22,6 +22,7 @@ from catalogue.memory import (
     estimate,
     fits,
     generate_memory,
+    host_peak,
     on_the_fly,
 )
 from catalogue.model import DTYPE_BYTES, ModelSpec
@@ -385,6 +386,7 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                                      micro_batch=micro_b, grad_accum=accum, global_batch=global_batch, memory=mem,
                                      peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT, notes=_train_notes(mem, off_opt),
                                      host_bytes_per_gpu=mem.cpu_offload,
+                                     host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
                                      **_common(spec, req, gpu, n, seq, "PACK", host_memory=mem.cpu_offload))
     return None
 

@@ -152,7 +152,11 @@ class TrainPlan(BasePlan):
     memory: MemoryBreakdown
     host_bytes_per_gpu: int = Field(default=0, ge=0, description=(
         "Host RAM each worker needs for what ZeRO offloads (optimizer states, fp32 master weights and "
-        "gradients; parameters too under parameter offload)."))
+        "gradients, the fp32 accumulation buffer; parameters too under parameter offload): reserved as Ray's "
+        "`memory` resource."))
+    host_peak_bytes_per_gpu: int = Field(default=0, ge=0, description=(
+        "Predicted peak RSS of each worker: the offloaded state, the model as loaded before it moves to the "
+        "GPU, the process itself."))
 
     @property
     def host_bytes_per_node(self) -> int:

@@ -29,7 +29,7 @@ import yaml
 
 from catalogue.flops import mfu, train_flops_per_token
 from catalogue.gpus import GIB, get_gpu
-from catalogue.memory import TrainSetup, estimate
+from catalogue.memory import TrainSetup, estimate, host_peak
 from catalogue.model import MODELS_DIR, load_model
 
 # name -> (built-in model, task, plan overrides, global batch, seq)
@@ -90,7 +90,8 @@ def measured(out: Path, model: str, task: str, seq: int, layout: dict) -> dict:
                                               get_gpu("H100-80GB").peak_tflops), 4),
         peak_gib=round(peak, 3), predicted_peak_gib=round(pred.peak / GIB, 3),
         peak_error=round(pred.peak / GIB / peak - 1, 4),
-        host_peak_gib=round(host, 2), predicted_host_gib=round(pred.cpu_offload / GIB, 2),
+        host_peak_gib=round(host, 2), predicted_host_gib=round(host_peak(spec, setup, pred) / GIB, 2),
+        host_error=round(host_peak(spec, setup, pred) / GIB / host - 1, 4) if host else None,
         resumed_from=max(r["resumed_from"] for r in rows), step_counter=[r["step"] for r in rows])
 
 
