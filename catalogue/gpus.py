@@ -39,6 +39,11 @@ class GpuType(Config):
         return self.compute_capability >= (8, 9)
 
     @property
+    def supports_bitsandbytes(self) -> bool:
+        """bitsandbytes' CUDA kernels (int8, nf4) need Pascal (compute capability 6.0) or newer."""
+        return self.compute_capability >= (6, 0)
+
+    @property
     def train_dtype(self) -> str:
         return "bfloat16" if self.supports_bf16 else "float16"
 
@@ -74,6 +79,9 @@ GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
             bandwidth_gbs=320, ray_accelerator_type="T4"),
     GpuType(name="P4", memory_gib=7.4, compute_capability=(6, 1), bf16_tflops=0, fp16_tflops=5.5,
             bandwidth_gbs=192, ray_accelerator_type="P4"),
+    # Maxwell (AWS g3): no tensor cores, fp16 at the fp32 rate; too old for bitsandbytes' kernels.
+    GpuType(name="M60", memory_gib=7.4, compute_capability=(5, 2), bf16_tflops=0, fp16_tflops=4.8,
+            bandwidth_gbs=160, ray_accelerator_type="M60"),
 ]}
 
 

@@ -30,7 +30,7 @@ from catalogue.gpus import GIB
 from catalogue.model import ModelSpec
 from catalogue.quantization import OnTheFly, Quantization, bitsandbytes
 
-Task = Literal["infer", "generate", "lora", "full"]
+Task = Literal["infer", "generate", "lora", "qlora", "full"]
 Precision = Literal["bf16", "fp16", "mixed"]
 
 # ---- per-token logits/loss buffers (bytes per vocabulary entry) --------------------------
@@ -57,7 +57,8 @@ class TrainSetup(Config):
 
     task: Task = Field(description=(
         "generate: transformers' generate() (prompt = seq, then new_tokens); infer: one forward with "
-        "labels over every position; lora or full: a fine-tuning step."))
+        "labels over every position; lora or full: a fine-tuning step; qlora: LoRA on a bitsandbytes nf4 base "
+        "(peft's prepare_model_for_kbit_training, gradient checkpointing)."))
     precision: Precision = Field(default="bf16", description=(
         "bf16/fp16: parameters in half precision; mixed: fp32 parameters under bf16 autocast."))
     micro_batch: int = Field(default=1, ge=1, description="Sequences per GPU per forward pass.")
@@ -83,6 +84,9 @@ class TrainSetup(Config):
     def _check(self) -> TrainSetup:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(fix("offload_params needs zero_stage=3", "set zero_stage=3 or drop offload_params"))
+        if self.task == "qlora" and (self.engine != "torch" or not self.grad_ckpt):
+            raise ValueError(fix("qlora is planned as transformers + peft with gradient checkpointing",
+                                 "use engine='torch' and grad_ckpt=True"))
         if self.quant != "none" and self.task != "generate":
             raise ValueError(fix(f"quant={self.quant} is planned for task 'generate' only",
                                  "use --task generate, or drop --quant"))
@@ -230,9 +234,38 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     if setup.task == "generate":
         return generate_memory(spec, setup.micro_batch, setup.seq_len, setup.new_tokens,
                                4 if setup.precision == "mixed" else 2, on_the_fly(spec, setup.quant))
+    if setup.task == "qlora":
+        return qlora_memory(spec, setup)
     if setup.engine == "deepspeed":
         return _deepspeed(spec, setup)
     return _torch_single_gpu(spec, setup)
+
+
+# ---- QLoRA (transformers + peft + bitsandbytes nf4, torch AdamW) ---------------------------------
+# prepare_model_for_kbit_training casts every parameter bitsandbytes left in 16 bits (embeddings, norms,
+# an untied LM head, biases) to fp32, so the residual stream and the logits are fp32: per token the
+# checkpointed layer inputs keep 4h per layer, and the loss holds fp32 logits, their log-softmax and its
+# gradient (12 bytes per vocabulary entry; +4 for Gemma's soft-capped copy). Measured on an H100
+# (bench/memory/results/h100-quantized.json, 4 models x 2 shapes).
+QLORA_LOGITS = 12
+QLORA_SOFTCAP = 4
+
+
+def qlora_memory(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
+    """Peak of one QLoRA step: nf4 linears + fp32 rest + fp32 adapters, their gradients and Adam states,
+    checkpointed fp32 layer inputs and the fp32 loss buffers."""
+    nf4 = bitsandbytes("nf4")
+    linears = [lin for i in range(spec.num_layers) for lin in spec.layer_linears(i)]
+    quantized = sum(n * nf4.bytes_per_weight(fan_in) for fan_in, n in linears)
+    weights = int(quantized + 4 * (spec.num_params - sum(n for _, n in linears)))
+    adapters = 4 * lora_params(spec, s.lora_rank)
+    T = s.tokens
+    acts = T * spec.num_layers * 4 * spec.hidden_size
+    logits = T * spec.vocab_size * (QLORA_LOGITS + (QLORA_SOFTCAP if spec.final_logit_softcapping else 0))
+    peak = weights + adapters + adapters + 2 * adapters + acts + logits  # + grads + exp_avg, exp_avg_sq
+    return MemoryBreakdown(weights=weights, lora_adapters=adapters, gradients=adapters,
+                           optimizer_states=2 * adapters, activations=acts, logits_and_loss=logits, peak=peak,
+                           peak_phase="backward start")
 
 
 # ---- generate() (transformers, SDPA, DynamicCache) ----------------------------------------------

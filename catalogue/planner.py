@@ -82,7 +82,7 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
     gpu = get_gpu(req.gpu)
     seq = _seq_len(spec, req)
     batch = req.batch or DEFAULT_GLOBAL_BATCH
-    if req.task in ("lora", "full") and req.gpus and batch % req.gpus:
+    if req.task in ("lora", "qlora", "full") and req.gpus and batch % req.gpus:
         raise PlanError(fix(f"global batch {batch} is not divisible by {req.gpus} GPUs",
                             f"use a global batch that is a multiple of {req.gpus}, or pin another GPU count"))
     if req.quant != "none" and req.task != "generate":
@@ -94,7 +94,8 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
     if one_process and req.gpus and req.gpus > req.gpus_per_node:
         raise PlanError(fix(f"{req.task} runs in one process on one node, and gpus={req.gpus} exceeds its "
                             f"{req.gpus_per_node} GPUs", f"pin at most {req.gpus_per_node} GPUs, or use --task serve"))
-    finder: Finder = {"serve": _plan_serve, "infer": _plan_infer, "generate": _plan_generate}.get(req.task, _plan_train)
+    finder: Finder = {"serve": _plan_serve, "infer": _plan_infer, "generate": _plan_generate,
+                      "qlora": _plan_qlora}.get(req.task, _plan_train)
     limit = req.gpus or req.max_gpus or 1024
     if one_process:
         limit = min(limit, req.gpus_per_node)
@@ -388,6 +389,34 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                                      host_bytes_per_gpu=mem.cpu_offload,
                                      host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
                                      **_common(spec, req, gpu, n, seq, "PACK", host_memory=mem.cpu_offload))
+    return None
+
+
+def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
+    """QLoRA: transformers + peft on a bitsandbytes nf4 base, one full copy per GPU (data parallel), gradient
+    checkpointing on; the largest micro-batch that fits."""
+    if not gpu.supports_bitsandbytes:
+        raise PlanError(fix(f"qlora needs bitsandbytes' CUDA kernels (compute capability 6.0+); {gpu.name} has "
+                            f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}", "use task lora, or a newer GPU"))
+    if spec.quantization:
+        raise PlanError(fix(f"{spec.name} is already quantized ({spec.quantization.label}); qlora quantizes a "
+                            "16-bit checkpoint to nf4", "use the 16-bit checkpoint"))
+    global_batch = req.batch or DEFAULT_GLOBAL_BATCH
+    for n in counts:
+        if global_batch % n:
+            continue
+        for micro in _micro_batches(global_batch // n):
+            micro_b, accum = split_batch(global_batch, n, micro)
+            mem = estimate(spec, TrainSetup(task="qlora", micro_batch=micro_b, seq_len=seq, grad_ckpt=True))
+            if fits(mem.peak, gpu.memory_bytes, req.headroom):
+                compute = "bf16" if gpu.supports_bf16 else "fp16"
+                return TrainPlan(task="qlora", data_parallel=n, zero_stage=0, grad_ckpt=True, micro_batch=micro_b,
+                                 grad_accum=accum, global_batch=global_batch, memory=mem,
+                                 peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
+                                 notes=(f"nf4 base with {compute} compute, peft LoRA r=16 on all linear layers, "
+                                        "prepare_model_for_kbit_training (the rest in fp32), torch AdamW",
+                                        "planned only: gpufleet train runs lora and full jobs, not qlora yet"),
+                                 **_common(spec, req, gpu, n, seq, "PACK"))
     return None
 
 

@@ -20,10 +20,10 @@ from catalogue.placement import Placement
 from catalogue.quantization import OnTheFly
 from catalogue.serving import ServingMemory
 
-PlanTask = Literal["serve", "generate", "infer", "lora", "full"]
+PlanTask = Literal["serve", "generate", "infer", "lora", "qlora", "full"]
 TASKS: tuple[str, ...] = PlanTask.__args__
 DType = Literal["auto", "bfloat16", "float16", "float32"]
-DEFAULT_SEQ = {"serve": 8192, "generate": 2048, "infer": 2048, "lora": 2048, "full": 2048}
+DEFAULT_SEQ = {"serve": 8192, "generate": 2048, "infer": 2048, "lora": 2048, "qlora": 2048, "full": 2048}
 DEFAULT_GLOBAL_BATCH = 16
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
@@ -139,7 +139,7 @@ class ServePlan(BasePlan):
 class TrainPlan(BasePlan):
     """A DeepSpeed ZeRO fine-tune: data-parallel workers, ZeRO stage, offload, batch split."""
 
-    task: Literal["lora", "full"]
+    task: Literal["lora", "qlora", "full"]
     data_parallel: int = Field(ge=1)
     zero_stage: int = Field(ge=0, le=3)
     offload_optimizer: bool = False

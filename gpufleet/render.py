@@ -46,8 +46,9 @@ def plan_table(p: Plan) -> Table:
             rows.append(("peak per GPU", " / ".join(f"{(x + CUDA_CONTEXT) / GIB:.1f}" for x in p.split.peak_per_gpu)
                          + " GiB"))
     else:
+        engine = "transformers + peft, bitsandbytes nf4" if p.task == "qlora" else f"DeepSpeed ZeRO-{p.zero_stage}"
         rows += [
-            ("parallelism", f"data {p.data_parallel}, DeepSpeed ZeRO-{p.zero_stage}"),
+            ("parallelism", f"data {p.data_parallel}, {engine}"),
             ("offload", ", ".join(x for x, on in (("optimizer", p.offload_optimizer), ("parameters", p.offload_params)) if on) or "none"),
             *([("host memory", f"{_g(p.host_bytes_per_gpu)} GiB per GPU, {_g(p.host_bytes_per_node)} GiB per node")]
               if p.host_bytes_per_gpu else []),

@@ -108,3 +108,26 @@ def test_quant_outside_generate_is_one_line():
 def test_a_model_too_big_for_one_node_in_16_bits_is_pointed_at_nf4():
     with pytest.raises(PlanError, match=r"one node\) in 16 bits.*--quant nf4\): .* on 4 x H100"):
         plan(load_model("llama-3.1-405b"), "generate", "H100")
+
+
+def test_qlora_step_peaks_match_the_h100_within_2_percent():
+    # regression guard: QLORA_LOGITS and the fp32 residual term were read off these 8 rows
+    from catalogue.memory import TrainSetup, estimate
+
+    for r in json.loads(MEASURED.read_text())["qlora"]:
+        m = estimate(load_model(r["model"]), TrainSetup(task="qlora", micro_batch=r["batch"], seq_len=r["seq"],
+                                                        grad_ckpt=True))
+        assert abs(m.peak / r["step_peak"] - 1) < 0.02, r
+
+
+def test_qlora_fits_70b_on_one_a100_where_lora_must_offload_its_weights():
+    spec = load_model("llama-3.1-70b")
+    q = plan(spec, "qlora", "A100-80GB")
+    assert q.gpus == 1 and q.grad_ckpt and q.memory.weights < 45 * 2**30 and q.host_bytes_per_gpu == 0
+    lora = plan(spec, "lora", "A100-80GB")
+    assert lora.gpus == 1 and lora.offload_params and lora.host_bytes_per_gpu > 100 * 2**30
+
+
+def test_qlora_on_a_gpu_without_bitsandbytes_kernels_is_refused():
+    with pytest.raises(PlanError, match="M60 has 5.2"):
+        plan(load_model("llama-3.2-1b"), "qlora", "M60")
