@@ -70,7 +70,9 @@ def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
         model.check_context(spec.seq_len)
         placement = Placement(bundles=worker_bundles(workers, 0, CPUS_PER_CPU_WORKER, None), strategy="PACK")
         micro = o.micro_batch or max(1, spec.global_batch // workers)
-        base = dict(zero_stage=CPU_DEFAULT_ZERO, dtype="float32")
+        # qlora: no ZeRO partitioning of a quantized base (DeepSpeed would try to shard its uint8 weights)
+        base = dict(zero_stage=0 if spec.task == "qlora" else CPU_DEFAULT_ZERO, dtype="float32",
+                    grad_ckpt=spec.task == "qlora")
     for key in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "dtype", "compile"):
         if getattr(o, key) is not None:
             base[key] = getattr(o, key)
@@ -104,7 +106,9 @@ def deepspeed_config(layout: TrainLayout, spec: JobSpec) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if layout.dtype == "bfloat16":
+    if spec.task == "qlora":
+        pass  # the model keeps its own dtypes (nf4 base, half-precision compute, fp32 rest): casting it is refused
+    elif layout.dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
     elif layout.dtype == "float16":  # dynamic loss scaling: fp16 overflows without it
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,

@@ -40,7 +40,9 @@ class JobSpec(Config):
     model: str = Field(description="Model directory (config.json, weights, tokenizer).")
     dataset: str = Field(description="JSONL: chat `messages`, `prompt`/`completion`, or alpaca "
                                      "`instruction`/`input`/`output` records.")
-    task: Literal["lora", "full"] = "lora"
+    task: Literal["lora", "qlora", "full"] = Field(default="lora", description=(
+        "lora: adapters on the 16-bit model; qlora: adapters on a bitsandbytes nf4 base (needs bitsandbytes); "
+        "full: every weight."))
     lora: LoraSettings = LoraSettings()
     learning_rate: float = Field(default=2e-4, gt=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"

@@ -107,10 +107,21 @@ def train_func(cfg: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = getattr(torch, layout.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    if layout.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.task == "lora":
+    ckpt_kwargs = {"use_reentrant": False}
+    if spec.task == "qlora":  # the QLoRA recipe: nf4 base, peft casts the rest to fp32, checkpointing
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                     quantization_config=nf4, device_map={"": device})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=layout.grad_ckpt,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        if layout.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if spec.task in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
@@ -230,7 +241,7 @@ def _guard(loss: float, step: int, dtype: str, task: str, out_dir: Path, zero_li
         msg = f"loss is {loss} at step {step + 1}. Likely cause: {cause}"
     elif zero_run >= zero_limit:
         cause = ("LoRA adapter weights not in fp32 (their updates underflow) or every label is masked"
-                 if task == "lora" else "every label is masked, or the model memorised a tiny dataset")
+                 if task in ("lora", "qlora") else "every label is masked, or the model memorised a tiny dataset")
         msg = f"loss has been exactly 0 for {zero_run} steps (step {step + 1}). Likely cause: {cause}"
     if msg:
         (out_dir / NUMERICS_MARKER).write_text(msg)
@@ -256,7 +267,7 @@ def _export(engine: Any, model: Any, tokenizer: Any, task: str, zero_stage: int,
             model.save_pretrained(out, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out)
     else:
-        adapters = [p for p in model.parameters() if p.requires_grad] if task == "lora" else []
+        adapters = [p for p in model.parameters() if p.requires_grad] if task in ("lora", "qlora") else []
         with deepspeed.zero.GatheredParameters(adapters, modifier_rank=None, enabled=zero_stage == 3 and bool(adapters)):
             if rank == 0:
                 out.mkdir(parents=True, exist_ok=True)

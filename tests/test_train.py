@@ -78,6 +78,16 @@ def test_two_workers_learn_and_export_a_servable_result(local_ray, tmp_path, tin
     assert summary["metrics"]["step"] == 20
 
 
+def test_qlora_trains_adapters_on_an_nf4_base_and_exports_them(local_ray, tmp_path, tiny_model, greeting_data):
+    summary = run(job(tmp_path, tiny_model, greeting_data, task="qlora", plan={"workers": 2}))
+    assert summary["layout"]["zero_stage"] == 0 and summary["layout"]["grad_ckpt"]
+    hist = losses(tmp_path / "out")
+    assert [h["step"] for h in hist] == list(range(1, 21)) and hist[-1]["loss"] < 0.8 * hist[0]["loss"]
+    final = tmp_path / "out" / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["r"] > 0
+    assert not (final / "model.safetensors").exists()  # adapters only, the base stays the user's
+
+
 def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(local_ray, tmp_path, tiny_model, greeting_data):
     common = dict(max_steps=60, checkpoint_every=10, seq_len=128, global_batch=8, max_failures=1)
     base_dir, kill_dir = tmp_path / "base", tmp_path / "kill"

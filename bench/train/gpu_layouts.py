@@ -36,6 +36,7 @@ from catalogue.model import MODELS_DIR, load_model
 CASES = {
     "8b-full": ("llama-3.1-8b", "full", {}, 16, 2048),
     "8b-lora": ("llama-3.1-8b", "lora", {}, 16, 2048),
+    "8b-qlora": ("llama-3.1-8b", "qlora", {}, 16, 2048),
     "3b-full-offload": ("llama-3.2-3b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True}, 16,
                         2048),
     "resume": ("llama-3.2-1b", "lora", {}, 8, 1024),
@@ -73,10 +74,14 @@ def job_spec(path: Path, name: str, model_dir: Path, data: Path, task: str, over
 def measured(out: Path, model: str, task: str, seq: int, layout: dict) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     spec = load_model(model)
-    setup = TrainSetup(task=task, precision="bf16", micro_batch=layout["micro_batch"], grad_accum=layout["grad_accum"],
-                       seq_len=seq, grad_ckpt=layout["grad_ckpt"], engine="deepspeed", compile=layout["compile"],
-                       data_parallel=len(layout["placement"]["bundles"]), zero_stage=layout["zero_stage"],
-                       offload_optimizer=layout["offload_optimizer"], offload_params=layout["offload_params"])
+    if task == "qlora":  # sized as transformers + peft: DeepSpeed ZeRO-0 adds nothing to it
+        setup = TrainSetup(task=task, micro_batch=layout["micro_batch"], seq_len=seq, grad_ckpt=True)
+    else:
+        setup = TrainSetup(task=task, precision="bf16", micro_batch=layout["micro_batch"],
+                           grad_accum=layout["grad_accum"], seq_len=seq, grad_ckpt=layout["grad_ckpt"],
+                           engine="deepspeed", compile=layout["compile"],
+                           data_parallel=len(layout["placement"]["bundles"]), zero_stage=layout["zero_stage"],
+                           offload_optimizer=layout["offload_optimizer"], offload_params=layout["offload_params"])
     pred = estimate(spec, setup)
     steady = rows[2:] or rows  # the first steps compile
     tps = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU machine: install Ray 2.60 + DeepSpeed 0.19.8 from a carried folder (see ../shared/PLATFORM.md: the slim Ray
 # tarball, the wheels the image lacks, DeepSpeed's sdist, tok.tar.xz and build_model.py), then run
-# bench/train/gpu_layouts.py with its arguments. Results land in $OUT (or /var/tmp/out).
+# bench/train/gpu_layouts.py with its arguments. Results land in $OUT (or /var/tmp/out). EXTRA_PYTHONPATH: more
+# carried packages (bitsandbytes for qlora).
 #   device: bash bench/train/gpu_layouts.sh .gpu/train --cases 8b-lora,resume
 set -e
 CARRY=$1; shift
@@ -13,6 +14,6 @@ if [ ! -d $SITE/ray ]; then
   tar xJf $CARRY/ray-2.60.0-slim.tar.xz -C $SITE
   mkdir -p /var/tmp/tok && tar xJf $CARRY/tok.tar.xz -C /var/tmp
 fi
-export PATH=$SITE/bin:$PATH PYTHONPATH=$SITE:$PWD RAY_AUTH_MODE=disabled TORCH_CUDA_ARCH_LIST=9.0 PYTHONWARNINGS=ignore
+export PATH=$SITE/bin:$PATH PYTHONPATH=$SITE:$PWD${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH} RAY_AUTH_MODE=disabled TORCH_CUDA_ARCH_LIST=9.0 PYTHONWARNINGS=ignore
 echo "install $(( $(date +%s)-t0 ))s; tokenizer: $(ls /var/tmp/tok | head -3 | tr '\n' ' ')"
 python bench/train/gpu_layouts.py --out ${OUT:-/var/tmp/out} --tokenizer /var/tmp/tok --build $CARRY/build_model.py "$@"
