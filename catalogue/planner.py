@@ -414,7 +414,7 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                                  grad_accum=accum, global_batch=global_batch, memory=mem,
                                  peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
                                  notes=(f"nf4 base with {compute} compute, peft LoRA r=16 on all linear layers, "
-                                        "prepare_model_for_kbit_training (the rest in fp32), torch AdamW"),
+                                        "prepare_model_for_kbit_training (the rest in fp32), torch AdamW",),
                                  **_common(spec, req, gpu, n, seq, "PACK"))
     return None
 
