@@ -392,6 +392,12 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     return None
 
 
+# QLoRA micro-batches stay within the tokens the memory model was measured at on an H100 (4096 per
+# micro-batch): llama-3.1-8b at 16 x 2048 = 32768 tokens, planned at 71 GiB, ran out of memory in its
+# forward pass through gpufleet train (bench/train/results/h100-ray-layouts.json).
+QLORA_MAX_MEASURED_TOKENS = 4096
+
+
 def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
     """QLoRA: transformers + peft on a bitsandbytes nf4 base, one full copy per GPU (data parallel), gradient
     checkpointing on; the largest micro-batch that fits."""
@@ -406,6 +412,8 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         if global_batch % n:
             continue
         for micro in _micro_batches(global_batch // n):
+            if micro > 1 and micro * seq > QLORA_MAX_MEASURED_TOKENS:
+                continue  # beyond what the memory model was measured at (an 8B run at 32k tokens went OOM)
             micro_b, accum = split_batch(global_batch, n, micro)
             mem = estimate(spec, TrainSetup(task="qlora", micro_batch=micro_b, seq_len=seq, grad_ckpt=True))
             if fits(mem.peak, gpu.memory_bytes, req.headroom):

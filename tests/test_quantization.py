@@ -131,3 +131,8 @@ def test_qlora_fits_70b_on_one_a100_where_lora_must_offload_its_weights():
 def test_qlora_on_a_gpu_without_bitsandbytes_kernels_is_refused():
     with pytest.raises(PlanError, match="M60 has 5.2"):
         plan(load_model("llama-3.2-1b"), "qlora", "M60")
+
+
+def test_qlora_micro_batches_stay_within_the_measured_tokens():
+    p = plan(load_model("llama-3.1-8b"), "qlora", "H100", seq_len=2048, batch=16)
+    assert p.micro_batch * p.seq_len <= 4096 and p.micro_batch * p.grad_accum == 16
