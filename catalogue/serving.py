@@ -154,3 +154,32 @@ def _max_model_len(spec: ModelSpec, kv: int, tp: int, pp: int, dtype_bytes: int)
         else:
             hi = mid - 1
     return lo
+
+
+# ---- decode speed -------------------------------------------------------------------------------
+# A decode step reads the weights and the batch's KV cache (memory-bound) or multiplies the batch by
+# the weights (compute-bound), whichever is slower, plus vLLM's own time per step and per running
+# sequence (scheduling, sampling, detokenising). The overheads were read off one model on one H100
+# (bench/serve/results/h100-serve.json, Llama-3.2-1B: median TPOT at concurrency 1 to 128), so they are
+# a calibration, not a check; the efficiencies are the usual sustained fractions of the data sheet.
+BANDWIDTH_EFFICIENCY = 0.8
+COMPUTE_EFFICIENCY = 0.5
+STEP_OVERHEAD_S = 0.0016
+PER_SEQUENCE_OVERHEAD_S = 26e-6
+TP_ALLREDUCE_S = 12e-6  # two all-reduces per layer across NVLink, latency-bound at decode sizes
+
+
+def decode_step_s(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, concurrency: int) -> float:
+    """Seconds of one decode step of ``concurrency`` sequences half-way through the expected length
+    (the time per output token each of them sees)."""
+    kv_read = concurrency * (mem.expected_tokens / 2) * mem.kv_bytes_per_token
+    t_mem = (mem.weights + kv_read) / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY)
+    flops = 2 * spec.active_params / (mem.tensor_parallel * mem.pipeline_parallel) * concurrency
+    t_compute = flops / (gpu.peak_tflops * 1e12 * COMPUTE_EFFICIENCY)
+    tp_sync = 2 * spec.num_layers * TP_ALLREDUCE_S if mem.tensor_parallel > 1 else 0
+    return max(t_mem, t_compute) + STEP_OVERHEAD_S + PER_SEQUENCE_OVERHEAD_S * concurrency + tp_sync
+
+
+def decode_tokens_per_s(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, concurrency: int) -> float:
+    """Output tokens per second of one replica while ``concurrency`` requests decode together."""
+    return concurrency / decode_step_s(spec, gpu, mem, concurrency)

@@ -1,7 +1,10 @@
 """vLLM KV-cache arithmetic against hand computation."""
 
+import json
+
 from catalogue.gpus import get_gpu
 from catalogue.model import load_model
+from catalogue.planner import plan
 from catalogue.serving import BLOCK_SIZE, kv_bytes_for_sequence, kv_bytes_per_token_layer, serving_memory
 
 
@@ -45,3 +48,30 @@ def test_more_tensor_parallel_ranks_leave_more_kv_per_gpu():
     spec, gpu = load_model("llama-3.1-70b"), get_gpu("H100-80GB")
     kv = [serving_memory(spec, gpu, tp=tp).kv_tokens for tp in (2, 4, 8)]
     assert kv == sorted(kv) and kv[0] < kv[-1]
+
+
+def test_decode_speed_follows_the_h100_tpot_up_to_concurrency_128():
+    # calibration guard: the overheads were read off this file (see bench/serve/decode_speed.py)
+    from bench.serve.decode_speed import DEFAULT, rows
+
+    measured = [r for r in rows(json.loads(DEFAULT.read_text())) if r["concurrency"] <= 128]
+    assert len(measured) == 4 and all(abs(r["plain_error"]) < 0.15 for r in measured)
+
+
+def test_seventy_b_on_h100s_says_tp4_serves_far_more_tokens_per_gpu():
+    p = plan(load_model("llama-3.1-70b"), "serve", "H100")
+    assert p.tensor_parallel == 2 and p.predicted_output_tokens_per_s > 0
+    note = next(n for n in p.notes if n.startswith("TP=4 would serve"))
+    assert "x the output tokens per GPU" in note and "requests of 2048 tokens at once" in note
+
+
+def test_a_target_load_picks_tp_and_replicas_with_the_fewest_gpus():
+    p = plan(load_model("llama-3.1-70b"), "serve", "H100", target_output_tokens_per_s=20000)
+    assert (p.tensor_parallel, p.replicas) == (4, 3)
+    assert p.replicas * p.predicted_output_tokens_per_s >= 20000
+    assert p.notes[0].startswith("20000 output tokens/s: 3 replica(s) of TP=4 = 12 GPUs")
+
+
+def test_a_small_model_keeps_tp1_when_wider_tp_gains_little_per_gpu():
+    p = plan(load_model("llama-3.1-8b"), "serve", "H100")
+    assert p.tensor_parallel == 1 and not any("would serve" in n for n in p.notes)
