@@ -6,12 +6,31 @@ feasible group that waits for capacity times out with what it is still waiting f
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from catalogue.errors import PlanError, fix
-from catalogue.placement import Bundle, NodeCapacity, Placement, Strategy, check_feasible, describe_bundles
+from catalogue.placement import (
+    Bundle,
+    NodeCapacity,
+    Placement,
+    Strategy,
+    check_feasible,
+    describe_bundles,
+    node_types_from_cluster_config,
+    sum_bundles,
+)
+from cluster.head import default_state_dir
+
+# `ray up` leaves the autoscaler's config on the head, where `ray job submit` drivers run.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+NODE_TYPES_FILE = "node_types.json"  # what `gpufleet up --cluster` recorded, for drivers off the head
 
 
 def cluster_nodes() -> list[NodeCapacity]:
@@ -24,9 +43,42 @@ def cluster_nodes() -> list[NodeCapacity]:
             for n in ray.nodes() if n["Alive"]]
 
 
-def check_placeable(placement: Placement, node_types: Sequence[NodeCapacity] = ()) -> None:
-    """Refuse now what the connected cluster (and its autoscaler's node types) can never hold."""
-    check_feasible(placement.bundles, placement.strategy, cluster_nodes(), node_types)
+def autoscaler_node_types(state_dir: Path | None = None) -> list[NodeCapacity]:
+    """The node types the cluster's autoscaler can launch: from the config named by
+    GPUFLEET_AUTOSCALER_CONFIG, the one `ray up` leaves on the head, or the types `gpufleet up --cluster`
+    recorded; none if the cluster does not autoscale."""
+    for name in (os.environ.get("GPUFLEET_AUTOSCALER_CONFIG"), BOOTSTRAP_CONFIG):
+        path = Path(name).expanduser() if name else None
+        if path and path.is_file():
+            return node_types_from_cluster_config(yaml.safe_load(path.read_text()) or {})
+    recorded = (state_dir or default_state_dir()) / NODE_TYPES_FILE
+    if recorded.is_file():
+        return [NodeCapacity(**t) for t in json.loads(recorded.read_text())]
+    return []
+
+
+def record_node_types(config: dict[str, Any], state_dir: Path | None = None) -> Path:
+    """Keep a cluster config's launchable node types for later checks from this machine."""
+    target = (state_dir or default_state_dir()) / NODE_TYPES_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps([t.model_dump() for t in node_types_from_cluster_config(config)], indent=1))
+    return target
+
+
+def check_placeable(placement: Placement, node_types: Sequence[NodeCapacity] | None = None) -> str | None:
+    """Refuse now what the connected cluster and its autoscaler's node types can never hold. Returns
+    a line to show when only a node type the autoscaler has yet to launch can hold it."""
+    nodes = cluster_nodes()
+    types = autoscaler_node_types() if node_types is None else list(node_types)
+    check_feasible(placement.bundles, placement.strategy, nodes, types)
+    try:
+        check_feasible(placement.bundles, placement.strategy, nodes)
+    except PlanError:
+        whole = [sum_bundles(placement.bundles)] if placement.strategy == "STRICT_PACK" else placement.bundles
+        fit = [t.name for t in types if t.max_count > 0 and all(t.holds(b) for b in whole)]
+        return (f"no running node can hold {describe_bundles(placement.bundles)} yet: waiting for the autoscaler to "
+                f"launch {' or '.join(fit) or 'nodes of its types'}")
+    return None
 
 
 def reserve(bundles: Sequence[Bundle], strategy: Strategy, name: str = "", timeout_s: float = 600,

@@ -134,9 +134,11 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
         import subprocess
 
         from cluster.launcher import validate_cluster_config
+        from cluster.placement import record_node_types
 
-        validate_cluster_config(cluster_yaml)
-        out.print(f"{cluster_yaml}: valid; running `ray up -y {cluster_yaml}`")
+        config = validate_cluster_config(cluster_yaml)
+        kept = record_node_types(config)
+        out.print(f"{cluster_yaml}: valid; its node types kept in {kept} for plan checks; running `ray up -y {cluster_yaml}`")
         sys.exit(subprocess.call([head.ray_bin(), "up", "-y", cluster_yaml]))
     if address:
         host_part = address.rsplit(":", 1)[0]

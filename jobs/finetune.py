@@ -68,7 +68,9 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     spec, layout, cfg = prepare(spec_path)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": TRAIN_ENV}, logging_level="ERROR")
-    check_placeable(layout.placement)
+    waiting = check_placeable(layout.placement)
+    if waiting:
+        print(waiting, flush=True)
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "layout.json").write_text(json.dumps({"layout": layout.model_dump(), "deepspeed": cfg["deepspeed"]},

@@ -168,19 +168,19 @@ def check_app_fits(spec: ServeSpec, base: Path) -> None:
     """Refuse at once an app the connected cluster can never hold: every model's replica group
     (its plan's placement, times its initial replicas) and, in the router layout, the router's CPU.
     Without this Ray Serve waits forever in DEPLOYING for a deployment no node can schedule."""
-    from cluster.placement import cluster_nodes
+    from cluster.placement import autoscaler_node_types, cluster_nodes
 
-    nodes = cluster_nodes()
+    nodes, types = cluster_nodes(), autoscaler_node_types()
     bundles: list[dict[str, float]] = []
     for entry in spec.models:
         placement = sourced_plan(entry, base)[1].placement
-        check_feasible(placement.bundles, placement.strategy, nodes)
+        check_feasible(placement.bundles, placement.strategy, nodes, types)
         bundles += placement.bundles * max(1, entry.replicas.min)
     router = spec.ingress_mode(haproxy_fronts_serve()) == "router"
     if router:
         bundles.append({"CPU": INGRESS_CPUS})
     try:
-        check_feasible(bundles, "PACK", nodes)
+        check_feasible(bundles, "PACK", nodes, types)
     except PlanError:
         need = {k: v for k, v in sum_bundles(bundles).items() if not k.startswith(ACCELERATOR_PREFIX)}
         raise PlanError(fix(f"serve app {spec.name} needs {need} in all (replicas of "

@@ -1,6 +1,7 @@
 """Placement: plans become Ray placement groups on a real multi-node cluster; infeasible fails fast."""
 
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -11,7 +12,14 @@ from catalogue.gpus import get_gpu
 from catalogue.model import load_model
 from catalogue.placement import NodeCapacity, check_feasible
 from catalogue.planner import plan
-from cluster.placement import reserve, reserve_placement, reserved
+from cluster.placement import (
+    autoscaler_node_types,
+    check_placeable,
+    record_node_types,
+    reserve,
+    reserve_placement,
+    reserved,
+)
 from cluster.status import collect_status
 
 H100 = {"GPU": 1.0, "accelerator_type:H100": 0.001, "CPU": 1.0}
@@ -116,3 +124,32 @@ def test_status_shows_a_waiting_group_and_what_it_waits_for(gpu_cluster):
             assert sum(n.gpus_total for n in st.nodes) == 8 and sum(n.gpus_free for n in st.nodes) == 0
         finally:
             remove_placement_group(waiting)
+
+
+# ---- the autoscaler's node types -------------------------------------------------------------------
+SHIPPED = Path(__file__).parents[1] / "cluster.yaml"
+
+
+def test_a_group_only_an_autoscaler_node_type_holds_waits_and_names_the_type(gpu_cluster, monkeypatch):
+    monkeypatch.setenv("GPUFLEET_AUTOSCALER_CONFIG", str(SHIPPED))
+    tp8 = plan(load_model("llama-3.1-405b"), "serve", "H100", gpus=8, quantization="fp8").placement
+    assert tp8.strategy == "STRICT_PACK"  # the live nodes have 4 H100s each: only h100x8 can hold it
+    assert "waiting for the autoscaler to launch h100x8" in check_placeable(tp8)
+    assert check_placeable(plan(load_model("llama-3.2-1b"), "serve", "H100").placement) is None
+
+
+def test_the_shipped_cluster_yaml_takes_jobs_for_its_gpu_types_and_refuses_others(gpu_cluster, monkeypatch):
+    monkeypatch.setenv("GPUFLEET_AUTOSCALER_CONFIG", str(SHIPPED))
+    a10g = plan(load_model("llama-3.2-1b"), "lora", "A10G", gpus=2).placement
+    assert "a10gx1 or a10gx4" in check_placeable(a10g)
+    with pytest.raises(PlanError, match="can never be placed"):
+        check_placeable(plan(load_model("llama-3.2-1b"), "lora", "RTX-4090").placement)
+
+
+def test_node_types_recorded_by_up_cluster_are_read_back(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPUFLEET_AUTOSCALER_CONFIG", raising=False)
+    import yaml
+
+    record_node_types(yaml.safe_load(SHIPPED.read_text()), tmp_path)
+    types = {t.name: t for t in autoscaler_node_types(tmp_path)}
+    assert "head" not in types and types["h100x8"].resources["GPU"] == 8 and types["h100x8"].max_count == 2
