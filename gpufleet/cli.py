@@ -20,6 +20,7 @@ from catalogue.planner import plan_request
 from catalogue.plans import InferPlan, PlanRequest
 from catalogue.table import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
 from cluster.head import HeadConfig
+from cluster.kuberay import DEFAULT_IMAGE as KUBERAY_IMAGE
 from gpufleet.demo import DemoOptions
 from gpufleet.options import options_from, validated
 from gpufleet.render import breakdown_table, catalogue_table, plan_table, print_error
@@ -199,10 +200,22 @@ def status_cmd(as_json: bool) -> None:
 @click.argument("spec", type=click.Path())
 @click.option("--working-dir", default=".", show_default=True, help="Uploaded with the job (holds jobs/ and data).")
 @click.option("--no-follow", is_flag=True, help="Submit and return the submission id.")
+@click.option("--emit-config", is_flag=True, help="Print a KubeRay RayJob for this fine-tune instead of submitting.")
+@click.option("--format", "fmt", type=click.Choice(["kuberay"]), default="kuberay", show_default=True,
+              help="With --emit-config: the manifest to print.")
+@click.option("--image", default=KUBERAY_IMAGE, show_default=True, help="With --format kuberay: the Ray image.")
 @one_line_errors
-def train_cmd(spec: str, working_dir: str, no_follow: bool) -> None:
-    """Submit a fine-tune (LoRA or full) to the cluster and follow its progress."""
+def train_cmd(spec: str, working_dir: str, no_follow: bool, emit_config: bool, fmt: str, image: str) -> None:
+    """Submit a fine-tune (LoRA, QLoRA or full) to the cluster and follow its progress."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if emit_config:
+        import yaml
+
+        from jobs.submit import kuberay_job
+
+        click.echo(yaml.safe_dump(kuberay_job(spec, image), sort_keys=False))
+        return
 
     from cluster.head import load_state
     from jobs.submit import follow, submit
@@ -234,15 +247,18 @@ def train_cmd(spec: str, working_dir: str, no_follow: bool) -> None:
 @main.command("serve")
 @click.argument("spec_or_model")
 @options_from(ModelEntry, "gpu", "context", "concurrency")
-@click.option("--emit-config", is_flag=True, help="Print a Ray Serve config (serve deploy / RayService) instead.")
+@click.option("--emit-config", is_flag=True, help="Print a config instead of deploying (see --format).")
+@click.option("--format", "fmt", type=click.Choice(["serve", "kuberay"]), default="serve", show_default=True,
+              help="With --emit-config: serve = a Ray Serve config (`serve deploy`); kuberay = a RayService manifest.")
+@click.option("--image", default=KUBERAY_IMAGE, show_default=True, help="With --format kuberay: the Ray image.")
 @one_line_errors
-def serve_cmd(spec_or_model: str, emit_config: bool, **entry_fields: Any) -> None:
+def serve_cmd(spec_or_model: str, emit_config: bool, fmt: str, image: str, **entry_fields: Any) -> None:
     """Deploy the models of a serve spec (or one model by name) behind an OpenAI API."""
     from pathlib import Path
 
     import yaml
 
-    from serve_apps.app import deploy
+    from serve_apps.app import deploy, emit_kuberay
     from serve_apps.app import emit_config as emit
     from serve_apps.spec import ServeSpec, load_serve_spec
 
@@ -252,7 +268,8 @@ def serve_cmd(spec_or_model: str, emit_config: bool, **entry_fields: Any) -> Non
         entry = validated(ModelEntry, id=spec_or_model.replace("/", "-"), source=spec_or_model, **entry_fields)
         spec, base = ServeSpec(models=[entry]), Path.cwd()
     if emit_config:
-        click.echo(yaml.safe_dump(emit(spec, base), sort_keys=False))
+        manifest = emit_kuberay(spec, base, image) if fmt == "kuberay" else emit(spec, base)
+        click.echo(yaml.safe_dump(manifest, sort_keys=False))
         return
     from cluster.head import connect
 

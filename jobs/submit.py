@@ -74,3 +74,15 @@ def follow(client: Any, sid: str, on_line=print, on_step=None, timeout_s: float 
             break
         time.sleep(0.5)
     return status
+
+
+def kuberay_job(spec_path: str | Path, image: str) -> dict[str, Any]:
+    """A KubeRay RayJob running this fine-tune: ``python -m jobs.finetune SPEC`` on a cluster whose one
+    worker group is the plan's placement (GPUs per pod up to a node's worth)."""
+    from catalogue.plans import DEFAULT_GPUS_PER_NODE
+    from cluster.kuberay import ray_job, worker_group
+    from jobs.finetune import prepare
+
+    spec, layout, _ = prepare(spec_path)
+    group = worker_group(spec.name, layout.placement, spec.gpu or "CPU", DEFAULT_GPUS_PER_NODE, image)
+    return ray_job(spec.name, f"python -m jobs.finetune {spec_path}", group, image)

@@ -218,3 +218,18 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
                           "args": {"llm_configs": configs, "adapters": adapters, "api_key_env": spec.api_key_env,
                                    "ingress": spec.ingress}}],
     }
+
+
+def emit_kuberay(spec: ServeSpec, base: Path, image: str) -> dict[str, Any]:
+    """A KubeRay RayService: ``emit_config``'s Serve config, and one worker group per model sized from
+    its plan (GPUs per pod, pods per replica, replicas.min..max)."""
+    from cluster.kuberay import ray_service, worker_group
+
+    groups = []
+    for entry in spec.models:
+        p = sourced_plan(entry, base)[1]
+        groups.append(worker_group(entry.id, p.placement, p.gpu, p.gpus_per_node, image,
+                                   min_groups=max(1, entry.replicas.min), max_groups=entry.replicas.max))
+    config = emit_config(spec, base)
+    config["http_options"]["host"] = "0.0.0.0"  # reached through the head pod's Service, not loopback
+    return ray_service(spec.name, config, groups, image)
