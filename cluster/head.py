@@ -146,6 +146,17 @@ def serve_proxy_env(mode: str) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
+def ensure_token(state_dir: Path | None = None) -> Path:
+    """The cluster's auth token file (created, owner-only, if missing): `up` starts Ray with it and
+    cluster.yaml's file_mounts copy it to every node."""
+    path = Path(state_dir or default_state_dir()) / "auth_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path
+
+
 def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     """Start a Ray head as configured and record it. Refuses if one is already recorded and alive."""
     state_dir = Path(cfg.state_dir)
@@ -167,10 +178,7 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
     # also when gpufleet was started as .venv/bin/gpufleet without activating the venv.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if cfg.token_auth:
-        token_path = state_dir / "auth_token"
-        if not token_path.exists():
-            token_path.write_text(secrets.token_hex(32))
-            token_path.chmod(0o600)
+        token_path = ensure_token(state_dir)
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     else:
         env["RAY_AUTH_MODE"] = "disabled"

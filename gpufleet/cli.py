@@ -139,7 +139,9 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
 
         config = validate_cluster_config(cluster_yaml)
         kept = record_node_types(config)
-        out.print(f"{cluster_yaml}: valid; its node types kept in {kept} for plan checks; running `ray up -y {cluster_yaml}`")
+        token = head.ensure_token()  # cluster.yaml's file_mounts copy it to every node
+        out.print(f"{cluster_yaml}: valid; node types kept in {kept} for plan checks; token {token}; "
+                  f"running `ray up -y {cluster_yaml}`")
         sys.exit(subprocess.call([head.ray_bin(), "up", "-y", cluster_yaml]))
     if address:
         host_part = address.rsplit(":", 1)[0]

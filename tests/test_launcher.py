@@ -1,5 +1,8 @@
 """cluster.yaml: passes Ray's own schema and the checks Ray does not do."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,33 @@ def test_cluster_yaml_that_is_not_yaml_is_one_line(tmp_path):
     bad.write_text("cluster_name: x\n  provider: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML .* To fix: correct the YAML syntax"):
         validate_cluster_config(bad)
+
+
+def test_spot_worker_types_sit_beside_on_demand_ones(config):
+    types = config["available_node_types"]
+    spot = {n for n, t in types.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"}
+    assert spot and all(n.removesuffix("-spot") in types for n in spot)
+
+
+@pytest.mark.slow
+def test_the_setup_command_installs_the_synced_checkout_in_a_fresh_virtualenv(config, tmp_path):
+    # what `ray up` runs on each node: the checkout stands in for the synced ~/gpufleet; --dry-run --no-deps
+    # keeps it offline-fast while pip still resolves the path, the extra and the package's metadata
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "gpufleet").symlink_to(CLUSTER_YAML.parent)
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "v")], check=True)
+    (command,) = config["setup_commands"]
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PATH": f"{tmp_path / 'v' / 'bin'}:{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    r = subprocess.run(["bash", "-c", command.replace(" -q ", " ") + " --dry-run --no-deps"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Would install gpufleet-0.1.0" in r.stdout
+
+
+def test_up_cluster_creates_the_token_the_file_mounts_copy(tmp_path):
+    from cluster.head import ensure_token
+
+    token = ensure_token(tmp_path / "state")
+    assert token.read_text() and oct(token.stat().st_mode & 0o777) == "0o600"
+    assert ensure_token(tmp_path / "state").read_text() == token.read_text()  # kept, not rotated
