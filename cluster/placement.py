@@ -81,6 +81,15 @@ def check_placeable(placement: Placement, node_types: Sequence[NodeCapacity] | N
     return None
 
 
+def spans_nodes(placement: Placement) -> bool:
+    """Whether no single live node or launchable node type could hold all of the group's bundles."""
+    try:
+        check_feasible(placement.bundles, "STRICT_PACK", cluster_nodes(), autoscaler_node_types())
+    except PlanError:
+        return True
+    return False
+
+
 def reserve(bundles: Sequence[Bundle], strategy: Strategy, name: str = "", timeout_s: float = 600,
             node_types: Sequence[NodeCapacity] = ()) -> Any:
     """Create a placement group and wait until it is placed (infeasible: error at once)."""

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from catalogue.errors import GpufleetError
+from catalogue.errors import GpufleetError, fix
 from catalogue.flops import train_flops_per_token
 from catalogue.gpus import get_gpu
 from catalogue.model import spec_from_config
@@ -41,7 +41,13 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
     cfg: dict[str, Any] = {
         "spec": spec.model_dump(), "layout": layout.model_dump(), "deepspeed": deepspeed_config(layout, spec),
         "model_dir": str(model_dir), "dataset": str(dataset), "output_dir": str(out),
+        "storage_path": str(out / "ray"), "upload_to": None,
     }
+    if spec.storage and "://" in spec.storage:  # a bucket: results are written locally, then uploaded
+        cfg.update(storage_path=spec.storage, upload_to=f"{spec.storage.rstrip('/')}/{spec.name}")
+    elif spec.storage:  # a shared mount: every rank writes there directly
+        shared = resolve(base, spec.storage)
+        cfg.update(storage_path=str(shared), output_dir=str(shared / spec.name))
     if spec.use_gpu:
         cfg["peak_tflops"] = get_gpu(spec.gpu).peak_tflops
         cfg["flops_per_token"] = train_flops_per_token(model, spec.seq_len, spec.task)
@@ -62,13 +68,18 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.placement import check_placeable
+    from cluster.placement import check_placeable, spans_nodes
     from jobs.train_loop import train_func
 
     spec, layout, cfg = prepare(spec_path)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": TRAIN_ENV}, logging_level="ERROR")
     waiting = check_placeable(layout.placement)
+    if not spec.storage and spans_nodes(layout.placement):
+        raise GpufleetError(fix(
+            f"the job's {layout.workers} workers cannot share one node, and output_dir {cfg['output_dir']} is "
+            "node-local: checkpoints and the result would be scattered over the nodes",
+            "set storage: to a path every node mounts, or to s3://bucket/prefix or gs://bucket/prefix"))
     if waiting:
         print(waiting, flush=True)
     out = Path(cfg["output_dir"])
@@ -77,12 +88,13 @@ def run(spec_path: str | Path) -> dict[str, Any]:
                                                 indent=1))
     trainer = TorchTrainer(
         train_func, train_loop_config=cfg, scaling_config=ScalingConfig(**scaling_kwargs(layout.placement)),
-        run_config=RunConfig(storage_path=str(out / "ray"), name=spec.name,
+        run_config=RunConfig(storage_path=cfg["storage_path"], name=spec.name,
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
     result = trainer.fit()
+    final = f"{cfg['upload_to']}/final" if cfg["upload_to"] else str(out / "final")
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "output": str(out / "final"), "layout": layout.model_dump()}
+            "output": final, "layout": layout.model_dump()}
 
 
 def main(argv: list[str] | None = None) -> int:

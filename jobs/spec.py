@@ -54,6 +54,9 @@ class JobSpec(Config):
     global_batch: int = Field(default=8, ge=1, description="Sequences per optimizer step, all workers.")
     seq_len: int = Field(default=512, ge=8, description="Tokens per packed training sequence.")
     output_dir: str = Field(default="outputs", description="Where checkpoints, logs and the result go.")
+    storage: str | None = Field(default=None, description=(
+        "Shared storage for checkpoints and results, under <storage>/<name>/: a path every node mounts, or "
+        "s3://bucket/prefix, gs://bucket/prefix (Ray Train's storage_path). Needed when the workers span nodes."))
     checkpoint_every: int = Field(default=50, ge=1, description="Optimizer steps between checkpoints.")
     final_checkpoint: bool = Field(default=True, description=(
         "Also checkpoint the last step (resumable state: optimizer included; the exported model in "

@@ -225,6 +225,17 @@ def train_func(cfg: dict[str, Any]) -> None:
         elif (step + 1) % spec.log_every == 0:
             ray.train.report(m)
     _export(engine, model, tokenizer, spec.task, layout.zero_stage, rank, out_dir / "final")
+    if rank == 0 and cfg.get("upload_to"):
+        _upload(out_dir, cfg["upload_to"])
+
+
+def _upload(out_dir: Path, uri: str) -> None:
+    """Copy the result and the metrics to a bucket (s3://, gs://) through pyarrow's filesystems."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(out_dir / "final"), f"{root}/final", destination_filesystem=fs)
+    pafs.copy_files(str(out_dir / "metrics.jsonl"), f"{root}/metrics.jsonl", destination_filesystem=fs)
 
 
 def _guard(loss: float, step: int, dtype: str, task: str, out_dir: Path, zero_limit: int, zero_run: int,
