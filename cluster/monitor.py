@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -152,12 +153,84 @@ def start_monitors(interval_s: float = 5.0, backend: GpuBackend | None = None) -
     return handles
 
 
-def monitor_reports(timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """Latest samples of every running monitor actor."""
-    import ray
-    from ray.util.state import list_actors
+SUPERVISOR = "gpufleet-gpu-monitor-supervisor"
+DASHBOARD_FILE = "gpufleet_gpu_dashboard.json"
 
-    handles = [ray.get_actor(a.name, namespace=MONITOR_NAMESPACE)
-               for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-               if a.name and a.name.startswith(MONITOR_PREFIX)]
+
+class MonitorSupervisor:
+    """Ray actor body on the head node: starts a monitor on every GPU node, including nodes that join
+    later (it looks again every ``every_s`` seconds), and installs gpufleet's Grafana dashboard beside
+    the ones Ray writes into its session directory."""
+
+    def __init__(self, interval_s: float, backend: GpuBackend | None, every_s: float):
+        import ray._private.worker as worker
+
+        self.dashboard = install_dashboard(worker.global_worker.node.get_session_dir_path())
+        self.args, self.every_s = (interval_s, backend), every_s
+        self.watched = len(start_monitors(*self.args))
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.every_s)
+            try:
+                self.watched = len(start_monitors(*self.args))
+            except Exception as e:  # a node leaving mid-scan: try again next round
+                log.warning("gpu monitor supervisor: %s", e)
+
+    def status(self) -> dict[str, Any]:
+        return {"monitored_nodes": self.watched, "dashboard": str(self.dashboard)}
+
+
+def ensure_monitoring(interval_s: float = 5.0, backend: GpuBackend | None = None, every_s: float = 15.0) -> Any:
+    """Start (once per cluster) the supervisor that keeps one monitor on each GPU node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    return ray.remote(num_cpus=0)(MonitorSupervisor).options(
+        name=SUPERVISOR, namespace=MONITOR_NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False),
+    ).remote(interval_s, backend, every_s)
+
+
+def dashboard_json() -> dict[str, Any]:
+    """A Grafana dashboard of the ``gpufleet_gpu_*`` gauges (Ray exports them with its ``ray_`` prefix)."""
+    units = {"percent": "percent", "bytes": "bytes", "watts": "watt", "celsius": "celsius"}
+    panels = []
+    for i, (name, (_, desc)) in enumerate(METRICS.items()):
+        unit = units[name.rsplit("_", 1)[1]]
+        panels.append({
+            "id": i + 1, "type": "timeseries", "title": desc, "datasource": "${datasource}",
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"expr": f"ray_{name}", "legendFormat": "{{node}} gpu {{gpu}}", "refId": "A"}],
+        })
+    return {"title": "gpufleet GPUs", "uid": "gpufleet-gpus", "schemaVersion": 27, "version": 1,
+            "refresh": "10s", "time": {"from": "now-30m", "to": "now"}, "panels": panels,
+            "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus",
+                                     "label": "Data source", "current": {}, "hide": 0}]}}
+
+
+def install_dashboard(session_dir: str) -> Path:
+    """Write the dashboard where Ray writes its own Grafana dashboards for this session."""
+    import json
+
+    target = Path(session_dir) / "metrics" / "grafana" / "dashboards" / DASHBOARD_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(dashboard_json(), indent=1))
+    return target
+
+
+def monitor_reports(timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """Latest samples of the monitor on each alive GPU node (looked up by name: no dashboard needed)."""
+    import ray
+
+    handles = []
+    for n in ray.nodes():
+        if n["Alive"] and n["Resources"].get("GPU"):
+            try:
+                handles.append(ray.get_actor(MONITOR_PREFIX + n["NodeID"], namespace=MONITOR_NAMESPACE))
+            except ValueError:  # not started yet (the supervisor looks again shortly)
+                continue
     return ray.get([h.report.remote() for h in handles], timeout=timeout_s) if handles else []

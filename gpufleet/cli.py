@@ -148,16 +148,20 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
         state = head.attach(address, dashboard_url or f"http://{host_part}:8265",
                             token_path=os.environ.get("RAY_AUTH_TOKEN_PATH"))
         head.connect(state)
+        if not no_monitor:  # GPU metrics on every GPU node of the attached cluster, also ones that join later
+            from cluster.monitor import ensure_monitoring
+
+            ensure_monitoring()
         out.print(f"attached to {address}; `gpufleet down` will only forget it")
         return
     cfg = validated(HeadConfig, **head_fields)
     with out.status("starting the Ray head ..."):
         state = head.start_head(cfg)
     if not no_monitor:
-        from cluster.monitor import start_monitors
+        from cluster.monitor import ensure_monitoring
 
         head.connect(state)
-        start_monitors()
+        ensure_monitoring()
     out.print(f"[bold green]Ray head up[/] at {state.address}")
     out.print(f"  dashboard: {state.dashboard_url}   metrics: 127.0.0.1:{state.metrics_export_port}/metrics")
     out.print(f"  serve proxy: {'HAProxy' if state.serve_env else 'Ray Serve proxy'}")

@@ -78,7 +78,7 @@ def run_demo(args: DemoOptions) -> int:
         console.print(f"Ray head at {state.address}; dashboard [link]{state.dashboard_url}[/link]; "
                       f"token {state.token_path}")
         from cluster.head import connect
-        from cluster.monitor import start_monitors
+        from cluster.monitor import ensure_monitoring
 
         connect(state)
 
@@ -99,7 +99,7 @@ def run_demo(args: DemoOptions) -> int:
         from serve_apps.app import deploy
         from serve_apps.spec import load_serve_spec
 
-        start_monitors()
+        ensure_monitoring()
         serve_file = derived_spec(root / "examples" / "serve-tiny.yaml", demo / "serve-tiny.yaml", port=args.port,
                                   model_entry={"source": str(model_dir), "adapters": {"greeter": str(adapter)}})
         spec, base = load_serve_spec(serve_file)
