@@ -283,7 +283,7 @@ def serve_cmd(spec_or_model: str, emit_config: bool, fmt: str, image: str, **ent
     from serve_apps.app import haproxy_fronts_serve
 
     with out.status("deploying (vLLM replicas load the model) ..."):
-        url = deploy(spec, base)
+        url = deploy(spec, base, report=out.print)
     haproxy = haproxy_fronts_serve()
     front = "HAProxy" if haproxy else "Ray Serve's proxy"
     layout = ("the replica serves the API itself" if spec.ingress_mode(haproxy) == "direct"

@@ -190,15 +190,53 @@ def check_app_fits(spec: ServeSpec, base: Path) -> None:
                             "replicas.min / tensor_parallel")) from None
 
 
-def deploy(spec: ServeSpec, base: Path, blocking: bool = False) -> str:
+STALL_REPORT_S = 60.0  # how long a deployment may sit unplaced before `deploy` says what it waits for
+
+
+def deploy(spec: ServeSpec, base: Path, blocking: bool = False, report=print,
+           stall_s: float = STALL_REPORT_S, timeout_s: float | None = None) -> str:
     """Run the app on the connected cluster (refused at once if it can never fit); returns the base
-    URL of the OpenAI API."""
+    URL of the OpenAI API once it is RUNNING. While it deploys, every ``stall_s`` seconds ``report``
+    gets a line naming what each waiting deployment waits for (Ray Serve's own account: the replica's
+    resources and what the cluster has free), so a wait for the autoscaler or for busy GPUs is never
+    silent; past ``timeout_s`` (None: no limit) the wait ends with that account as the error."""
+    import time
+
     from ray import serve
 
     check_app_fits(spec, base)
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run(build_app(spec, base), name=spec.name, route_prefix="/", blocking=blocking)
+    serve.run_many([serve.RunTarget(build_app(spec, base), name=spec.name, route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    start, next_report = time.monotonic(), stall_s
+    while True:
+        app = serve.status().applications.get(spec.name)
+        state = str(app.status) if app else "NOT_STARTED"
+        if state.endswith("RUNNING"):
+            break
+        if state.endswith("DEPLOY_FAILED"):
+            raise PlanError(f"serve app {spec.name} failed to deploy: {app.message}")
+        waited = time.monotonic() - start
+        if timeout_s is not None and waited > timeout_s:
+            raise PlanError(fix(f"serve app {spec.name} is not running after {waited:.0f}s: {waiting_for(app)}",
+                                "free or add the resources named, or wait longer (gpufleet status shows it)"))
+        if waited >= next_report:
+            report(f"{spec.name} still deploying after {waited:.0f}s: {waiting_for(app)}")
+            next_report += stall_s
+        time.sleep(1.0)
+    if blocking:
+        while True:
+            time.sleep(3600)
     return f"http://{spec.host}:{spec.port}/v1"
+
+
+def waiting_for(app: Any) -> str:
+    """What the app's unfinished deployments report (Ray Serve names the resources a replica waits for)."""
+    if app is None:
+        return "the Serve controller has not picked it up yet"
+    lines = [f"{name}: {d.message}" for name, d in app.deployments.items()
+             if not str(d.status).endswith("HEALTHY") and d.message]
+    return "; ".join(lines) or "its replicas are starting (loading the model)"
 
 
 def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
