@@ -59,7 +59,8 @@ class HeadConfig(Config):
     port: int | None = Field(default=None, ge=1, le=65535, description="GCS port (default: a free one).")
     dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Port of the dashboard and job API.")
     metrics_export_port: int | None = Field(default=None, ge=1, le=65535)
-    num_cpus: int | None = Field(default=None, ge=1, description="Logical CPUs of the head (default: detect).")
+    num_cpus: int | None = Field(default=None, ge=0, description=(
+        "Logical CPUs of the head (default: detect; 0: run nothing there, as cluster.yaml's head does)."))
     num_gpus: int | None = Field(default=None, ge=0, description="Declare GPUs (default: detect).")
     resources: dict[str, float] = Field(default_factory=dict)
     token_auth: bool = Field(default=True, description="Token authentication for the dashboard, jobs and clients.")
