@@ -252,7 +252,7 @@ def train_cmd(spec: str, working_dir: str, no_follow: bool, emit_config: bool, f
 
 @main.command("serve")
 @click.argument("spec_or_model")
-@options_from(ModelEntry, "gpu", "context", "concurrency")
+@options_from(ModelEntry, "gpu", "context", "concurrency", "target_output_tokens_per_s")
 @click.option("--emit-config", is_flag=True, help="Print a config instead of deploying (see --format).")
 @click.option("--format", "fmt", type=click.Choice(["serve", "kuberay"]), default="serve", show_default=True,
               help="With --emit-config: serve = a Ray Serve config (`serve deploy`); kuberay = a RayService manifest.")

@@ -33,7 +33,13 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
     return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.context,
                 batch=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
                 quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
-                enforce_eager=entry.enforce_eager)
+                enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s)
+
+
+def replica_bounds(entry: ModelEntry, p: ServePlan) -> tuple[int, int]:
+    """(min, max) replicas: the spec's, raised to what the plan needs for its target load."""
+    low = max(entry.replicas.min, p.replicas if entry.target_output_tokens_per_s else 0)
+    return low, max(entry.replicas.max, low)
 
 
 def sourced_plan(entry: ModelEntry, base: Path) -> tuple[str, ServePlan]:
@@ -73,9 +79,10 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
     if entry.stream_batching_ms is not None:
         conf["experimental_configs"] = {"stream_batching_interval_ms": entry.stream_batching_ms}
     conf["runtime_env"] = {"env_vars": env}
+    bounds = replica_bounds(entry, p)
     conf["deployment_config"] = {
-        "autoscaling_config": {"min_replicas": entry.replicas.min, "max_replicas": entry.replicas.max,
-                               "initial_replicas": max(1, entry.replicas.min),
+        "autoscaling_config": {"min_replicas": bounds[0], "max_replicas": bounds[1],
+                               "initial_replicas": max(1, bounds[0]),
                                "target_ongoing_requests": p.target_ongoing_requests},
         "max_ongoing_requests": p.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": 0},
@@ -173,9 +180,9 @@ def check_app_fits(spec: ServeSpec, base: Path) -> None:
     nodes, types = cluster_nodes(), autoscaler_node_types()
     bundles: list[dict[str, float]] = []
     for entry in spec.models:
-        placement = sourced_plan(entry, base)[1].placement
-        check_feasible(placement.bundles, placement.strategy, nodes, types)
-        bundles += placement.bundles * max(1, entry.replicas.min)
+        p = sourced_plan(entry, base)[1]
+        check_feasible(p.placement.bundles, p.placement.strategy, nodes, types)
+        bundles += p.placement.bundles * max(1, replica_bounds(entry, p)[0])
     router = spec.ingress_mode(haproxy_fronts_serve()) == "router"
     if router:
         bundles.append({"CPU": INGRESS_CPUS})
@@ -266,8 +273,9 @@ def emit_kuberay(spec: ServeSpec, base: Path, image: str) -> dict[str, Any]:
     groups = []
     for entry in spec.models:
         p = sourced_plan(entry, base)[1]
+        low, high = replica_bounds(entry, p)
         groups.append(worker_group(entry.id, p.placement, p.gpu, p.gpus_per_node, image,
-                                   min_groups=max(1, entry.replicas.min), max_groups=entry.replicas.max))
+                                   min_groups=max(1, low), max_groups=high))
     config = emit_config(spec, base)
     config["http_options"]["host"] = "0.0.0.0"  # reached through the head pod's Service, not loopback
     return ray_service(spec.name, config, groups, image)

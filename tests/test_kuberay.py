@@ -94,3 +94,12 @@ def test_the_schema_check_catches_a_misspelled_field():
     manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] = 2
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(json.loads(json.dumps(manifest)), crd_schema("rayservices"))
+
+
+def test_a_target_load_sets_the_replicas_the_app_and_the_worker_group_start_with():
+    args = ("serve", "llama-3.1-70b", "--gpu", "H100", "--target-output-tokens-per-s", "20000", "--emit-config")
+    (llm,) = emitted(*args)["applications"][0]["args"]["llm_configs"]
+    scaling = llm["deployment_config"]["autoscaling_config"]
+    assert llm["engine_kwargs"]["tensor_parallel_size"] == 4 and scaling["min_replicas"] == scaling["max_replicas"] == 3
+    (group,) = emitted(*args, "--format", "kuberay")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["minReplicas"] == group["replicas"] == 3 and group["rayStartParams"]["num-gpus"] == "4"
