@@ -67,8 +67,9 @@ def device_split(spec: ModelSpec, n: int, runtime: Runtime, dtype_bytes: int, gp
     tied = spec.tie_word_embeddings
     embed = spec.embedding_params * dtype_bytes
     head = 0 if tied else embed  # a tied head shares GPU 0's embedding (and its logits land there)
+    norm = spec.hidden_size * dtype_bytes
     # the final norm, the head and, untied, the logits go with the last layer
-    tail = spec.hidden_size * dtype_bytes + head + (0 if tied else runtime.logits)
+    tail = norm + head + (0 if tied else runtime.logits)
     first = embed + runtime.transient + (runtime.logits if tied else 0)
 
     def fill(cap: int) -> list[list[int]] | None:
@@ -98,7 +99,6 @@ def device_split(spec: ModelSpec, n: int, runtime: Runtime, dtype_bytes: int, gp
         return None
     last = max(g for g in range(n) if groups[g])
     weights, peaks, device_map = [], [], {"model.embed_tokens": 0}
-    norm = spec.hidden_size * dtype_bytes
     for g in range(n):
         w = sum(layer_w[i] for i in groups[g]) + (embed if g == 0 else 0) + (norm + head if g == last else 0)
         logits = runtime.logits if g == (0 if tied else last) else 0

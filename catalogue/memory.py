@@ -254,10 +254,7 @@ QLORA_SOFTCAP = 4
 def qlora_memory(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     """Peak of one QLoRA step: nf4 linears + fp32 rest + fp32 adapters, their gradients and Adam states,
     checkpointed fp32 layer inputs and the fp32 loss buffers."""
-    nf4 = bitsandbytes("nf4")
-    linears = [lin for i in range(spec.num_layers) for lin in spec.layer_linears(i)]
-    quantized = sum(n * nf4.bytes_per_weight(fan_in) for fan_in, n in linears)
-    weights = int(quantized + 4 * (spec.num_params - sum(n for _, n in linears)))
+    weights = spec.weight_bytes(4, bitsandbytes("nf4"))  # nf4 linears, everything else fp32
     adapters = 4 * lora_params(spec, s.lora_rank)
     T = s.tokens
     acts = T * spec.num_layers * 4 * spec.hidden_size

@@ -173,12 +173,16 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     dtype = gpu.train_dtype if req.dtype == "auto" else req.dtype
     fp8_kv = fp8["kv_cache_dtype"]
 
+    def sizing(tp: int, pp: int) -> dict[str, Any]:
+        """``serving_memory``'s arguments for one TP x PP replica of this request."""
+        return dict(tp=tp, pp=pp, context=seq, gpu_memory_utilization=util, enforce_eager=bool(req.enforce_eager),
+                    dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens,
+                    linear_bytes=spec.linear_bytes_per_weight(quant) if quant else None,
+                    kv_dtype_bytes=1 if fp8_kv else None)
+
     def at(tp: int, pp: int) -> ServePlan | None:
         """The plan of one TP x PP replica, or None if it cannot hold ``want`` requests."""
-        sized = dict(tp=tp, pp=pp, context=seq, gpu_memory_utilization=util, enforce_eager=bool(req.enforce_eager),
-                     dtype_bytes=DTYPE_BYTES[dtype], expected_tokens=req.expected_tokens,
-                     linear_bytes=spec.linear_bytes_per_weight(quant) if quant else None,
-                     kv_dtype_bytes=1 if fp8_kv else None)
+        sized = sizing(tp, pp)
         mem = serving_memory(spec, gpu, **sized)
         if mem.concurrent_seqs < 1 or mem.concurrent_at_expected < want:
             return None
@@ -197,17 +201,19 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             engine["kv_cache_dtype"] = "fp8"
         common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
         step = decode_step_s(spec, gpu, mem, capacity)
-        found = _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
-                            pipeline_parallel=pp, predicted_tpot_ms=round(step * 1000, 2),
-                            predicted_output_tokens_per_s=round(capacity / step), **common)
-        if tp * pp > 1:  # say why fewer GPUs would not do
-            smaller = [serving_memory(spec, gpu, **{**sized, "tp": t, "pp": 1}) for t in legal if t < tp]
-            why = "; ".join(f"TP={m.tensor_parallel}: {m.weights / GIB:.1f} GiB of weights per GPU, "
-                            f"{max(m.kv_cache, 0) / GIB:.1f} GiB left for KV cache" for m in smaller)
-            if why:
-                found = found.model_copy(update={"notes": (
-                    f"fewer GPUs cannot hold it ({util:g} x {gpu.memory_gib:g} GiB per GPU): {why}",) + found.notes})
-        return found
+        return _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
+                           pipeline_parallel=pp, predicted_tpot_ms=round(step * 1000, 2),
+                           predicted_output_tokens_per_s=round(capacity / step), **common)
+
+    def why_not_fewer(found: ServePlan) -> ServePlan:
+        """The fewest-GPU layout, with what each smaller legal TP size would have left."""
+        smaller = [serving_memory(spec, gpu, **sizing(t, 1)) for t in legal if t < found.tensor_parallel]
+        if not smaller:
+            return found
+        why = "; ".join(f"TP={m.tensor_parallel}: {m.weights / GIB:.1f} GiB of weights per GPU, "
+                        f"{max(m.kv_cache, 0) / GIB:.1f} GiB left for KV cache" for m in smaller)
+        return found.model_copy(update={"notes": (
+            f"fewer GPUs cannot hold it ({util:g} x {gpu.memory_gib:g} GiB per GPU): {why}",) + found.notes})
 
     for n in counts:
         layouts = []
@@ -220,6 +226,7 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                 continue
             found = at(tp, pp)
             if found is not None:
+                found = why_not_fewer(found)
                 wider = [] if pp > 1 or req.gpus else [p for t in legal if tp < t <= req.gpus_per_node
                                                        if (p := at(t, 1)) is not None]
                 return _for_load(found, wider, req.target_output_tokens_per_s)

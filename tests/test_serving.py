@@ -70,6 +70,7 @@ def test_a_target_load_picks_tp_and_replicas_with_the_fewest_gpus():
     assert (p.tensor_parallel, p.replicas) == (4, 3)
     assert p.replicas * p.predicted_output_tokens_per_s >= 20000
     assert p.notes[0].startswith("20000 output tokens/s: 3 replica(s) of TP=4 = 12 GPUs")
+    assert not any("fewer GPUs cannot hold it" in n for n in p.notes)  # TP=2 can: only the fewest layout says why
 
 
 def test_a_small_model_keeps_tp1_when_wider_tp_gains_little_per_gpu():
