@@ -11,6 +11,7 @@ each level (where the overhead goes). Results are written after every side, so a
 time limit keeps what it measured.
 
     python -m bench.serve.gpu_bench --model-dir /var/tmp/m --tokenizer /var/tmp/tok --out $OUT/serve.json
+    python -m bench.serve.gpu_bench --combine serve.json plain-again.json --out h100-serve.json  # one lease, two calls
 """
 
 from __future__ import annotations
@@ -134,14 +135,23 @@ def compare(result: dict) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", required=True, help="A model directory (random weights are fine).")
+    ap.add_argument("--model-dir", help="A model directory (random weights are fine).")
     ap.add_argument("--catalogue-model", default="llama-3.2-1b", help="Built-in config the model was built from.")
-    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--tokenizer")
     ap.add_argument("--gpu", default="H100-80GB")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--sides", default="plain,gpufleet,plain")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--combine", type=Path, nargs="+",
+                    help="Merge the sides of result files from calls on the same machine lease; measure nothing.")
     a = ap.parse_args()
+    if a.combine:
+        result = combine([json.loads(f.read_text()) for f in a.combine])
+        a.out.write_text(json.dumps(result, indent=1))
+        print_rows(result["rows"])
+        return 0
+    if not (a.model_dir and a.tokenizer):
+        ap.error("--model-dir and --tokenizer are needed to measure")
     from cluster.head import free_port, serve_proxy_env
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
@@ -166,10 +176,21 @@ def main() -> int:
         a.out.write_text(json.dumps(result, indent=1))
         print(side, json.dumps({k: v for k, v in got.items() if k not in ("levels", "random_lengths")})[:800],
               flush=True)
-    for r in result["rows"]:
+    print_rows(result["rows"])
+    return 0
+
+
+def combine(results: list[dict]) -> dict:
+    """One result from several calls' results: the first's description, every call's sides."""
+    merged = {**results[0], "sides": [s for r in results for s in r["sides"]]}
+    merged["rows"] = compare(merged)
+    return merged
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
         print(f"c={r['concurrency']:>4}  throughput x{r['throughput_ratio']:.3f}  TTFT p50 {r['ttft_overhead_ms']:+.1f} ms "
               f"({r['ttft_overhead_fraction']:+.1%})  ITL p99 x{r['itl_p99_ratio']:.3f}")
-    return 0
 
 
 def _machine() -> str:

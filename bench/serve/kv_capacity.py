@@ -48,8 +48,10 @@ print("VLLM_STARTED", flush=True)
 """
 
 
-def serve_plan(name: str, gpu: str, util: float, max_len: int):
-    return plan(load_model(name), "serve", gpu, gpus=1, seq_len=max_len, headroom=round(1 - util, 4))
+def serve_plan(name: str, gpu: str, util: float, max_len: int, fp8: str = "none"):
+    """``fp8``: none, weights (vLLM's online FP8 quantization) or weights+kv (also an FP8 KV cache)."""
+    return plan(load_model(name), "serve", gpu, gpus=1, seq_len=max_len, headroom=round(1 - util, 4),
+                quantization="fp8" if fp8 != "none" else "none", kv_cache_dtype="fp8" if fp8 == "weights+kv" else "auto")
 
 
 def measure(name: str, engine: dict, work: Path, timeout_s: float) -> dict:
@@ -76,8 +78,8 @@ def measure(name: str, engine: dict, work: Path, timeout_s: float) -> dict:
     return row
 
 
-def predict(name: str, gpu: str, util: float, max_len: int) -> dict:
-    p = serve_plan(name, gpu, util, max_len)
+def predict(name: str, gpu: str, util: float, max_len: int, fp8: str = "none") -> dict:
+    p = serve_plan(name, gpu, util, max_len, fp8)
     mem = p.serving
     return {"engine_kwargs": p.engine_kwargs, "kv_tokens": mem.kv_tokens, "max_concurrency": round(mem.kv_tokens / max_len, 2),
             "kv_gib": round(mem.kv_cache / GIB, 3), "weights_gib": round(mem.weights / GIB, 3),
@@ -99,9 +101,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def with_predictions(rows: list[dict], gpu: str, util: float, max_len: int) -> list[dict]:
+def with_predictions(rows: list[dict], gpu: str, util: float, max_len: int, fp8: str = "none") -> list[dict]:
     for r in rows:
-        r["predicted"] = predict(r["model"], gpu, util, max_len)
+        r["predicted"] = predict(r["model"], gpu, util, max_len, fp8)
         if "kv_tokens" in r["measured"]:
             r["error"] = round(r["predicted"]["kv_tokens"] / r["measured"]["kv_tokens"] - 1, 4)
     return rows
@@ -114,23 +116,26 @@ def main() -> int:
     ap.add_argument("--utilization", type=float, default=0.9)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--timeout", type=float, default=300, help="Seconds one vLLM start may take.")
+    ap.add_argument("--fp8", choices=["none", "weights", "weights+kv"], default="none",
+                    help="FP8 weights (quantization: fp8) and optionally an FP8 KV cache (kv_cache_dtype: fp8).")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--compare", type=Path, help="Recompute the predictions of a results file; measure nothing.")
     a = ap.parse_args()
     if a.compare:
         data = json.loads(a.compare.read_text())
-        rows = with_predictions(data["rows"], data["gpu"], data["gpu_memory_utilization"], data["max_model_len"])
+        rows = with_predictions(data["rows"], data["gpu"], data["gpu_memory_utilization"], data["max_model_len"],
+                                data.get("fp8", "none"))
     else:
         work = Path(tempfile.mkdtemp(prefix="kv-", dir=os.environ.get("KV_WORK", "/var/tmp")))
         rows = []
         for name in a.models:
-            engine = serve_plan(name, a.gpu, a.utilization, a.max_model_len).engine_kwargs
+            engine = serve_plan(name, a.gpu, a.utilization, a.max_model_len, a.fp8).engine_kwargs
             rows.append({"model": name, "measured": measure(name, engine, work, a.timeout)})
             if a.out:  # what is measured so far survives a time limit
                 a.out.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))
             print(name, rows[-1]["measured"], flush=True)
-        rows = with_predictions(rows, a.gpu, a.utilization, a.max_model_len)
-        data = {"gpu": a.gpu, "gpu_memory_utilization": a.utilization, "max_model_len": a.max_model_len,
+        rows = with_predictions(rows, a.gpu, a.utilization, a.max_model_len, a.fp8)
+        data = {"gpu": a.gpu, "gpu_memory_utilization": a.utilization, "max_model_len": a.max_model_len, "fp8": a.fp8,
                 "machine": _machine(), "engine": "vLLM dummy weights, bf16, CUDA graphs + torch.compile (defaults)",
                 "command": " ".join(sys.argv), "rows": rows}
     print(table(rows))

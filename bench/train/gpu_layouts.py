@@ -37,6 +37,8 @@ CASES = {
     "8b-full": ("llama-3.1-8b", "full", {}, 16, 2048),
     "8b-lora": ("llama-3.1-8b", "lora", {}, 16, 2048),
     "8b-qlora": ("llama-3.1-8b", "qlora", {}, 16, 2048),
+    "3b-qlora": ("llama-3.2-3b", "qlora", {}, 16, 2048),
+    "gemma2-2b-qlora": ("gemma-2-2b", "qlora", {}, 16, 2048),
     "3b-full-offload": ("llama-3.2-3b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True}, 16,
                         2048),
     "resume": ("llama-3.2-1b", "lora", {}, 8, 1024),
