@@ -127,6 +127,10 @@ def train_func(cfg: dict[str, Any]) -> None:
         model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
                                                  lora_dropout=spec.lora.dropout,
                                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM"))
+    # from_pretrained returns the model in eval mode, where transformers skips gradient checkpointing
+    # (it checkpoints only while training) and builds a KV cache in every forward.
+    model.train()
+    model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     data = build_dataset(dataset_path, tokenizer, spec.seq_len)
