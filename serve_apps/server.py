@@ -8,8 +8,6 @@ the first chunk goes out as soon as the engine yields it; later chunks are batch
 
 With ``ingress: direct`` (serve_apps.app) the replica serves vLLM's own OpenAI app and there is no
 gpufleet ingress in front of it, so the bearer-token check is added to that app here.
-
-A replica of one GPU holds that GPU itself and runs vLLM as ``vllm serve`` does (serve_apps.engine).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from typing import Any, TypeVar
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
-from serve_apps.engine import in_process_engine_class, runs_in_process
 from serve_apps.http_edge import BearerTokenMiddleware
 
 T = TypeVar("T")
@@ -61,21 +58,7 @@ class FirstChunkBatcher(Batcher[T]):
 
 class GpufleetServer(LLMServer):
     """``LLMServer`` whose streamed responses start without the batching delay and whose own
-    HTTP app (direct ingress) checks the API key when one is set; one-GPU replicas run vLLM in
-    their own engine process."""
-
-    @classmethod
-    def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:
-        options = super().get_deployment_options(llm_config)
-        if runs_in_process(llm_config.get_engine_config()):
-            # The GPU of the (single) bundle goes to the replica actor instead of a Ray worker.
-            options["ray_actor_options"]["num_gpus"] = 1
-        return options
-
-    def _get_default_engine_class(self) -> type:
-        if runs_in_process(self._llm_config.get_engine_config()):
-            return in_process_engine_class()
-        return super()._get_default_engine_class()
+    HTTP app (direct ingress) checks the API key when one is set."""
 
     async def __init__(self, llm_config: Any, *, api_key: str | None = None, **kwargs: Any) -> None:
         self._api_key = api_key

@@ -234,19 +234,6 @@ def test_gpu_replica_is_placed_as_planned():
     assert conf["engine_kwargs"] == p.engine_kwargs and p.engine_kwargs["tensor_parallel_size"] == 2
 
 
-@pytest.mark.parametrize("model, replica_gpus", [("llama-3.1-8b", 1), ("llama-3.1-70b", 0)])
-def test_one_gpu_replica_holds_its_gpu_and_wider_ones_leave_them_to_ray_workers(model, replica_gpus):
-    from ray.serve.llm import LLMConfig
-
-    from serve_apps.server import GpufleetServer
-
-    conf = llm_config_dict(ModelEntry(id="m", source=model, gpu="H100-80GB", context=8192), "/")
-    options = GpufleetServer.get_deployment_options(LLMConfig(**conf))
-    assert options["ray_actor_options"].get("num_gpus", 0) == replica_gpus
-    # The group Ray reserves is still exactly the plan's: one GPU per tensor-parallel rank.
-    assert options["placement_group_bundles"] == conf["placement_group_config"]["bundles"]
-
-
 def test_context_above_the_models_positions_is_refused(tiny_model):
     with pytest.raises(SpecError, match=r"models\[t\].context=4096 exceeds the model's max_position_embeddings"):
         llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=4096), tiny_model)
