@@ -77,35 +77,12 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def train_func(cfg: dict[str, Any]) -> None:
-    """Ray Train entry point. ``cfg``: spec (dict), layout (dict), deepspeed (dict), paths (str)."""
-    import deepspeed
-    import ray.train
+def build_model(spec: Any, layout: Any, model_dir: Path, device: Any) -> Any:
+    """The model a worker trains, as the plan lays it out: loaded (nf4 for QLoRA), checkpointed when
+    the plan says so, LoRA adapters attached, in training mode."""
     import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from jobs.data import build_dataset
-    from jobs.layout import TrainLayout
-    from jobs.spec import JobSpec
-
-    spec, layout = JobSpec(**cfg["spec"]), TrainLayout(**cfg["layout"])
-    model_dir, dataset_path, out_dir = Path(cfg["model_dir"]), Path(cfg["dataset"]), Path(cfg["output_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    (out_dir / "pids").mkdir(parents=True, exist_ok=True)
-    (out_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
-    if (out_dir / NUMERICS_MARKER).exists():  # a retry would only hit the same wall
-        raise NumericsError((out_dir / NUMERICS_MARKER).read_text())
-
-    if not layout.use_gpu:
-        _skip_cpu_shm_op()
-    deepspeed.init_distributed(dist_backend="nccl" if layout.use_gpu else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if layout.use_gpu else torch.device("cpu")
-    random.seed(spec.seed)
-    torch.manual_seed(spec.seed + rank)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = getattr(torch, layout.dtype)
     ckpt_kwargs = {"use_reentrant": False}
     if spec.task == "qlora":  # the QLoRA recipe: nf4 base, peft casts the rest to fp32, checkpointing
@@ -131,6 +108,39 @@ def train_func(cfg: dict[str, Any]) -> None:
     # (it checkpoints only while training) and builds a KV cache in every forward.
     model.train()
     model.config.use_cache = False
+    return model
+
+
+def train_func(cfg: dict[str, Any]) -> None:
+    """Ray Train entry point. ``cfg``: spec (dict), layout (dict), deepspeed (dict), paths (str)."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from jobs.data import build_dataset
+    from jobs.layout import TrainLayout
+    from jobs.spec import JobSpec
+
+    spec, layout = JobSpec(**cfg["spec"]), TrainLayout(**cfg["layout"])
+    model_dir, dataset_path, out_dir = Path(cfg["model_dir"]), Path(cfg["dataset"]), Path(cfg["output_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    (out_dir / "pids").mkdir(parents=True, exist_ok=True)
+    (out_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    if (out_dir / NUMERICS_MARKER).exists():  # a retry would only hit the same wall
+        raise NumericsError((out_dir / NUMERICS_MARKER).read_text())
+
+    if not layout.use_gpu:
+        _skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend="nccl" if layout.use_gpu else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if layout.use_gpu else torch.device("cpu")
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed + rank)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = build_model(spec, layout, model_dir, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     data = build_dataset(dataset_path, tokenizer, spec.seq_len)

@@ -55,6 +55,28 @@ def test_ray_train_reserves_exactly_the_layouts_placement(local_ray, tmp_path, t
         (planned_bundles(placement.bundles), placement.strategy)]
 
 
+@pytest.mark.parametrize("task", ["lora", "full"])
+@pytest.mark.parametrize("grad_ckpt", [True, False])
+def test_a_checkpointed_layout_recomputes_each_layer_in_backward(tmp_path, tiny_model, greeting_data, task, grad_ckpt):
+    from catalogue.placement import Placement
+    from jobs.spec import JobSpec
+    from jobs.train_loop import build_model
+
+    spec = JobSpec(name="t", model=str(tiny_model), dataset=str(greeting_data), task=task, output_dir=str(tmp_path),
+                   max_steps=1)
+    layout = TrainLayout(placement=Placement(bundles=[{"CPU": 1}], strategy="PACK"), zero_stage=0,
+                         grad_ckpt=grad_ckpt, micro_batch=1, grad_accum=1, dtype="float32")
+    model = build_model(spec, layout, tiny_model, torch.device("cpu"))
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    calls = []
+    layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 100, (1, 16))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert len(calls) == (2 if grad_ckpt else 1)  # checkpointing runs the layer again in backward
+    assert out.past_key_values is None  # no KV cache is built while training
+
+
 @pytest.mark.parametrize("task,stage,lr", [("lora", 2, 3e-3), ("lora", 3, 3e-3), ("full", 2, 1e-3), ("full", 3, 1e-3)])
 def test_two_workers_learn_and_export_a_servable_result(local_ray, tmp_path, tiny_model, greeting_data, task, stage, lr):
     summary = run(job(tmp_path, tiny_model, greeting_data, task=task, learning_rate=lr,
