@@ -170,6 +170,20 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
     out.print(f"  submit: ray job submit --address {state.dashboard_url} --working-dir . -- python -m jobs.finetune SPEC")
 
 
+@main.command("proxy-env")
+@options_from(HeadConfig, "serve_proxy")
+@one_line_errors
+def proxy_env_cmd(serve_proxy: str) -> None:
+    """Print `export` lines that put this node's Ray processes in a Serve proxy mode, for the
+    `ray start` of a node gpufleet does not start itself (cluster.yaml: eval "$(gpufleet proxy-env)")."""
+    import shlex
+
+    from cluster.head import serve_proxy_env
+
+    for key, value in serve_proxy_env(serve_proxy).items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+
+
 @main.command("down")
 @one_line_errors
 def down_cmd() -> None:

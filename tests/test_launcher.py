@@ -93,6 +93,19 @@ def test_the_setup_command_installs_the_synced_checkout_in_a_fresh_virtualenv(co
     assert "Would install gpufleet-0.1.0" in r.stdout
 
 
+@pytest.mark.parametrize("kind", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_every_node_starts_ray_in_haproxy_mode(config, kind):
+    # the command as `ray up` runs it, with `env` in place of `ray start`: what Ray's processes would inherit
+    (command,) = config[kind]
+    prefix = command.split("ray start")[0]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-c", prefix + "env"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    started = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert started["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and started["RAY_AUTH_MODE"] == "token"
+    assert os.access(started["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+
+
 def test_up_cluster_creates_the_token_the_file_mounts_copy(tmp_path):
     from cluster.head import ensure_token
 
