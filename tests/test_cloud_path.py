@@ -1,8 +1,13 @@
 """The shipped cluster.yaml, end to end on one machine: Ray's fake multi-node provider with cluster.yaml's
 node types (a head with no CPUs for work, every worker type at min_workers 0). A fine-tune brings up a
-node, trains on it and finishes, its checkpoints and result in shared storage."""
+node, trains on it and finishes, its checkpoints and result in shared storage; idle nodes go away; a
+served model brings up a node again and answers through the OpenAI client.
+
+Every fake node runs on this one machine, so the head serves HTTP with Ray's own proxy (HAProxy mode
+would start one HAProxy per node, all on the same port)."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +50,7 @@ def shipped_cluster(tmp_path_factory):
     port = free_port()
     (d / "fake.yaml").write_text(yaml.safe_dump(fake_config_from_shipped(f"{get_node_ip_address()}:{port}")))
     state = start_head(HeadConfig(
-        state_dir=d, port=port, num_cpus=0, dashboard_port=free_port(), token_auth=False,
+        state_dir=d, port=port, num_cpus=0, dashboard_port=free_port(), token_auth=False, serve_proxy="ray",
         autoscaling_config=d / "fake.yaml", env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}))
     os.environ["GPUFLEET_AUTOSCALER_CONFIG"] = str(d / "fake.yaml")
     connect(state)
@@ -74,3 +79,30 @@ def test_a_finetune_on_the_shipped_cluster_brings_up_a_node_and_finishes(shipped
     summary = run(job(tmp_path, tiny_model, greeting_data))
     assert summary["metrics"]["step"] == 12 and worker_nodes()
     assert (tmp_path / "shared" / "cloud" / "final" / "adapter_config.json").exists()
+
+
+def test_idle_worker_nodes_go_away(shipped_cluster):
+    deadline = time.monotonic() + 180  # cluster idle_timeout_minutes 0.2 here
+    while worker_nodes() and time.monotonic() < deadline:
+        time.sleep(2)
+    assert worker_nodes() == []
+
+
+def test_a_model_served_on_the_shipped_cluster_brings_up_a_node_and_answers(shipped_cluster, tmp_path, tiny_model):
+    from openai import OpenAI
+    from ray import serve
+
+    from serve_apps.app import deploy
+    from serve_apps.spec import ServeSpec
+
+    while worker_nodes():  # start from a cluster with no worker (the test above waits for that)
+        time.sleep(2)
+    spec = ServeSpec(name="cloud", port=free_port(), models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
+    waits: list[str] = []
+    try:
+        url = deploy(spec, tmp_path, report=waits.append, stall_s=15, timeout_s=900)
+        answer = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120).completions.create(
+            model="tiny", prompt="def main", max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens == 4 and worker_nodes()
+    finally:
+        serve.shutdown()
