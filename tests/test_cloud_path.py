@@ -8,6 +8,8 @@ would start one HAProxy per node, all on the same port)."""
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,22 +44,35 @@ def fake_config_from_shipped(gcs_address: str) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def shipped_cluster(tmp_path_factory):
-    from ray._private.services import get_node_ip_address
-
-    d = tmp_path_factory.mktemp("shipped")
-    port = free_port()
-    (d / "fake.yaml").write_text(yaml.safe_dump(fake_config_from_shipped(f"{get_node_ip_address()}:{port}")))
+@contextmanager
+def fake_cloud(d: Path, config: dict, env: dict | None = None) -> Iterator[Path]:
+    """A head (no CPUs for work, Ray's own HTTP proxy) whose autoscaler runs ``config`` on the fake
+    provider; plan checks read the same node types; connected while the block runs."""
+    (d / "fake.yaml").write_text(yaml.safe_dump(config))
     state = start_head(HeadConfig(
-        state_dir=d, port=port, num_cpus=0, dashboard_port=free_port(), token_auth=False, serve_proxy="ray",
-        autoscaling_config=d / "fake.yaml", env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}))
+        state_dir=d, port=int(config["provider"]["gcs_address"].rsplit(":", 1)[1]), num_cpus=0,
+        dashboard_port=free_port(), token_auth=False, serve_proxy="ray", autoscaling_config=d / "fake.yaml",
+        env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **(env or {})}))
     os.environ["GPUFLEET_AUTOSCALER_CONFIG"] = str(d / "fake.yaml")
     connect(state)
-    yield d
-    os.environ.pop("GPUFLEET_AUTOSCALER_CONFIG", None)
-    ray.shutdown()
-    stop_head(d)
+    try:
+        yield d
+    finally:
+        os.environ.pop("GPUFLEET_AUTOSCALER_CONFIG", None)
+        ray.shutdown()
+        stop_head(d)
+
+
+def fake_gcs_address() -> str:
+    from ray._private.services import get_node_ip_address
+
+    return f"{get_node_ip_address()}:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def shipped_cluster(tmp_path_factory):
+    with fake_cloud(tmp_path_factory.mktemp("shipped"), fake_config_from_shipped(fake_gcs_address())) as d:
+        yield d
 
 
 def worker_nodes() -> list[dict]:
