@@ -56,7 +56,8 @@ class JobSpec(Config):
     output_dir: str = Field(default="outputs", description="Where checkpoints, logs and the result go.")
     storage: str | None = Field(default=None, description=(
         "Shared storage for checkpoints and results, under <storage>/<name>/: a path every node mounts, or "
-        "s3://bucket/prefix, gs://bucket/prefix (Ray Train's storage_path). Needed when the workers span nodes."))
+        "s3://bucket/prefix, gs://bucket/prefix or file:///path (Ray Train's storage_path). Needed when the workers "
+        "span nodes."))
     checkpoint_every: int = Field(default=50, ge=1, description="Optimizer steps between checkpoints.")
     final_checkpoint: bool = Field(default=True, description=(
         "Also checkpoint the last step (resumable state: optimizer included; the exported model in "

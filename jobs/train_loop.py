@@ -244,10 +244,11 @@ def train_func(cfg: dict[str, Any]) -> None:
 
 
 def _upload(out_dir: Path, uri: str) -> None:
-    """Copy the result and the metrics to a bucket (s3://, gs://) through pyarrow's filesystems."""
+    """Copy the result and the metrics to a bucket (s3://, gs://; file:// too) through pyarrow's filesystems."""
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(uri)
+    fs.create_dir(f"{root}/final", recursive=True)  # object stores have no directories; file systems need them
     pafs.copy_files(str(out_dir / "final"), f"{root}/final", destination_filesystem=fs)
     pafs.copy_files(str(out_dir / "metrics.jsonl"), f"{root}/metrics.jsonl", destination_filesystem=fs)
 

@@ -48,3 +48,15 @@ def test_checkpoints_and_result_go_to_shared_storage(two_nodes, tmp_path, tiny_m
     assert {p.name for p in root.iterdir()} >= {"step_000002", "step_000004", "metrics.jsonl", "final"}
     assert [json.loads(x)["step"] for x in (root / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert not (tmp_path / "local").exists()  # nothing node-local
+
+
+def test_a_bucket_uri_gets_checkpoints_and_the_result_through_pyarrow(two_nodes, tmp_path, tiny_model, greeting_data):
+    # file:// goes through the same path as s3:// and gs:// (Ray Train's storage_path and pyarrow's
+    # filesystems for the upload), only without credentials or a network
+    bucket = tmp_path / "bucket"
+    summary = run(spec(tmp_path, tiny_model, greeting_data, storage=f"file://{bucket}"))
+    root = bucket / "shared"
+    assert summary["output"] == f"file://{bucket}/shared/final"
+    assert (root / "final" / "adapter_config.json").exists()
+    assert [json.loads(x)["step"] for x in (root / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert {p.name for p in root.iterdir()} >= {"step_000002", "step_000004"}  # Ray Train's checkpoints
