@@ -1,11 +1,15 @@
 """LoRA adapters beside a served model: the table a replica reads, and name -> directory lookup.
 
 A spec names adapters explicitly (``adapters``) and/or a folder whose subfolders are adapters
-(``adapters_dir``). The table travels to the replicas in one environment variable.
+(``adapters_dir``): a local or shared path, or a storage URI (``s3://``, ``gs://``, ``file://``; read
+through pyarrow's filesystems, as `gpufleet train` writes results there), whose adapters a replica
+copies to its own disk when first asked for. The table travels to the replicas in one environment
+variable.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +26,76 @@ def adapters_table(entry: ModelEntry, base: Path) -> dict[str, Any] | None:
         return None
     out = {}
     for name, d in entry.adapters.items():
-        p = resolve(base, d)
-        if not (p / "adapter_config.json").is_file():
+        p = d.rstrip("/") if is_uri(d) else str(resolve(base, d))
+        if not _is_adapter(p):
             raise SpecError(fix(f"models[{entry.id}].adapters.{name}: {p} has no adapter_config.json",
-                                "point it at a LoRA directory written by `gpufleet train` (output_dir/final)"))
-        out[name] = str(p)
-    folder = str(resolve(base, entry.adapters_dir)) if entry.adapters_dir else None
+                                "point it at a LoRA directory written by `gpufleet train` (<output_dir or "
+                                "storage>/<name>/final)"))
+        out[name] = p
+    folder = entry.adapters_dir
+    if folder and not is_uri(folder):
+        folder = str(resolve(base, folder))
     return {"adapters": out, "adapters_dir": folder}
 
 
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _storage(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri.rstrip("/"))
+
+
+def _is_adapter(location: str) -> bool:
+    """Whether a directory or storage URI holds a LoRA adapter."""
+    if not is_uri(location):
+        return (Path(location) / "adapter_config.json").is_file()
+    import pyarrow.fs as pafs
+
+    fs, path = _storage(location)
+    return fs.get_file_info(f"{path}/adapter_config.json").type == pafs.FileType.File
+
+
+def _child(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}" if is_uri(root) else str(Path(root) / name)
+
+
 def find_adapter(table: dict, name: str) -> str | None:
-    """The directory of adapter ``name`` in an adapters table, or None."""
+    """The directory (or storage URI) of adapter ``name`` in an adapters table, or None."""
     if name in table.get("adapters", {}):
         return table["adapters"][name]
     root = table.get("adapters_dir")
-    if root and name and "/" not in name and (Path(root) / name / "adapter_config.json").is_file():
-        return str(Path(root) / name)
+    if root and name and "/" not in name and _is_adapter(_child(root, name)):
+        return _child(root, name)
     return None
 
 
 def list_adapters(table: dict) -> list[str]:
     names = set(table.get("adapters", {}))
     root = table.get("adapters_dir")
-    if root and Path(root).is_dir():
+    if root and is_uri(root):
+        import pyarrow.fs as pafs
+
+        fs, path = _storage(root)
+        folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        names |= {f.base_name for f in folders if f.type == pafs.FileType.Directory and _is_adapter(_child(root, f.base_name))}
+    elif root and Path(root).is_dir():
         names |= {p.parent.name for p in Path(root).glob("*/adapter_config.json")}
     return sorted(names)
+
+
+def local_copy(adapter: str, cache: Path | None = None) -> str:
+    """A local directory holding ``adapter``: the directory itself, or a copy of a storage URI's
+    files (made once per replica; vLLM loads adapters from local disk)."""
+    if not is_uri(adapter):
+        return adapter
+    import pyarrow.fs as pafs
+
+    fs, path = _storage(adapter)
+    local = (cache or Path(tempfile.gettempdir()) / "gpufleet-adapters") / path.strip("/").replace("/", "--")
+    if not (local / "adapter_config.json").is_file():
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=fs)
+    return str(local)

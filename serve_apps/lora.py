@@ -1,4 +1,4 @@
-"""Serve LoRA adapters from local directories beside their base model, on the same replica.
+"""Serve LoRA adapters from local directories (or storage URIs) beside their base model, on the same replica.
 
 Ray 2.60's Serve LLM loads dynamic LoRA adapters only from cloud storage. gpufleet keeps Ray's
 multiplexing (adapters loaded on demand into the running vLLM engine, cached per replica, routed
@@ -15,7 +15,7 @@ import os
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
-from serve_apps.adapters import ADAPTERS_ENV, find_adapter, list_adapters
+from serve_apps.adapters import ADAPTERS_ENV, find_adapter, list_adapters, local_copy
 from serve_apps.server import GpufleetServer
 
 
@@ -34,7 +34,7 @@ class LocalLoraLoader(LoraModelLoader):
         if path is None:
             raise ValueError(f"unknown adapter {lora_model_id!r}; known: {list_adapters(table)}")
         cfg = DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=llm_config.max_request_context_length,
-                                  local_path=path, lora_assigned_int_id=global_id_manager.next())
+                                  local_path=local_copy(path), lora_assigned_int_id=global_id_manager.next())
         self.disk_cache[lora_model_id] = cfg
         return cfg
 

@@ -35,7 +35,8 @@ class ModelEntry(Config):
     config: str | None = Field(default=None, description="Local config.json of an s3:// or gs:// source.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> adapter directory. "
                                      "Clients address one as `<id>:<name>`.")
-    adapters_dir: str | None = Field(default=None, description="Folder whose subfolders are adapters; new ones "
+    adapters_dir: str | None = Field(default=None, description="Folder whose subfolders are adapters (a path, "
+                                     "or the storage URI a fine-tune wrote to: s3://, gs://, file://); new ones "
                                      "are servable without a restart.")
     context: int | None = Field(default=None, ge=16, description=(
         "max_model_len wanted (default: the planner's, 8192 capped at the model's max_position_embeddings)."))
