@@ -9,6 +9,8 @@ variable.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,12 @@ def local_copy(adapter: str, cache: Path | None = None) -> str:
     fs, path = _storage(adapter)
     local = (cache or Path(tempfile.gettempdir()) / "gpufleet-adapters") / path.strip("/").replace("/", "--")
     if not (local / "adapter_config.json").is_file():
-        local.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(path, str(local), source_filesystem=fs)
+        # copied aside, then renamed: replicas sharing a disk never load a half-copied adapter
+        part = local.with_name(f"{local.name}.{os.getpid()}.part")
+        part.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(part), source_filesystem=fs)
+        try:
+            part.rename(local)
+        except OSError:  # another replica finished first
+            shutil.rmtree(part, ignore_errors=True)
     return str(local)
