@@ -18,10 +18,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catalogue.flops import mfu
 from jobs.data import IGNORE
+
+if TYPE_CHECKING:
+    from jobs.layout import TrainLayout
+    from jobs.spec import JobSpec
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "trainer_state.json"
@@ -77,7 +81,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def build_model(spec: Any, layout: Any, model_dir: Path, device: Any) -> Any:
+def build_model(spec: JobSpec, layout: TrainLayout, model_dir: Path, device: Any) -> Any:
     """The model a worker trains, as the plan lays it out: loaded (nf4 for QLoRA), checkpointed when
     the plan says so, LoRA adapters attached, in training mode."""
     import torch

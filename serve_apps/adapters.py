@@ -69,8 +69,8 @@ def find_adapter(table: dict, name: str) -> str | None:
     if name in table.get("adapters", {}):
         return table["adapters"][name]
     root = table.get("adapters_dir")
-    if root and name and "/" not in name and _is_adapter(_child(root, name)):
-        return _child(root, name)
+    if root and name and "/" not in name and _is_adapter(found := _child(root, name)):
+        return found
     return None
 
 
@@ -81,8 +81,10 @@ def list_adapters(table: dict) -> list[str]:
         import pyarrow.fs as pafs
 
         fs, path = _storage(root)
-        folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        names |= {f.base_name for f in folders if f.type == pafs.FileType.Directory and _is_adapter(_child(root, f.base_name))}
+        folders = [f for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                   if f.type == pafs.FileType.Directory]
+        configs = fs.get_file_info([f"{f.path}/adapter_config.json" for f in folders])  # one call for all
+        names |= {f.base_name for f, c in zip(folders, configs, strict=True) if c.type == pafs.FileType.File}
     elif root and Path(root).is_dir():
         names |= {p.parent.name for p in Path(root).glob("*/adapter_config.json")}
     return sorted(names)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,15 @@ def placed_bundles(group: dict) -> list[dict[str, float]]:
 
 def planned_bundles(bundles: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in b.items() if v} for b in bundles]
+
+
+def wait_for_step(metrics: Path, step: int, timeout_s: float, poll_s: float = 0.05) -> int | None:
+    """Wait until a run's metrics.jsonl logs ``step`` or later; the step logged, or None at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            if lines and (last := json.loads(lines[-1])["step"]) >= step:
+                return last
+        time.sleep(poll_s)
+    return None

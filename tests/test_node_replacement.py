@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -19,6 +18,7 @@ import pytest
 import ray
 
 from jobs.finetune import TRAIN_ENV, run
+from tests.conftest import wait_for_step
 from tests.test_cloud_path import fake_cloud, fake_config_from_shipped, fake_gcs_address, job
 
 pytestmark = pytest.mark.slow
@@ -45,22 +45,17 @@ def v2_cluster(tmp_path_factory):
 def kill_node_at_step(metrics: Path, at_step: int, killed: dict) -> None:
     """SIGKILL the raylet of the node where rank 0 trains, and everything it started, once
     ``at_step`` is logged."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if metrics.exists():
-            rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-            if rows and rows[-1]["step"] >= at_step:
-                rank0 = psutil.Process(int((metrics.parent / "pids" / "rank0.pid").read_text()))
-                raylet = next(p for p in rank0.parents() if p.name() == "raylet")
-                socket = next(a.split("=", 1)[1] for a in raylet.cmdline() if a.startswith("--raylet_socket_name="))
-                node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["RayletSocketName"] == socket)
-                victims = [raylet, *raylet.children(recursive=True)]
-                for p in victims:
-                    p.send_signal(signal.SIGKILL)
-                killed.update(node=node, at=rows[-1]["step"], processes=len(victims),
-                              nodes_then={n["NodeID"] for n in ray.nodes() if n["Alive"]})
-                return
-        time.sleep(0.1)
+    at = wait_for_step(metrics, at_step, timeout_s=600, poll_s=0.1)
+    if at is None:
+        return
+    rank0 = psutil.Process(int((metrics.parent / "pids" / "rank0.pid").read_text()))
+    raylet = next(p for p in rank0.parents() if p.name() == "raylet")
+    socket = next(a.split("=", 1)[1] for a in raylet.cmdline() if a.startswith("--raylet_socket_name="))
+    node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["RayletSocketName"] == socket)
+    victims = [raylet, *raylet.children(recursive=True)]
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    killed.update(node=node, at=at, processes=len(victims), nodes_then={n["NodeID"] for n in ray.nodes() if n["Alive"]})
 
 
 def test_a_lost_worker_node_is_replaced_and_the_job_resumes_from_its_checkpoint(v2_cluster, tmp_path, tiny_model,
@@ -77,9 +72,9 @@ def test_a_lost_worker_node_is_replaced_and_the_job_resumes_from_its_checkpoint(
     runner.join(900)  # a lost node that is never replaced leaves the job waiting: fail instead of hanging
     assert "summary" in done, f"no result 15 min after the node loss ({killed})"
     summary = done["summary"]
-    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    steps, resumed = [r["step"] for r in rows], [r["resumed_from"] for r in rows]
     assert killed and killed["at"] >= 6 and summary["metrics"]["step"] == 16
-    resumed = [json.loads(x)["resumed_from"] for x in metrics.read_text().splitlines()]
     assert max(resumed) == 4 and steps[-12:] == list(range(5, 17))  # resumed at 4: steps 5-16 once more, none skipped
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert killed["node"] not in alive and alive - killed["nodes_then"]  # a node launched after the loss

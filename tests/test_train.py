@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 
 import pytest
 import ray
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs.finetune import TRAIN_ENV, run
 from jobs.layout import TrainLayout
-from tests.conftest import placed_bundles, planned_bundles, write_spec
+from tests.conftest import placed_bundles, planned_bundles, wait_for_step, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -121,16 +120,10 @@ def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(local_ray
     killed = {}
 
     def killer():
-        metrics, pid_file = kill_dir / "out" / "metrics.jsonl", kill_dir / "out" / "pids" / "rank1.pid"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if metrics.exists() and pid_file.exists():
-                steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-                if steps and steps[-1] >= 13:
-                    killed["pid"], killed["at"] = int(pid_file.read_text()), steps[-1]
-                    os.kill(killed["pid"], signal.SIGKILL)
-                    return
-            time.sleep(0.02)
+        at = wait_for_step(kill_dir / "out" / "metrics.jsonl", 13, timeout_s=300, poll_s=0.02)
+        if at is not None:
+            killed["pid"], killed["at"] = int((kill_dir / "out" / "pids" / "rank1.pid").read_text()), at
+            os.kill(killed["pid"], signal.SIGKILL)
 
     t = threading.Thread(target=killer)
     t.start()
