@@ -200,7 +200,7 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         if fp8_kv:
             engine["kv_cache_dtype"] = "fp8"
         common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
-        step = decode_step_s(spec, gpu, mem, capacity)
+        step = decode_step_s(spec, gpu, mem, capacity, fp8_matmul=bool(quant) and quant.method == "fp8")
         return _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
                            pipeline_parallel=pp, predicted_tpot_ms=round(step * 1000, 2),
                            predicted_output_tokens_per_s=round(capacity / step), **common)

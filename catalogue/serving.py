@@ -169,17 +169,16 @@ PER_SEQUENCE_OVERHEAD_S = 26e-6
 TP_ALLREDUCE_S = 12e-6  # two all-reduces per layer across NVLink, latency-bound at decode sizes
 
 
-def decode_step_s(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, concurrency: int) -> float:
+def decode_step_s(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, concurrency: int,
+                  fp8_matmul: bool = False) -> float:
     """Seconds of one decode step of ``concurrency`` sequences half-way through the expected length
-    (the time per output token each of them sees)."""
+    (the time per output token each of them sees). ``fp8_matmul``: fp8 weights multiplied on fp8
+    tensor cores, which do twice the bf16 rate on every GPU that has them (data sheets)."""
     kv_read = concurrency * (mem.expected_tokens / 2) * mem.kv_bytes_per_token
     t_mem = (mem.weights + kv_read) / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY)
     flops = 2 * spec.active_params / (mem.tensor_parallel * mem.pipeline_parallel) * concurrency
-    t_compute = flops / (gpu.peak_tflops * 1e12 * COMPUTE_EFFICIENCY)
+    rate = gpu.peak_tflops * (2 if fp8_matmul and gpu.supports_fp8 else 1)
+    t_compute = flops / (rate * 1e12 * COMPUTE_EFFICIENCY)
     tp_sync = 2 * spec.num_layers * TP_ALLREDUCE_S if mem.tensor_parallel > 1 else 0
     return max(t_mem, t_compute) + STEP_OVERHEAD_S + PER_SEQUENCE_OVERHEAD_S * concurrency + tp_sync
 
-
-def decode_tokens_per_s(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, concurrency: int) -> float:
-    """Output tokens per second of one replica while ``concurrency`` requests decode together."""
-    return concurrency / decode_step_s(spec, gpu, mem, concurrency)

@@ -5,7 +5,13 @@ import json
 from catalogue.gpus import get_gpu
 from catalogue.model import load_model
 from catalogue.planner import plan
-from catalogue.serving import BLOCK_SIZE, kv_bytes_for_sequence, kv_bytes_per_token_layer, serving_memory
+from catalogue.serving import (
+    BLOCK_SIZE,
+    decode_step_s,
+    kv_bytes_for_sequence,
+    kv_bytes_per_token_layer,
+    serving_memory,
+)
 
 
 def test_llama_8b_kv_bytes_per_token_is_128_kib():
@@ -76,3 +82,13 @@ def test_a_target_load_picks_tp_and_replicas_with_the_fewest_gpus():
 def test_a_small_model_keeps_tp1_when_wider_tp_gains_little_per_gpu():
     p = plan(load_model("llama-3.1-8b"), "serve", "H100")
     assert p.tensor_parallel == 1 and not any("would serve" in n for n in p.notes)
+
+
+def test_fp8_weights_decode_on_fp8_tensor_cores_where_a_step_is_compute_bound():
+    spec, gpu = load_model("llama-3.1-8b"), get_gpu("H100-80GB")
+    m = serving_memory(spec, gpu, context=2048, expected_tokens=256)  # short requests: little KV to read
+    bf16, fp8 = (decode_step_s(spec, gpu, m, 1024, fp8_matmul=f) for f in (False, True))
+    assert fp8 < bf16  # 1024 sequences: compute-bound, twice the tensor rate
+    assert decode_step_s(spec, gpu, m, 1, fp8_matmul=True) == decode_step_s(spec, gpu, m, 1)  # memory-bound
+    assert decode_step_s(spec, get_gpu("A100-80GB"), m, 1024, fp8_matmul=True) == decode_step_s(
+        spec, get_gpu("A100-80GB"), m, 1024)  # no fp8 tensor cores there

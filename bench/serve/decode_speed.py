@@ -16,6 +16,7 @@ from pathlib import Path
 
 from catalogue.gpus import get_gpu
 from catalogue.model import load_model
+from catalogue.quantization import FP8
 from catalogue.serving import decode_step_s, serving_memory
 
 DEFAULT = Path(__file__).parent / "results" / "h100-serve.json"
@@ -26,15 +27,18 @@ def rows(result: dict, gpu: str = "H100-80GB") -> list[dict]:
     spec = load_model(result["model"].split()[0])
     e = result["engine_kwargs"]
     tokens = 256  # the workload: 128 prompt + 128 output tokens
+    fp8 = e.get("quantization") == "fp8"
     mem = serving_memory(spec, get_gpu(gpu), tp=e["tensor_parallel_size"], context=e["max_model_len"],
                          gpu_memory_utilization=e["gpu_memory_utilization"], max_num_seqs=e["max_num_seqs"],
-                         max_num_batched_tokens=e["max_num_batched_tokens"], expected_tokens=tokens)
+                         max_num_batched_tokens=e["max_num_batched_tokens"], expected_tokens=tokens,
+                         linear_bytes=spec.linear_bytes_per_weight(FP8) if fp8 else None,
+                         kv_dtype_bytes=1 if e.get("kv_cache_dtype") == "fp8" else None)
     first = {}
     for side in result["sides"]:
         first.setdefault(side["side"], {lv["concurrency"]: lv for lv in side["levels"]})
     out = []
     for c in sorted(first["plain"]):
-        predicted = decode_step_s(spec, get_gpu(gpu), mem, c) * 1000
+        predicted = decode_step_s(spec, get_gpu(gpu), mem, c, fp8_matmul=fp8) * 1000
         row = {"concurrency": c, "predicted_tpot_ms": round(predicted, 2)}
         for name, levels in first.items():
             measured = levels[c]["median_tpot_ms"]

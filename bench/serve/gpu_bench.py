@@ -140,6 +140,8 @@ def main() -> int:
     ap.add_argument("--tokenizer")
     ap.add_argument("--gpu", default="H100-80GB")
     ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--quantization", choices=("none", "fp8"), default="none")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
     ap.add_argument("--sides", default="plain,gpufleet,plain")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--combine", type=Path, nargs="+",
@@ -149,6 +151,7 @@ def main() -> int:
         result = combine([json.loads(f.read_text()) for f in a.combine])
         a.out.write_text(json.dumps(result, indent=1))
         print_rows(result["rows"])
+        print_decode_speed(result)
         return 0
     if not (a.model_dir and a.tokenizer):
         ap.error("--model-dir and --tokenizer are needed to measure")
@@ -156,11 +159,16 @@ def main() -> int:
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
     entry = {"id": MODEL_ID, "source": a.model_dir, "gpu": a.gpu, "context": a.context,
-             "expected_tokens": IN_LEN + OUT_LEN, "concurrency": 1}
+             "expected_tokens": IN_LEN + OUT_LEN, "concurrency": 1, "quantization": a.quantization,
+             "kv_cache_dtype": a.kv_cache_dtype}
     p = plan(load_model(a.catalogue_model), "serve", a.gpu, gpus=1, seq_len=a.context,
-             expected_tokens=IN_LEN + OUT_LEN)
-    result = {"machine": _machine(), "model": f"{a.catalogue_model} (random weights)", "engine_kwargs": p.engine_kwargs,
-              "predicted": {"kv_tokens": p.serving.kv_tokens, "max_num_seqs": p.engine_kwargs["max_num_seqs"]},
+             expected_tokens=IN_LEN + OUT_LEN, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+    fp8 = " ".join(f"{k} fp8" for k in ("quantization", "kv_cache_dtype") if getattr(a, k) == "fp8")
+    result = {"machine": _machine(), "model": f"{a.catalogue_model} (random weights{', ' + fp8 if fp8 else ''})",
+              "engine_kwargs": p.engine_kwargs,
+              "predicted": {"kv_tokens": p.serving.kv_tokens, "max_num_seqs": p.engine_kwargs["max_num_seqs"],
+                            "tpot_ms_at_max_num_seqs": p.predicted_tpot_ms,
+                            "output_tokens_per_s": p.predicted_output_tokens_per_s},
               "workload": f"random dataset, {IN_LEN} in / {OUT_LEN} out, ignore_eos; then range ratio 0.5",
               "tool": "vllm bench serve", "sides": [], "rows": []}
     work = Path(tempfile.mkdtemp(prefix="gb-"))
@@ -177,7 +185,18 @@ def main() -> int:
         print(side, json.dumps({k: v for k, v in got.items() if k not in ("levels", "random_lengths")})[:800],
               flush=True)
     print_rows(result["rows"])
+    print_decode_speed(result)
     return 0
+
+
+def print_decode_speed(result: dict) -> None:
+    """The plan's time per output token beside the measured median TPOT."""
+    from bench.serve.decode_speed import rows
+
+    if any(s["side"] == "plain" and "levels" in s for s in result["sides"]):
+        for r in rows(result):
+            print(f"c={r['concurrency']:>4}  TPOT predicted {r['predicted_tpot_ms']} ms, "
+                  + ", ".join(f"{k[:-8]} {v} ms" for k, v in r.items() if k.endswith("_tpot_ms") and k != "predicted_tpot_ms"))
 
 
 def combine(results: list[dict]) -> dict:

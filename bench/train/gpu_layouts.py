@@ -64,16 +64,16 @@ def build(model: str, tokenizer: Path, script: Path, root: Path) -> Path:
 
 
 def job_spec(path: Path, name: str, model_dir: Path, data: Path, task: str, overrides: dict, batch: int, seq: int,
-             steps: int, out: Path, every: int, failures: int = 0) -> Path:
+             steps: int, out: Path, every: int, failures: int = 0, gpu: str = "H100-80GB") -> Path:
     spec = dict(name=name, model=str(model_dir), dataset=str(data), task=task, learning_rate=2e-5 if task == "full"
                 else 2e-4, warmup_steps=2, max_steps=steps, global_batch=batch, seq_len=seq, checkpoint_every=every,
-                log_every=1, gpu="H100-80GB", output_dir=str(out), max_failures=failures, plan=overrides,
+                log_every=1, gpu=gpu, output_dir=str(out), max_failures=failures, plan=overrides,
                 final_checkpoint=failures > 0)  # a full model's optimizer state is tens of GB of disk
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def measured(out: Path, model: str, task: str, seq: int, layout: dict) -> dict:
+def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     spec = load_model(model)
     if task == "qlora":  # sized as transformers + peft: DeepSpeed ZeRO-0 adds nothing to it
@@ -94,7 +94,7 @@ def measured(out: Path, model: str, task: str, seq: int, layout: dict) -> dict:
                                        "grad_accum", "compile")},
         steps=len(rows), loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"],
         tokens_per_s=round(tps), mfu=round(mfu(tps, train_flops_per_token(spec, seq, task),
-                                              get_gpu("H100-80GB").peak_tflops), 4),
+                                              get_gpu(gpu).peak_tflops), 4),
         peak_gib=round(peak, 3), predicted_peak_gib=round(pred.peak / GIB, 3),
         peak_error=round(pred.peak / GIB / peak - 1, 4),
         host_peak_gib=round(host, 2), predicted_host_gib=round(host_peak(spec, setup, pred) / GIB, 2),
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=Path("/var/tmp/models"))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--gpu", default="H100-80GB", help="The GPU type plans are made for (the machine's).")
     a = ap.parse_args()
     import ray
 
@@ -133,7 +134,9 @@ def main() -> None:
     synthetic_chat(data, 4000)
     env = {**TRAIN_ENV, **{k: os.environ[k] for k in ("PYTHONPATH", "TORCH_CUDA_ARCH_LIST") if k in os.environ}}
     ray.init(runtime_env={"env_vars": env}, include_dashboard=False, logging_level="ERROR")
-    results = {"gpu": "NVIDIA H100 80GB HBM3", "ray": ray.__version__, "node_memory_gib": round(
+    gpu_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True).stdout.splitlines()[:1]
+    results = {"gpu": gpu_name[0] if gpu_name else a.gpu, "planned_for": a.gpu, "ray": ray.__version__, "node_memory_gib": round(
         ray.cluster_resources().get("memory", 0) / GIB, 1), "rows": []}
     for name in a.cases.split(","):
         model, task, overrides, batch, seq = CASES[name]
@@ -145,12 +148,12 @@ def main() -> None:
             resume = name == "resume"
             steps = 30 if resume else a.steps
             spec = job_spec(a.out / f"{name}.yaml", name, model_dir, data, task, overrides, batch, seq, steps, out,
-                            every=10 if resume else 10_000, failures=1 if resume else 0)
+                            every=10 if resume else 10_000, failures=1 if resume else 0, gpu=a.gpu)
             killed: dict = {}
             if resume:
                 threading.Thread(target=kill_when, args=(out, 13, killed), daemon=True).start()
             summary = run(spec)
-            row.update(measured(out, model, task, seq, summary["layout"]))
+            row.update(measured(out, model, task, seq, summary["layout"], a.gpu))
             if resume:
                 row["killed_at_step"] = killed.get("at")
             row["status"] = "ok"
