@@ -359,10 +359,15 @@ HOST_BASE = 2 * GIB  # a worker's own RSS: Python, torch, the CUDA and NCCL host
 
 
 def host_peak(spec: ModelSpec, setup: TrainSetup, mem: MemoryBreakdown) -> int:
-    """A training worker's peak RSS: what ZeRO offloads, the half-precision model from_pretrained loads
-    on the CPU before it moves to the GPU, and the process itself (bench/train/results/h100-ray-layouts.json)."""
+    """A training worker's peak RSS: the process itself and the larger of the half-precision model
+    from_pretrained loads on the CPU (freed when DeepSpeed moves it to the GPU) and what ZeRO-1/2
+    then offloads; ZeRO-3 offloads from the loaded model, so there both count
+    (bench/train/results/h100-ray-layouts.json)."""
     half = 4 if setup.precision == "mixed" else 2
-    return int(mem.cpu_offload + half * spec.num_params + HOST_BASE)
+    loaded = half * spec.num_params
+    if setup.zero_stage == 3:
+        return int(mem.cpu_offload + loaded + HOST_BASE)
+    return int(max(mem.cpu_offload, loaded) + HOST_BASE)
 
 
 # ---- DeepSpeed ZeRO ---------------------------------------------------------------------------
@@ -371,6 +376,11 @@ REDUCE_BUCKET = 200_000_000
 ALLGATHER_BUCKET = 200_000_000
 STAGE3_PREFETCH = 100_000_000
 STAGE3_MAX_LIVE = 200_000_000
+
+
+def _pinned(nbytes: float) -> int:
+    """Bytes torch's caching host allocator pins for one allocation: the next power of two."""
+    return 1 << max(int(nbytes) - 1, 0).bit_length() if nbytes else 0
 
 
 def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
@@ -398,10 +408,20 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     states = 8 * n_train / shard  # exp_avg, exp_avg_sq in fp32
     fp32_grads = 4 * n_train / shard  # built for the optimizer step, freed after it
     offloaded = 0.0
-    if s.offload_optimizer:
+    staging = 0  # ZeRO-1/2 offload: a GPU buffer of the largest parameter (the embedding) for host copies
+    if s.offload_optimizer and z in (1, 2):
+        # DeepSpeed pins the fp32 master and gradient partitions and a half-precision copy of the
+        # partition; torch's pinned allocator rounds each allocation up to a power of two. Adam's
+        # states are plain host memory; micro-batch gradients accumulate on the host in half precision.
+        offloaded += _pinned(master) + _pinned(fp32_grads) + _pinned(half * n_train / shard) + states
+        if s.grad_accum > 1:
+            offloaded += half * n_train / shard
+        staging = half * spec.embedding_params
+        master = states = fp32_grads = 0
+    elif s.offload_optimizer:
         offloaded += master + states + fp32_grads
         master = states = fp32_grads = 0
-        if s.grad_accum > 1:  # ZeRO-1/2 offload accumulates micro-batch gradients in fp32 on the host
+        if s.grad_accum > 1:
             offloaded += 4 * n_train / shard
     if s.offload_params:
         offloaded += params
@@ -424,14 +444,16 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     # under ZeRO-1 so do its reduce and all-gather buckets. ZeRO-1/2 may also still hold the
     # previous step's half-precision gradients when the next forward starts (seen in 4 of 7
     # compiled runs on an H100; overlap_comm frees them on a side stream): count them.
-    carried = (grads + (buckets if z == 1 else 0)) if s.grad_accum > 1 else 0
+    # Under ZeRO-1/2 offload the micro-batches accumulate on the host instead.
+    carried = (grads + (buckets if z == 1 else 0)) if s.grad_accum > 1 and not staging else 0
     if z in (1, 2):
-        carried += grads
+        carried += grads + staging
     moments = {
         "backward start": base + carried + acts + logits,
         "backward end": base + grads + buckets + T * layer_activation_bytes(spec, act_task, False),
-        # the step also holds one more half-precision copy of the trainable partition
-        "optimizer step": base + grads + fp32_grads + half * n_train / shard,
+        # the step also holds one more half-precision copy of the trainable partition (on the
+        # host, pinned, under ZeRO-1/2 offload)
+        "optimizer step": base + grads + fp32_grads + (staging or half * n_train / shard),
     }
     phase = max(moments, key=moments.__getitem__)
     return MemoryBreakdown(

@@ -125,12 +125,26 @@ def test_compile_and_accumulation_need_the_deepspeed_engine():
         TrainSetup(task="full", compile=True)
 
 
-def test_offload_with_accumulation_keeps_an_fp32_gradient_buffer_on_the_host():
+def test_offload_with_accumulation_keeps_a_half_precision_gradient_buffer_on_the_host():
     spec = load_model("llama-3.2-3b")
     common = dict(task="full", engine="deepspeed", zero_stage=2, offload_optimizer=True, grad_ckpt=True)
     one = estimate(spec, TrainSetup(**common, micro_batch=16, grad_accum=1))
     many = estimate(spec, TrainSetup(**common, micro_batch=2, grad_accum=8))
-    assert many.cpu_offload - one.cpu_offload == 4 * spec.num_params
+    assert many.cpu_offload - one.cpu_offload == 2 * spec.num_params
+
+
+def test_zero2_offload_pins_each_fp32_partition_in_a_power_of_two_block():
+    spec = load_model("llama-3.2-3b")  # 3.2B parameters: 12 GiB fp32 partitions pin 16 GiB each
+    mem = estimate(spec, TrainSetup(task="full", engine="deepspeed", zero_stage=2, offload_optimizer=True,
+                                    grad_ckpt=True, micro_batch=16))
+    assert mem.cpu_offload == (16 + 16 + 8) * GIB + 8 * spec.num_params  # master, grads, bf16 copy; Adam unpinned
+
+
+def test_zero2_offload_host_peak_is_the_larger_of_the_loaded_model_and_the_offloaded_state():
+    spec = load_model("llama-3.2-3b")
+    setup = TrainSetup(task="full", engine="deepspeed", zero_stage=2, offload_optimizer=True, micro_batch=16)
+    mem = estimate(spec, setup)
+    assert host_peak(spec, setup, mem) == mem.cpu_offload + HOST_BASE  # the loaded copy is gone by then
 
 
 def test_host_peak_adds_the_loaded_model_and_the_process_to_what_zero_offloads():
@@ -147,3 +161,10 @@ def test_ray_train_runs_on_the_h100_stay_within_the_targets():
     assert all(r["loss_last"] < r["loss_first"] for r in ran)
     refused = next(r for r in rows if r["case"] == "8b-full")
     assert "can never be placed" in refused["status"]
+
+
+def test_zero2_offload_accumulates_on_the_host_so_accumulation_adds_nothing_on_the_gpu():
+    spec = load_model("llama-3.2-3b")
+    common = dict(task="full", engine="deepspeed", zero_stage=2, grad_ckpt=True, micro_batch=2, offload_optimizer=True)
+    one, many = (estimate(spec, TrainSetup(**common, grad_accum=a)) for a in (1, 8))
+    assert one.peak == many.peak and one.peak_phase == "backward start"
