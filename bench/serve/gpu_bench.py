@@ -89,8 +89,9 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
             proc.wait(60)
 
 
-def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path) -> dict:
-    """The serve spec deployed as `gpufleet serve` deploys it, on a local Ray cluster."""
+def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str]) -> dict:
+    """The serve spec deployed as `gpufleet serve` deploys it, on a local Ray cluster whose
+    processes inherit ``env``."""
     import ray
     from ray import serve
 
@@ -100,6 +101,8 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path) 
     spec_file = work / "serve.yaml"
     spec_file.write_text(yaml.safe_dump({**spec, "port": port}))
     t0 = time.monotonic()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         served, base = load_serve_spec(spec_file)
@@ -110,6 +113,11 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path) 
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def compare(result: dict) -> list[dict]:
@@ -142,6 +150,9 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--quantization", choices=("none", "fp8"), default="none")
     ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
+    ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="Environment for the gpufleet side's Ray processes (set before Ray starts), e.g. "
+                         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; recorded in the result.")
     ap.add_argument("--sides", default="plain,gpufleet,plain")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--combine", type=Path, nargs="+",
@@ -158,6 +169,7 @@ def main() -> int:
     from cluster.head import free_port, serve_proxy_env
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
+    serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
     entry = {"id": MODEL_ID, "source": a.model_dir, "gpu": a.gpu, "context": a.context,
              "expected_tokens": IN_LEN + OUT_LEN, "concurrency": 1, "quantization": a.quantization,
              "kv_cache_dtype": a.kv_cache_dtype}
@@ -170,13 +182,14 @@ def main() -> int:
                             "tpot_ms_at_max_num_seqs": p.predicted_tpot_ms,
                             "output_tokens_per_s": p.predicted_output_tokens_per_s},
               "workload": f"random dataset, {IN_LEN} in / {OUT_LEN} out, ignore_eos; then range ratio 0.5",
-              "tool": "vllm bench serve", "sides": [], "rows": []}
+              "tool": "vllm bench serve", "serve_env": serve_env, "sides": [], "rows": []}
     work = Path(tempfile.mkdtemp(prefix="gb-"))
     for side in a.sides.split(","):
         t0 = time.monotonic()
         try:
             got = (plain_vllm(a.model_dir, p.engine_kwargs, free_port(), a.tokenizer, work) if side == "plain"
-                   else gpufleet(a.model_dir, {"name": "bench", "models": [entry]}, free_port(), a.tokenizer, work))
+                   else gpufleet(a.model_dir, {"name": "bench", "models": [entry]}, free_port(), a.tokenizer, work,
+                                 serve_env))
         except Exception as e:
             got = {"error": f"{type(e).__name__}: {e}"}
         result["sides"].append({"side": side, "wall_s": round(time.monotonic() - t0, 1), **got})

@@ -42,6 +42,11 @@ CASES = {
     "3b-full-offload": ("llama-3.2-3b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True}, 16,
                         2048),
     "resume": ("llama-3.2-1b", "lora", {}, 8, 1024),
+    # held out for the ZeRO-2 offload terms read off 3b-full-offload and 8b-full: with and without accumulation
+    "qwen1.5b-full-offload": ("qwen2.5-1.5b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True,
+                                                       "micro_batch": 4}, 16, 2048),
+    "gemma2-2b-full-offload": ("gemma-2-2b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True,
+                                                      "micro_batch": 16}, 16, 2048),
 }
 WORDS = ["gpu", "cluster", "plan", "tensor", "memory", "cache", "layer", "token", "model", "serve", "train", "batch", "node", "rank", "shard", "optimizer", "gradient", "checkpoint", "kernel", "stream", "replica", "adapter", "schedule", "warmup", "loss", "step", "epoch"]
 
