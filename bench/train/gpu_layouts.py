@@ -78,8 +78,8 @@ def job_spec(path: Path, name: str, model_dir: Path, data: Path, task: str, over
     return path
 
 
-def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str) -> dict:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+def predict(model: str, task: str, seq: int, layout: dict, gpu: str = "H100-80GB") -> dict:
+    """The memory model's GPU peak and worker host RSS (GiB) for the layout a job ran."""
     spec = load_model(model)
     if task == "qlora":  # sized as transformers + peft: DeepSpeed ZeRO-0 adds nothing to it
         setup = TrainSetup(task=task, micro_batch=layout["micro_batch"], seq_len=seq, grad_ckpt=True)
@@ -87,24 +87,54 @@ def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str)
         setup = TrainSetup(task=task, precision="bf16", micro_batch=layout["micro_batch"],
                            grad_accum=layout["grad_accum"], seq_len=seq, grad_ckpt=layout["grad_ckpt"],
                            engine="deepspeed", compile=layout["compile"],
-                           data_parallel=len(layout["placement"]["bundles"]), zero_stage=layout["zero_stage"],
+                           data_parallel=layout.get("workers", 1), zero_stage=layout["zero_stage"],
                            offload_optimizer=layout["offload_optimizer"], offload_params=layout["offload_params"])
     pred = estimate(spec, setup)
+    return {"predicted_peak_gib": round(pred.peak / GIB, 3),
+            "predicted_host_gib": round(host_peak(spec, setup, pred) / GIB, 2)}
+
+
+def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str) -> dict:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    spec = load_model(model)
+    kept = {k: layout[k] for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch",
+                                   "grad_accum", "compile")}
+    kept["workers"] = len(layout["placement"]["bundles"])
+    pred = predict(model, task, seq, kept, gpu)
     steady = rows[2:] or rows  # the first steps compile
     tps = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]
     peak = max(r["peak_memory_gib"] for r in rows)
     host = max(r.get("host_peak_gib", 0) for r in rows)
     return dict(
-        layout={k: layout[k] for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch",
-                                       "grad_accum", "compile")},
-        steps=len(rows), loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"],
+        layout=kept, steps=len(rows), loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"],
         tokens_per_s=round(tps), mfu=round(mfu(tps, train_flops_per_token(spec, seq, task),
                                               get_gpu(gpu).peak_tflops), 4),
-        peak_gib=round(peak, 3), predicted_peak_gib=round(pred.peak / GIB, 3),
-        peak_error=round(pred.peak / GIB / peak - 1, 4),
-        host_peak_gib=round(host, 2), predicted_host_gib=round(host_peak(spec, setup, pred) / GIB, 2),
-        host_error=round(host_peak(spec, setup, pred) / GIB / host - 1, 4) if host else None,
+        peak_gib=round(peak, 3), **pred, peak_error=round(pred["predicted_peak_gib"] / peak - 1, 4),
+        host_peak_gib=round(host, 2),
+        host_error=round(pred["predicted_host_gib"] / host - 1, 4) if host else None,
         resumed_from=max(r["resumed_from"] for r in rows), step_counter=[r["step"] for r in rows])
+
+
+def compare(result: dict) -> list[dict]:
+    """Each row that ran, measured against the current model's prediction for its layout."""
+    out = []
+    for r in result["rows"]:
+        if r.get("status") != "ok":
+            continue
+        pred = predict(r["model"], r["task"], r["seq"], r["layout"], r.get("planned_for", "H100-80GB"))
+        out.append({"case": r["case"], "peak_gib": r["peak_gib"], **pred,
+                    "peak_error": round(pred["predicted_peak_gib"] / r["peak_gib"] - 1, 4),
+                    "host_peak_gib": r["host_peak_gib"],
+                    "host_error": round(pred["predicted_host_gib"] / r["host_peak_gib"] - 1, 4),
+                    "held_out": r.get("held_out", False)})
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'case':<24} {'GPU GiB':>8} {'plan':>7} {'error':>7} {'host GiB':>9} {'plan':>7} {'error':>7}")
+    for r in rows:
+        print(f"{r['case']:<24} {r['peak_gib']:>8.2f} {r['predicted_peak_gib']:>7.2f} {r['peak_error']:>+7.1%} "
+              f"{r['host_peak_gib']:>9.1f} {r['predicted_host_gib']:>7.1f} {r['host_error']:>+7.1%}")
 
 
 def kill_when(out: Path, at_step: int, killed: dict) -> None:
@@ -122,14 +152,20 @@ def kill_when(out: Path, at_step: int, killed: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--tokenizer", type=Path, required=True)
-    ap.add_argument("--build", type=Path, required=True, help="build_model.py (random weights from a config)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--tokenizer", type=Path)
+    ap.add_argument("--build", type=Path, help="build_model.py (random weights from a config)")
     ap.add_argument("--models-dir", type=Path, default=Path("/var/tmp/models"))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--gpu", default="H100-80GB", help="The GPU type plans are made for (the machine's).")
+    ap.add_argument("--compare", type=Path, help="A results file: measured against today's model; runs nothing.")
     a = ap.parse_args()
+    if a.compare:
+        print_table(compare(json.loads(a.compare.read_text())))
+        return
+    if not (a.out and a.tokenizer and a.build):
+        ap.error("--out, --tokenizer and --build are needed to measure")
     import ray
 
     from jobs.finetune import TRAIN_ENV, run
