@@ -410,13 +410,15 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     offloaded = 0.0
     staging = 0  # ZeRO-1/2 offload: a GPU buffer of the largest parameter (the embedding) for host copies
     if s.offload_optimizer and z in (1, 2):
-        # DeepSpeed pins the fp32 master and gradient partitions and a half-precision copy of the
-        # partition; torch's pinned allocator rounds each allocation up to a power of two. Adam's
-        # states are plain host memory; micro-batch gradients accumulate on the host in half precision.
-        offloaded += _pinned(master) + _pinned(fp32_grads) + _pinned(half * n_train / shard) + states
+        # DeepSpeed pins the fp32 master and gradient partitions, a half-precision copy of the
+        # partition and a host twin of the GPU staging buffer; torch's pinned allocator rounds each
+        # allocation up to a power of two. Adam's states are plain host memory; micro-batch gradients
+        # accumulate on the host in half precision.
+        staging = half * spec.embedding_params
+        offloaded += (_pinned(master) + _pinned(fp32_grads) + _pinned(half * n_train / shard) + _pinned(staging)
+                      + states)
         if s.grad_accum > 1:
             offloaded += half * n_train / shard
-        staging = half * spec.embedding_params
         master = states = fp32_grads = 0
     elif s.offload_optimizer:
         offloaded += master + states + fp32_grads
