@@ -362,7 +362,7 @@ def host_peak(spec: ModelSpec, setup: TrainSetup, mem: MemoryBreakdown) -> int:
     """A training worker's peak RSS: the process itself and the larger of the half-precision model
     from_pretrained loads on the CPU (freed when DeepSpeed moves it to the GPU) and what ZeRO-1/2
     then offloads; ZeRO-3 offloads from the loaded model, so there both count
-    (bench/train/results/h100-ray-layouts.json)."""
+    (bench/train/results/h100-train-mode-layouts.json)."""
     half = 4 if setup.precision == "mixed" else 2
     loaded = half * spec.num_params
     if setup.zero_stage == 3:
