@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import yaml
 
@@ -101,23 +102,17 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
     spec_file = work / "serve.yaml"
     spec_file.write_text(yaml.safe_dump({**spec, "port": port}))
     t0 = time.monotonic()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        served, base = load_serve_spec(spec_file)
-        wait_ready(deploy(served, base), timeout=400)
-        front = "haproxy" if haproxy_fronts_serve() else "ray"
-        return {"start_s": round(time.monotonic() - t0, 1), "serve_proxy": front,
-                "ingress": served.ingress_mode(front == "haproxy"), **drive(port, tokenizer, work)}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with patch.dict(os.environ, env):  # Ray's processes inherit it; the plain side does not
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            served, base = load_serve_spec(spec_file)
+            wait_ready(deploy(served, base), timeout=400)
+            front = "haproxy" if haproxy_fronts_serve() else "ray"
+            return {"start_s": round(time.monotonic() - t0, 1), "serve_proxy": front,
+                    "ingress": served.ingress_mode(front == "haproxy"), **drive(port, tokenizer, work)}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def compare(result: dict) -> list[dict]:

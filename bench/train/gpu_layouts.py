@@ -78,7 +78,7 @@ def job_spec(path: Path, name: str, model_dir: Path, data: Path, task: str, over
     return path
 
 
-def predict(model: str, task: str, seq: int, layout: dict, gpu: str = "H100-80GB") -> dict:
+def predict(model: str, task: str, seq: int, layout: dict) -> dict:
     """The memory model's GPU peak and worker host RSS (GiB) for the layout a job ran."""
     spec = load_model(model)
     if task == "qlora":  # sized as transformers + peft: DeepSpeed ZeRO-0 adds nothing to it
@@ -94,13 +94,20 @@ def predict(model: str, task: str, seq: int, layout: dict, gpu: str = "H100-80GB
             "predicted_host_gib": round(host_peak(spec, setup, pred) / GIB, 2)}
 
 
+def scored(peak: float, host: float, pred: dict) -> dict:
+    """Measured GPU peak and host RSS (GiB) beside a prediction, with the prediction's relative errors."""
+    return dict(peak_gib=round(peak, 3), **pred, peak_error=round(pred["predicted_peak_gib"] / peak - 1, 4),
+                host_peak_gib=round(host, 2),
+                host_error=round(pred["predicted_host_gib"] / host - 1, 4) if host else None)
+
+
 def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     spec = load_model(model)
     kept = {k: layout[k] for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch",
                                    "grad_accum", "compile")}
     kept["workers"] = len(layout["placement"]["bundles"])
-    pred = predict(model, task, seq, kept, gpu)
+    pred = predict(model, task, seq, kept)
     steady = rows[2:] or rows  # the first steps compile
     tps = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]
     peak = max(r["peak_memory_gib"] for r in rows)
@@ -109,10 +116,7 @@ def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str)
         layout=kept, steps=len(rows), loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"],
         tokens_per_s=round(tps), mfu=round(mfu(tps, train_flops_per_token(spec, seq, task),
                                               get_gpu(gpu).peak_tflops), 4),
-        peak_gib=round(peak, 3), **pred, peak_error=round(pred["predicted_peak_gib"] / peak - 1, 4),
-        host_peak_gib=round(host, 2),
-        host_error=round(pred["predicted_host_gib"] / host - 1, 4) if host else None,
-        resumed_from=max(r["resumed_from"] for r in rows), step_counter=[r["step"] for r in rows])
+        **scored(peak, host, pred), resumed_from=max(r["resumed_from"] for r in rows), step_counter=[r["step"] for r in rows])
 
 
 def compare(result: dict) -> list[dict]:
@@ -121,11 +125,8 @@ def compare(result: dict) -> list[dict]:
     for r in result["rows"]:
         if r.get("status") != "ok":
             continue
-        pred = predict(r["model"], r["task"], r["seq"], r["layout"], r.get("planned_for", "H100-80GB"))
-        out.append({"case": r["case"], "peak_gib": r["peak_gib"], **pred,
-                    "peak_error": round(pred["predicted_peak_gib"] / r["peak_gib"] - 1, 4),
-                    "host_peak_gib": r["host_peak_gib"],
-                    "host_error": round(pred["predicted_host_gib"] / r["host_peak_gib"] - 1, 4),
+        pred = predict(r["model"], r["task"], r["seq"], r["layout"])
+        out.append({"case": r["case"], **scored(r["peak_gib"], r["host_peak_gib"], pred),
                     "held_out": r.get("held_out", False)})
     return out
 
@@ -177,8 +178,8 @@ def main() -> None:
     ray.init(runtime_env={"env_vars": env}, include_dashboard=False, logging_level="ERROR")
     gpu_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                               text=True).stdout.splitlines()[:1]
-    results = {"gpu": gpu_name[0] if gpu_name else a.gpu, "planned_for": a.gpu, "ray": ray.__version__, "node_memory_gib": round(
-        ray.cluster_resources().get("memory", 0) / GIB, 1), "rows": []}
+    results = {"gpu": gpu_name[0] if gpu_name else a.gpu, "planned_for": a.gpu, "ray": ray.__version__,
+               "node_memory_gib": round(ray.cluster_resources().get("memory", 0) / GIB, 1), "rows": []}
     for name in a.cases.split(","):
         model, task, overrides, batch, seq = CASES[name]
         t0 = time.monotonic()
