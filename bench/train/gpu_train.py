@@ -5,11 +5,13 @@ Runs what a gpufleet training worker runs (transformers model, the DeepSpeed con
 the case asks) in one process without Ray, on random weights and random tokens, and records
 tokens/s, MFU (``catalogue.flops``: PaLM's convention) against the GPU's bf16 peak, and
 ``torch.cuda.max_memory_allocated()`` beside ``catalogue.memory.estimate`` for the same layout,
-plus the allocator peak of each phase (forward, backward, optimizer step) of one extra step.
-Writes JSON.
+plus the allocator peak of each phase (forward, backward, optimizer step) of one extra step and
+the predicted terms beside them. ``offload`` cases use the DeepSpeed config's CPU Adam (ZeRO-Offload)
+and also record the host side: the process's RSS after each stage and torch's pinned host
+allocator (``torch.cuda.host_memory_stats``: power-of-two blocks). Writes JSON.
 
     python bench/train/gpu_train.py --out results.json [--model llama-3.2-1b] [--steps 12] \
-        [--cases full:1::4:8:compile,lora:0::4]
+        [--cases full:1::4:8:compile,lora:0::4,full:2:ckpt:16:1:compile:offload]
 """
 
 from __future__ import annotations
@@ -24,24 +26,37 @@ import torch
 
 from catalogue.flops import mfu, train_flops_per_token
 from catalogue.gpus import GIB, get_gpu
-from catalogue.memory import TrainSetup, estimate
+from catalogue.memory import TrainSetup, estimate, host_peak
 from catalogue.model import builtin_models, load_model
 from jobs.layout import TrainLayout, deepspeed_config
 from jobs.spec import JobSpec
 
-Case = tuple[str, int, bool, int, int, bool]  # task, zero_stage, grad_ckpt, micro_batch, grad_accum, compile
+# task, zero_stage, grad_ckpt, micro_batch, grad_accum, compile, offload_optimizer
+Case = tuple[str, int, bool, int, int, bool, bool]
+CASE_FIELDS = ("task", "zero_stage", "grad_ckpt", "micro_batch", "grad_accum", "compile", "offload_optimizer")
 CASES: list[Case] = [
-    ("full", 1, False, 4, 1, False), ("full", 2, True, 8, 1, False), ("lora", 0, False, 4, 1, False),
+    ("full", 1, False, 4, 1, False, False), ("full", 2, True, 8, 1, False, False),
+    ("lora", 0, False, 4, 1, False, False),
 ]
 
 
 def parse_cases(text: str) -> list[Case]:
-    """'full:2:ckpt:8,lora:0::4:8:compile' -> [(task, zero_stage, grad_ckpt, micro, accum, compile), ...]"""
+    """'full:2:ckpt:8,lora:0::4:8:compile,full:2:ckpt:16:1:compile:offload' -> [Case, ...]"""
     out = []
     for item in text.split(","):
         task, stage, ckpt, micro, *rest = item.split(":")
         accum = int(rest[0]) if rest and rest[0] else 1
-        out.append((task, int(stage), ckpt == "ckpt", int(micro), accum, rest[1:2] == ["compile"]))
+        out.append((task, int(stage), ckpt == "ckpt", int(micro), accum, "compile" in rest[1:], "offload" in rest[1:]))
+    return out
+
+
+def host_now() -> dict[str, float]:
+    """This process's resident memory (current and high-water mark) and torch's pinned host pool."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    out = {k: round(int(status[f"Vm{k.upper()}"].split()[0]) / 2**20, 3) for k in ("rss", "hwm")}  # kB -> GiB
+    pinned = torch.cuda.host_memory_stats() if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats") else {}
+    out["pinned"] = round(pinned.get("allocated_bytes.current", 0) / GIB, 3)
+    out["pinned_peak"] = round(pinned.get("allocated_bytes.peak", 0) / GIB, 3)
     return out
 
 
@@ -79,7 +94,8 @@ def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    task, stage, ckpt, micro, accum, compiled = case
+    task, stage, ckpt, micro, accum, compiled, offload = case
+    host = {"start": host_now()}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -93,14 +109,18 @@ def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
+    host["model_built"] = host_now()
     spec = JobSpec(model=name, dataset="-", task=task, max_steps=steps, global_batch=micro * accum, seq_len=seq,
                    gpu=gpu_name)
     layout = TrainLayout(workers=1, use_gpu=True, zero_stage=stage, grad_ckpt=ckpt, micro_batch=micro,
-                         grad_accum=accum, dtype="bfloat16", compile=compiled)
+                         grad_accum=accum, dtype="bfloat16", compile=compiled,
+                         offload_optimizer=offload)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
+    # ZeRO-Offload: the config names DeepSpeed's CPU Adam (as gpufleet's jobs do); else torch's fused AdamW
+    opt = None if offload else torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=opt,
                                       config=deepspeed_config(layout, spec))
+    host["initialized"] = host_now()
     if compiled:
         engine.compile()
     ids = torch.randint(0, cfg.vocab_size, (micro, seq), device="cuda")
@@ -112,22 +132,27 @@ def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict
             loss = _micro_step(engine, ids)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        host.setdefault("first_step", host_now())
     peak = torch.cuda.max_memory_allocated() - base
     phases = _phase_peaks(engine, ids, accum, base)
+    host["end"] = host_now()
     step_s = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (and compilation)
     spec_m = load_model(name)
     tok_s = micro * accum * seq / step_s
-    predicted = estimate(spec_m, TrainSetup(task=task, precision="bf16", micro_batch=micro, seq_len=seq, grad_ckpt=ckpt,
-                                            engine="deepspeed", zero_stage=stage, data_parallel=1, grad_accum=accum,
-                                            compile=compiled)).peak
+    setup = TrainSetup(task=task, precision="bf16", micro_batch=micro, seq_len=seq, grad_ckpt=ckpt,
+                       engine="deepspeed", zero_stage=stage, data_parallel=1, grad_accum=accum, compile=compiled,
+                       offload_optimizer=offload)
+    breakdown = estimate(spec_m, setup)
+    predicted = breakdown.peak
     del engine, model, opt
     torch.cuda.empty_cache()
     return {"model": name, "task": task, "zero_stage": stage, "grad_ckpt": ckpt, "micro_batch": micro,
-            "grad_accum": accum, "compile": compiled, "seq": seq, "tokens_per_s": tok_s,
+            "grad_accum": accum, "compile": compiled, "offload_optimizer": offload, "seq": seq, "tokens_per_s": tok_s,
             "mfu": mfu(tok_s, train_flops_per_token(spec_m, seq, task), get_gpu(gpu_name).bf16_tflops),
             "measured_peak_gib": peak / GIB, "predicted_peak_gib": predicted / GIB,
             "peak_error": (predicted - peak) / peak, "step_time_s": step_s, "final_loss": float(loss.detach()),
-            "phase_peaks": phases}
+            "phase_peaks": phases, "predicted": breakdown.as_gib(), "host_gib": host,
+            "predicted_host_gib": round(host_peak(spec_m, setup, breakdown) / GIB, 3)}
 
 
 def _one_case(args: argparse.Namespace) -> dict:
@@ -142,8 +167,7 @@ def _one_case(args: argparse.Namespace) -> dict:
     try:
         return run_case(args.model, case, args.seq, args.steps, args.gpu)
     except torch.OutOfMemoryError:
-        return dict(zip(("task", "zero_stage", "grad_ckpt", "micro_batch", "grad_accum", "compile"), case, strict=True),
-                    model=args.model, status="oom")
+        return dict(zip(CASE_FIELDS, case, strict=True), model=args.model, status="oom")
 
 
 def main() -> None:
@@ -166,7 +190,8 @@ def main() -> None:
     import deepspeed
 
     cases = args.cases.split(",") if args.cases else [
-        f"{t}:{z}:{'ckpt' if c else ''}:{m}:{a}:{'compile' if k else ''}" for t, z, c, m, a, k in CASES]
+        f"{t}:{z}:{'ckpt' if c else ''}:{m}:{a}:{'compile' if k else ''}:{'offload' if o else ''}"
+        for t, z, c, m, a, k, o in CASES]
     rows = []
     for i, case in enumerate(cases):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
