@@ -28,6 +28,7 @@ from catalogue.flops import mfu, train_flops_per_token
 from catalogue.gpus import GIB, get_gpu
 from catalogue.memory import TrainSetup, estimate, host_peak
 from catalogue.model import builtin_models, load_model
+from catalogue.placement import Placement
 from jobs.layout import TrainLayout, deepspeed_config
 from jobs.spec import JobSpec
 
@@ -57,7 +58,45 @@ def host_now() -> dict[str, float]:
     pinned = torch.cuda.host_memory_stats() if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats") else {}
     out["pinned"] = round(pinned.get("allocated_bytes.current", 0) / GIB, 3)
     out["pinned_peak"] = round(pinned.get("allocated_bytes.peak", 0) / GIB, 3)
+    out["pinned_blocks"] = pinned.get("allocations.current", 0)
     return out
+
+
+class PinLog:
+    """Every ``Tensor.pin_memory`` call while active (DeepSpeed pins through it), by call site and
+    stage: how many, their bytes, and the bytes torch's host allocator reserves for them (each
+    allocation rounded up to a power of two)."""
+
+    def __init__(self) -> None:
+        self.stage = "init"
+        self.sites: dict[str, dict[str, float]] = {}
+        self._orig = torch.Tensor.pin_memory
+
+    def __enter__(self) -> PinLog:
+        import traceback
+
+        log, orig = self, self._orig
+
+        def pin_memory(t: torch.Tensor, *a, **k) -> torch.Tensor:
+            # the innermost caller in DeepSpeed (or torch) outside DeepSpeed's accelerator shim
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if ("deepspeed" in f.filename or "torch/" in f.filename) and "accelerator" not in f.filename]
+            where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "other"
+            n = t.numel() * t.element_size()
+            row = log.sites.setdefault(f"{log.stage} {where}", {"calls": 0, "gib": 0.0, "pinned_gib": 0.0})
+            row["calls"] += 1
+            row["gib"] += n / GIB
+            row["pinned_gib"] += (1 << max(n - 1, 0).bit_length()) / GIB
+            return orig(t, *a, **k)
+
+        torch.Tensor.pin_memory = pin_memory
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.Tensor.pin_memory = self._orig
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in self.sites.items()}
 
 
 def _micro_step(engine, ids) -> torch.Tensor:
@@ -112,30 +151,34 @@ def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict
     host["model_built"] = host_now()
     spec = JobSpec(model=name, dataset="-", task=task, max_steps=steps, global_batch=micro * accum, seq_len=seq,
                    gpu=gpu_name)
-    layout = TrainLayout(workers=1, use_gpu=True, zero_stage=stage, grad_ckpt=ckpt, micro_batch=micro,
+    layout = TrainLayout(placement=Placement(bundles=[{"CPU": 1, "GPU": 1}], strategy="PACK"), zero_stage=stage, grad_ckpt=ckpt, micro_batch=micro,
                          grad_accum=accum, dtype="bfloat16", compile=compiled,
                          offload_optimizer=offload)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # ZeRO-Offload: the config names DeepSpeed's CPU Adam (as gpufleet's jobs do); else torch's fused AdamW
     opt = None if offload else torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=opt,
-                                      config=deepspeed_config(layout, spec))
-    host["initialized"] = host_now()
-    if compiled:
-        engine.compile()
-    ids = torch.randint(0, cfg.vocab_size, (micro, seq), device="cuda")
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(accum):
-            loss = _micro_step(engine, ids)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        host.setdefault("first_step", host_now())
-    peak = torch.cuda.max_memory_allocated() - base
-    phases = _phase_peaks(engine, ids, accum, base)
-    host["end"] = host_now()
+    with PinLog() as pins:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=opt,
+                                          config=deepspeed_config(layout, spec))
+        host["initialized"] = host_now()
+        if compiled:
+            engine.compile()
+        ids = torch.randint(0, cfg.vocab_size, (micro, seq), device="cuda")
+        times = []
+        for i in range(steps):
+            pins.stage = f"step{i + 1}" if i < 2 else "later"
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(accum):
+                loss = _micro_step(engine, ids)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if i < 2:
+                host[f"step{i + 1}"] = host_now()
+        peak = torch.cuda.max_memory_allocated() - base
+        phases = _phase_peaks(engine, ids, accum, base)
+        host["end"] = host_now()
+    host["pin_memory_calls"] = pins.summary()
     step_s = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (and compilation)
     spec_m = load_model(name)
     tok_s = micro * accum * seq / step_s
