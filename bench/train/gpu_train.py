@@ -129,6 +129,47 @@ def _phase_peaks(engine, ids, accum: int, base: int) -> dict[str, float]:
     return out
 
 
+def _site(frames: list[dict]) -> str:
+    """The innermost frame of a traced allocation that names who asked for it (skipping torch's own
+    allocator plumbing and inductor's generated wrappers)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if any(k in name for k in ("deepspeed/", "transformers/", "bench/train", "torch/autograd", "_inductor/")) \
+                and "torch/cuda/memory" not in name:
+            return f"{Path(name).parent.name}/{Path(name).name}:{f.get('line')} {f.get('name')}"
+    return "other"
+
+
+def traced_peak(fn) -> dict:
+    """Run ``fn`` under torch's allocation trace and return what was live at its allocator peak,
+    grouped by the allocating call site (bytes allocated before the trace began: ``untraced``)."""
+    torch.cuda.synchronize()
+    untraced = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, tuple[int, str]] = {}
+    now = best = 0
+    best_live: dict[int, tuple[int, str]] = {}
+    for e in snap["device_traces"][0]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _site(e.get("frames", [])))
+            now += e["size"]
+            if now > best:
+                best, best_live = now, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:  # the allocator's own accounting point
+            now -= live.pop(e["addr"])[0]
+    groups: dict[str, float] = {}
+    for size, site in best_live.values():
+        groups[site] = groups.get(site, 0) + size / GIB
+    top = dict(sorted(((k, round(v, 3)) for k, v in groups.items()), key=lambda kv: -kv[1])[:15])
+    return {"untraced_gib": round(untraced / GIB, 3), "traced_peak_gib": round(best / GIB, 3), "live_at_peak": top}
+
+
 def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict:
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -177,6 +218,12 @@ def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict
                 host[f"step{i + 1}"] = host_now()
         peak = torch.cuda.max_memory_allocated() - base
         phases = _phase_peaks(engine, ids, accum, base)
+        if os.environ.get("GPU_TRAIN_TRACE"):  # one more optimizer step, traced
+            def one_step(engine=engine) -> None:
+                for _ in range(accum):
+                    _micro_step(engine, ids)
+
+            phases["traced_step"] = traced_peak(one_step)
         host["end"] = host_now()
     host["pin_memory_calls"] = pins.summary()
     step_s = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (and compilation)
