@@ -134,7 +134,7 @@ def _site(frames: list[dict]) -> str:
     allocator plumbing and inductor's generated wrappers)."""
     for f in frames:
         name = f.get("filename", "")
-        if any(k in name for k in ("deepspeed/", "transformers/", "bench/train", "torch/autograd", "_inductor/")) \
+        if any(k in name for k in ("deepspeed/", "transformers/", "bench/train", "torch/autograd", "_inductor/", "torchinductor")) \
                 and "torch/cuda/memory" not in name:
             return f"{Path(name).parent.name}/{Path(name).name}:{f.get('line')} {f.get('name')}"
     return "other"
@@ -145,7 +145,7 @@ def traced_peak(fn) -> dict:
     grouped by the allocating call site (bytes allocated before the trace began: ``untraced``)."""
     torch.cuda.synchronize()
     untraced = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     try:
         fn()
         torch.cuda.synchronize()
