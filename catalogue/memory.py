@@ -42,6 +42,10 @@ INFER_LOGITS = 10  # bf16 logits + fp32 upcast + log_softmax output, under no_gr
 # ones under softcapping) and its backward writes one fp32 gradient of them.
 COMPILED_LOGITS_SAVED = 2
 COMPILED_SOFTCAP_SAVED = 1
+# With gradient checkpointing the softcapped head keeps both the bf16 logits and their tanh: 4 bytes
+# per entry in all (gemma-2-2b, ZeRO-2 offload, micro-batch 8 and 16: 3.95 measured from the phase
+# peaks, bench/train/results/h200-offload-phases.json).
+COMPILED_SOFTCAP_SAVED_CKPT = 2
 COMPILED_LOSS_BACKWARD = 4
 # What a GPU holds outside torch's allocator (CUDA context, cuBLAS workspaces, NCCL), and the
 # default safety margin a plan keeps on top of the predicted peak for allocator fragmentation.
@@ -409,16 +413,25 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     fp32_grads = 4 * n_train / shard  # built for the optimizer step, freed after it
     offloaded = 0.0
     staging = 0  # ZeRO-1/2 offload: a GPU buffer of the largest parameter (the embedding) for host copies
+    norm_copy = 0  # ZeRO-1/2 offload: the fp64 copy a gradient's norm is taken from (DeepSpeed's get_norm_dtype)
     if s.offload_optimizer and z in (1, 2):
         # DeepSpeed pins the fp32 master and gradient partitions, a half-precision copy of the
         # partition and a host twin of the GPU staging buffer; torch's pinned allocator rounds each
-        # allocation up to a power of two. Adam's states are plain host memory; micro-batch gradients
-        # accumulate on the host in half precision.
+        # allocation up to a power of two. Adam's states are plain host memory. Micro-batch gradients
+        # accumulate on the host in one pinned half-precision buffer per parameter, each rounded up
+        # too (llama-3.2-3b: 254 buffers, 5.98 GiB asked, 8.44 GiB pinned; logged pin_memory calls in
+        # bench/train/results/h200-offload-phases.json).
         staging = half * spec.embedding_params
         offloaded += (_pinned(master) + _pinned(fp32_grads) + _pinned(half * n_train / shard) + _pinned(staging)
                       + states)
         if s.grad_accum > 1:
-            offloaded += half * n_train / shard
+            offloaded += (half * n_train if lora else sum(_pinned(half * n) for n in spec.parameter_tensors())) / shard
+        if spec.final_logit_softcapping and s.compile:
+            # Gemma-2 (compiled, checkpointed) also holds one pinned block the size of the bf16 logits
+            # after its first step; DeepSpeed's pin_memory calls do not make it (none in the step), what
+            # does is not identified. Measured at micro-batch 8 and 16 (+8 and +16 GiB), in Ray Train too.
+            offloaded += _pinned(half * T * V)
+        norm_copy = 8 * (max(spec.parameter_tensors()) if not lora else n_train)
         master = states = fp32_grads = 0
     elif s.offload_optimizer:
         offloaded += master + states + fp32_grads
@@ -435,7 +448,8 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     act_task: Task = "full" if s.precision in ("bf16", "fp16") else s.task
     if s.compile:
         acts = int(T * L * compiled_layer_activation_bytes(spec, s.grad_ckpt))
-        saved = COMPILED_LOGITS_SAVED + (COMPILED_SOFTCAP_SAVED if spec.final_logit_softcapping else 0)
+        softcap = COMPILED_SOFTCAP_SAVED_CKPT if s.grad_ckpt else COMPILED_SOFTCAP_SAVED
+        saved = COMPILED_LOGITS_SAVED + (softcap if spec.final_logit_softcapping else 0)
         # the first layer backward reaches (no checkpointing) recomputes act(gate) in fp32
         logits = T * ((saved + COMPILED_LOSS_BACKWARD) * V + (0 if s.grad_ckpt else 4 * spec.mlp_activation_width))
     else:
@@ -446,15 +460,21 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     # under ZeRO-1 so do its reduce and all-gather buckets. ZeRO-1/2 may also still hold the
     # previous step's half-precision gradients when the next forward starts (seen in 4 of 7
     # compiled runs on an H100; overlap_comm frees them on a side stream): count them.
-    # Under offload they stay too: DeepSpeed adds the host's running sum back into them. The
-    # previous step's gradients do not (the offloaded step frees them; 8B on an H200: 47.9 GiB
-    # measured, 63.4 predicted with them).
-    carried = (grads + (buckets if z == 1 else 0)) if s.grad_accum > 1 else 0
-    if z in (1, 2):
-        carried += staging or grads
+    # Under offload only the staging buffer stays: every micro-batch's gradients go to the host and
+    # the offloaded step frees the previous ones (allocated bytes before a forward = weights +
+    # staging in llama-3.2-3b 2 x 8, qwen2.5-1.5b 4 x 4 and 4 x 1, gemma-2-2b; 8B: 47.9 GiB measured).
+    if staging:
+        carried = staging
+    else:
+        carried = (grads + (buckets if z == 1 else 0)) if s.grad_accum > 1 else 0
+        if z in (1, 2):
+            carried += grads
     moments = {
         "backward start": base + carried + acts + logits,
-        "backward end": base + grads + buckets + T * layer_activation_bytes(spec, act_task, False),
+        # under offload the gradients meet the staging buffer and the fp64 copy of the largest one
+        # (llama-3.2-3b 2 x 8: the allocation trace at its peak, bench/train/results/h200-offload-phases.json)
+        "backward end": (base + grads + buckets + T * layer_activation_bytes(spec, act_task, False)
+                         + staging + norm_copy),
         # the step also holds one more half-precision copy of the trainable partition (on the
         # host, pinned, under ZeRO-1/2 offload)
         "optimizer step": base + grads + fp32_grads + (staging or half * n_train / shard),

@@ -154,6 +154,35 @@ class ModelSpec(Config):
             out += mlp(self.intermediate_size)
         return out
 
+    def layer_tensors(self, layer: int) -> list[int]:
+        """Element counts of one decoder layer's parameter tensors, one per ``nn.Parameter`` as the
+        Hugging Face modules hold them (experts counted as separate projections)."""
+        h, q, kv, i = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size
+        out = [h * (q + 2 * kv)] if self.family == "phi3" else [h * q, h * kv, h * kv]
+        out.append(q * h)
+        if self.model_type in BIASED_QKV:
+            out += [q, kv, kv]
+        if self.has_qk_norm:
+            out += [self.head_dim, self.head_dim]
+
+        def mlp(width: int) -> list[int]:
+            return [2 * h * width, width * h] if self.family == "phi3" else [h * width] * 3
+
+        if layer in self.moe_layers:
+            out.append(h * self.num_experts)
+            out += mlp(self.moe_intermediate_size) * self.num_experts
+            if self.shared_expert_intermediate_size:
+                out += [*mlp(self.shared_expert_intermediate_size), h]
+        else:
+            out += mlp(i)
+        return out + [h] * self.norms_per_layer
+
+    def parameter_tensors(self) -> list[int]:
+        """Element counts of every parameter tensor (``[p.numel() for p in model.parameters()]``)."""
+        out = [self.embedding_params] * (1 if self.tie_word_embeddings else 2) + [self.hidden_size]
+        out += [n for layer in range(self.num_layers) for n in self.layer_tensors(layer)]
+        return out + ([self.extra_params] if self.extra_params else [])
+
     def layer_bytes(self, layer: int, dtype_bytes: float, quant: Quantization | None = None) -> float:
         """Weight bytes of one decoder layer, its linears quantized by ``quant`` (default: the checkpoint's)."""
         quant = quant or self.quantization

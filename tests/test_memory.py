@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from bench.memory.compare import compare
-from catalogue.memory import GIB, HOST_BASE, TrainSetup, estimate, fits, host_peak
-from catalogue.model import load_model
+from catalogue.memory import GIB, HOST_BASE, TrainSetup, estimate, fits, host_peak, layer_activation_bytes
+from catalogue.model import builtin_models, load_model
 
 RESULTS = Path(__file__).parents[1] / "bench" / "memory" / "results"
 TRAIN_RESULTS = RESULTS.parents[1] / "train" / "results"
@@ -125,12 +125,46 @@ def test_compile_and_accumulation_need_the_deepspeed_engine():
         TrainSetup(task="full", compile=True)
 
 
-def test_offload_with_accumulation_keeps_a_half_precision_gradient_buffer_on_the_host():
-    spec = load_model("llama-3.2-3b")
+def test_offload_with_accumulation_pins_one_half_precision_buffer_per_parameter_on_the_host():
+    spec = load_model("llama-3.2-3b")  # 254 tensors: 5.98 GiB asked, 8.44 GiB pinned (logged on an H200)
     common = dict(task="full", engine="deepspeed", zero_stage=2, offload_optimizer=True, grad_ckpt=True)
     one = estimate(spec, TrainSetup(**common, micro_batch=16, grad_accum=1))
     many = estimate(spec, TrainSetup(**common, micro_batch=2, grad_accum=8))
-    assert many.cpu_offload - one.cpu_offload == 2 * spec.num_params
+    assert len(spec.parameter_tensors()) == 254
+    assert round((many.cpu_offload - one.cpu_offload) / GIB, 3) == 8.438
+
+
+def test_parameter_tensors_add_up_to_the_parameter_count_of_every_builtin_model():
+    for name in builtin_models():
+        spec = load_model(name)
+        assert sum(spec.parameter_tensors()) == spec.num_params, name
+
+
+def test_offload_with_accumulation_keeps_no_gradients_on_the_gpu_between_micro_batches():
+    spec = load_model("qwen2.5-1.5b")
+    common = dict(task="full", engine="deepspeed", zero_stage=2, offload_optimizer=True, grad_ckpt=True,
+                  micro_batch=4, compile=True)
+    one, many = (estimate(spec, TrainSetup(**common, grad_accum=a)) for a in (1, 4))
+    assert many.peak == one.peak and many.peak_phase == "backward start"
+
+
+def test_offload_boundary_holds_the_gradients_the_staging_buffer_and_an_fp64_copy_of_the_largest():
+    spec = load_model("llama-3.2-3b")  # tied 394M-entry embedding: its fp64 copy is 2.9 GiB
+    mem = estimate(spec, TrainSetup(task="full", engine="deepspeed", zero_stage=2, offload_optimizer=True,
+                                    grad_ckpt=True, micro_batch=2, grad_accum=8, compile=True))
+    one_layer = 2 * 2048 * layer_activation_bytes(spec, "full", False)  # the layer backward recomputes
+    assert mem.peak_phase == "backward end"
+    assert mem.peak == int(mem.weights + mem.gradients + mem.temporaries + one_layer + 2 * spec.embedding_params
+                           + 8 * spec.embedding_params)
+
+
+def test_checkpointed_compiled_softcapped_head_keeps_logits_and_their_tanh():
+    spec = load_model("gemma-2-2b")
+    common = dict(task="full", engine="deepspeed", zero_stage=2, micro_batch=8, compile=True)
+    ckpt, plain = (estimate(spec, TrainSetup(**common, grad_ckpt=c)) for c in (True, False))
+    per_entry = 8 * 2048 * spec.vocab_size
+    assert ckpt.logits_and_loss == per_entry * 8  # bf16 logits 2 + tanh 2 + fp32 loss gradient 4
+    assert plain.logits_and_loss - 4 * spec.mlp_activation_width * 8 * 2048 == per_entry * 7
 
 
 def test_zero2_offload_pins_each_fp32_partition_in_a_power_of_two_block():
