@@ -193,8 +193,23 @@ def test_the_h100_runs_the_offload_terms_were_read_from_stay_within_the_targets(
     from bench.train.gpu_layouts import compare
 
     rows = compare(json.loads((TRAIN_RESULTS / "h100-train-mode-layouts.json").read_text()))
-    fitted = [r for r in rows if not r["held_out"]]
-    assert len(fitted) == 3 and all(abs(r["peak_error"]) <= 0.10 and abs(r["host_error"]) <= 0.15 for r in fitted)
+    # the two rows held out at run time missed; the H200 phase runs explained them and the terms changed
+    assert len(rows) == 5 and all(abs(r["peak_error"]) <= 0.10 and abs(r["host_error"]) <= 0.15 for r in rows), rows
+
+
+@pytest.mark.parametrize("results", ["h200-offload-phases.json", "h200-offload-heldout.json"])
+def test_the_h200_offload_runs_stay_within_the_targets(results):
+    # recomputed from today's model (the held-out file also keeps the prediction made before its run)
+    rows = json.loads((TRAIN_RESULTS / results).read_text())["rows"]
+    for r in rows:
+        spec = load_model(r["model"])
+        setup = TrainSetup(task=r["task"], micro_batch=r["micro_batch"], seq_len=r["seq"], grad_ckpt=r["grad_ckpt"],
+                           engine="deepspeed", zero_stage=r["zero_stage"], grad_accum=r["grad_accum"],
+                           compile=r["compile"], offload_optimizer=r["offload_optimizer"])
+        mem = estimate(spec, setup)
+        host = r["host_gib"]["end"]["hwm"]
+        assert abs(mem.peak_gib / r["measured_peak_gib"] - 1) <= 0.10, (r["model"], mem.peak_gib, r["measured_peak_gib"])
+        assert abs(host_peak(spec, setup, mem) / GIB / host - 1) <= 0.15, (r["model"], host)
 
 
 def test_zero2_offload_frees_the_previous_steps_gradients_before_the_next_forward():
