@@ -92,3 +92,13 @@ def test_fp8_weights_decode_on_fp8_tensor_cores_where_a_step_is_compute_bound():
     assert decode_step_s(spec, gpu, m, 1, fp8_matmul=True) == decode_step_s(spec, gpu, m, 1)  # memory-bound
     assert decode_step_s(spec, get_gpu("A100-80GB"), m, 1024, fp8_matmul=True) == decode_step_s(
         spec, get_gpu("A100-80GB"), m, 1024)  # no fp8 tensor cores there
+
+
+def test_py_spy_stacks_sum_by_function_as_shares_of_the_samples():
+    from bench.serve.gpu_bench import summarize_stacks
+
+    raw = "run (loop.py:10);send (app.py:3) 3\nrun (loop.py:12);recv (app.py:9) 1\nnot a stack line\n"
+    got = summarize_stacks(raw)
+    assert got["samples"] == 4
+    assert got["self"] == {"send (app.py)": 0.75, "recv (app.py)": 0.25}
+    assert got["inclusive"]["run (loop.py)"] == 1.0  # both lines of `run` count as one function

@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,9 +45,72 @@ METRICS = ("request_throughput", "output_throughput", "total_token_throughput", 
            "p99_e2el_ms", "completed", "failed")
 
 
+# processes profiled at --profile levels: Ray Serve's replica, vLLM's engine core and its worker, plain
+# vLLM's API server (the plain side passes its pid)
+PROFILED = ("ray::ServeReplica", "VLLM::EngineCore", "ray::RayWorkerProc", "VLLM::Worker")
+PROFILE_S = 4  # py-spy samples this long from the start of a level (c=128 runs ~5 s, c=256 ~8 s on an H100)
+PROFILE = {"levels": (), "py_spy": "", "pids": {}}  # set by main(); "pids": label -> pid, besides PROFILED
+
+
+def summarize_stacks(raw: str, top: int = 15) -> dict:
+    """py-spy's raw output (``frame;frame;... count`` per line) as the share of samples each function
+    holds itself (``self``) and under it (``inclusive``), largest first."""
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        # "function (file:line)" -> "function (file)": lines of one function add up
+        count, frames = int(n), [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for f in set(frames):
+            under[f] = under.get(f, 0) + count
+
+    def share(d: dict[str, int]) -> dict[str, float]:
+        return {k: round(v / total, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]} if total else {}
+
+    return {"samples": total, "self": share(own), "inclusive": share(under)}
+
+
+def start_profiles(work: Path, concurrency: int) -> list[tuple[str, Path, subprocess.Popen]]:
+    """py-spy (non-blocking, so the process is not paused) on each profiled process, for PROFILE_S."""
+    import psutil
+
+    from bench.serve.bench import _label
+
+    pids = dict(PROFILE["pids"])
+    for proc in psutil.process_iter():
+        try:
+            label = _label(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if label.startswith(PROFILED):
+            pids[f"{label} {proc.pid}"] = proc.pid
+    out = []
+    for label, pid in pids.items():
+        raw = work / f"profile-c{concurrency}-{pid}.txt"
+        cmd = [PROFILE["py_spy"], "record", "--pid", str(pid), "--duration", str(PROFILE_S), "--rate", "250",
+               "--format", "raw", "--nonblocking", "--output", str(raw)]
+        out.append((label, raw, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+    return out
+
+
+def finish_profiles(running: list[tuple[str, Path, subprocess.Popen]]) -> dict:
+    got = {}
+    for label, raw, proc in running:
+        _, err = proc.communicate(timeout=60)
+        first = err.strip().splitlines()[0][:300] if err.strip() else f"py-spy exit {proc.returncode}"
+        got[label] = summarize_stacks(raw.read_text()) if raw.exists() else {"error": first}
+    return got
+
+
 def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work: Path, range_ratio: float = 0.0) -> dict:
     """One ``vllm bench serve`` run (its own entry point, called in this process so vLLM is imported
-    once); its result JSON, reduced to the metrics vLLM users report, and the cores each process used."""
+    once); its result JSON, reduced to the metrics vLLM users report, the cores each process used, and
+    at --profile levels where each profiled process spends its time."""
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as vllm_bench_serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -59,6 +124,7 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
             "--result-dir", str(work), "--result-filename", name, "--disable-tqdm", "--seed", "0"]
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
+    profiling = start_profiles(work, concurrency) if concurrency in PROFILE["levels"] and not range_ratio else []
     before, t0 = cpu_snapshot(), time.perf_counter()
     try:
         vllm_bench_serve(parser.parse_args(argv))
@@ -66,8 +132,9 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
         return {"concurrency": concurrency, "error": f"{type(e).__name__}: {e}"}
     cores = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
     raw = json.loads((work / name).read_text())
+    profile = {"profile": finish_profiles(profiling)} if profiling else {}
     return {"concurrency": concurrency, "num_prompts": prompts, "random_range_ratio": range_ratio,
-            **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores}
+            **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores, **profile}
 
 
 def drive(port: int, tokenizer: str, work: Path) -> dict:
@@ -89,11 +156,13 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
            MODEL_ID, "--host", "127.0.0.1", "--port", str(port), *flags]
     t0 = time.monotonic()
     with open(work / "plain.log", "a") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
+        PROFILE["pids"] = {f"vLLM API server {proc.pid}": proc.pid}
         try:
             wait_ready(f"http://127.0.0.1:{port}/v1", timeout=300)
             return {"start_s": round(time.monotonic() - t0, 1), "command": " ".join(cmd[1:]),
                     **drive(port, tokenizer, work)}
         finally:
+            PROFILE["pids"] = {}
             proc.terminate()
             proc.wait(60)
 
@@ -167,6 +236,10 @@ def main() -> int:
                          "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; recorded in the result.")
     ap.add_argument("--sides", default="plain,gpufleet,plain", help=f"Comma-separated, in order: gpufleet, "
                     f"{', '.join(PLAIN_SIDES)}.")
+    ap.add_argument("--profile", default="", metavar="LEVELS",
+                    help="Concurrency levels (e.g. 128,256) at which py-spy samples the replica, the engine core, "
+                         "its worker and plain vLLM's API server for a few seconds; top functions go in the result.")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="The py-spy binary for --profile.")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--combine", type=Path, nargs="+",
                     help="Merge the sides of result files from calls on the same machine lease; measure nothing.")
@@ -182,6 +255,8 @@ def main() -> int:
     if unknown:
         ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from gpufleet, {', '.join(PLAIN_SIDES)}")
     from cluster.head import free_port, serve_proxy_env
+
+    PROFILE.update(levels=tuple(int(c) for c in a.profile.split(",") if c), py_spy=a.py_spy)
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
