@@ -129,13 +129,17 @@ def _phase_peaks(engine, ids, accum: int, base: int) -> dict[str, float]:
     return out
 
 
+TRACED_OWNERS = ("deepspeed/", "transformers/", "bench/train", "torch/autograd", "_inductor/")
+
+
 def _site(frames: list[dict]) -> str:
-    """The innermost frame of a traced allocation that names who asked for it (skipping torch's own
-    allocator plumbing and inductor's generated wrappers)."""
+    """Who asked for a traced allocation: the innermost frame in DeepSpeed, transformers, autograd or
+    inductor; every graph inductor generated counts as one owner (its files are per-graph hashes)."""
     for f in frames:
         name = f.get("filename", "")
-        if any(k in name for k in ("deepspeed/", "transformers/", "bench/train", "torch/autograd", "_inductor/", "torchinductor")) \
-                and "torch/cuda/memory" not in name:
+        if "torchinductor" in name:
+            return "inductor-generated code"
+        if any(k in name for k in TRACED_OWNERS):
             return f"{Path(name).parent.name}/{Path(name).name}:{f.get('line')} {f.get('name')}"
     return "other"
 
