@@ -422,16 +422,17 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
         # too (llama-3.2-3b: 254 buffers, 5.98 GiB asked, 8.44 GiB pinned; logged pin_memory calls in
         # bench/train/results/h200-offload-phases.json).
         staging = half * spec.embedding_params
+        tensors = spec.parameter_tensors()
         offloaded += (_pinned(master) + _pinned(fp32_grads) + _pinned(half * n_train / shard) + _pinned(staging)
                       + states)
         if s.grad_accum > 1:
-            offloaded += (half * n_train if lora else sum(_pinned(half * n) for n in spec.parameter_tensors())) / shard
+            offloaded += (half * n_train if lora else sum(_pinned(half * n) for n in tensors)) / shard
         if spec.final_logit_softcapping and s.compile:
             # Gemma-2 (compiled, checkpointed) also holds one pinned block the size of the bf16 logits
             # after its first step; DeepSpeed's pin_memory calls do not make it (none in the step), what
             # does is not identified. Measured at micro-batch 8 and 16 (+8 and +16 GiB), in Ray Train too.
             offloaded += _pinned(half * T * V)
-        norm_copy = 8 * (max(spec.parameter_tensors()) if not lora else n_train)
+        norm_copy = 8 * (max(tensors) if not lora else n_train)
         master = states = fp32_grads = 0
     elif s.offload_optimizer:
         offloaded += master + states + fp32_grads

@@ -77,18 +77,8 @@ def summarize_stacks(raw: str, top: int = 15) -> dict:
 
 def start_profiles(work: Path, concurrency: int) -> list[tuple[str, Path, subprocess.Popen]]:
     """py-spy (non-blocking, so the process is not paused) on each profiled process, for PROFILE_S."""
-    import psutil
-
-    from bench.serve.bench import _label
-
     pids = dict(PROFILE["pids"])
-    for proc in psutil.process_iter():
-        try:
-            label = _label(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        if label.startswith(PROFILED):
-            pids[f"{label} {proc.pid}"] = proc.pid
+    pids.update({f"{label} {pid}": pid for pid, (label, _) in cpu_snapshot().items() if label.startswith(PROFILED)})
     out = []
     for label, pid in pids.items():
         raw = work / f"profile-c{concurrency}-{pid}.txt"
