@@ -87,6 +87,7 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
     if entry.stream_batching_ms is not None:
         conf["experimental_configs"] = {"stream_batching_interval_ms": entry.stream_batching_ms}
     conf["runtime_env"] = {"env_vars": env}
+    conf["log_engine_metrics"] = entry.engine_metrics
     bounds = replica_bounds(entry, p)
     conf["deployment_config"] = {
         "autoscaling_config": {"min_replicas": bounds[0], "max_replicas": bounds[1],

@@ -61,6 +61,9 @@ class ModelEntry(Config):
     stream_batching_ms: int | None = Field(default=None, ge=0, description=(
         "How long Ray Serve LLM gathers streamed tokens before sending them (Ray's default: 50 ms). "
         "Lower cuts time to first token, higher saves CPU per token."))
+    engine_metrics: bool = Field(default=True, description=(
+        "Export vLLM's engine metrics (KV-cache use, TTFT/ITL histograms) through Ray's metrics "
+        "(Ray Serve LLM's log_engine_metrics). Off: vLLM's own Prometheus registry in the replica."))
 
 
 def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool) -> Literal["direct", "router"]:

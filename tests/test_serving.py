@@ -94,7 +94,7 @@ def test_fp8_weights_decode_on_fp8_tensor_cores_where_a_step_is_compute_bound():
         spec, get_gpu("A100-80GB"), m, 1024)  # no fp8 tensor cores there
 
 
-def test_py_spy_stacks_sum_by_function_as_shares_of_the_samples():
+def test_sampled_stacks_sum_by_function_as_shares_of_the_samples():
     from bench.serve.gpu_bench import summarize_stacks
 
     raw = "run (loop.py:10);send (app.py:3) 3\nrun (loop.py:12);recv (app.py:9) 1\nnot a stack line\n"
@@ -102,3 +102,34 @@ def test_py_spy_stacks_sum_by_function_as_shares_of_the_samples():
     assert got["samples"] == 4
     assert got["self"] == {"send (app.py)": 0.75, "recv (app.py)": 0.25}
     assert got["inclusive"]["run (loop.py)"] == 1.0  # both lines of `run` count as one function
+
+
+def test_a_process_started_with_the_sampler_records_its_threads_while_the_bench_says_so(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from bench.serve.gpu_bench import by_thread
+    from bench.serve.sampler import ACTIVE, SAMPLE_DIR_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, SAMPLE_DIR_ENV: str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(root / "bench" / "serve" / "sampling"), str(root)])}
+    busy = "def spin():\n    while True:\n        sum(range(1000))\nspin()"
+    with subprocess.Popen([sys.executable, "-c", busy], env=env) as proc:
+        try:
+            time.sleep(1.0)  # the interpreter starts and imports sitecustomize
+            (tmp_path / ACTIVE).write_text("c7")
+            time.sleep(0.5)
+            (tmp_path / ACTIVE).unlink()
+            deadline = time.monotonic() + 10
+            while not list(tmp_path.glob("c7-*.txt")) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            proc.kill()
+    title, _, raw = next(tmp_path.glob(f"c7-{proc.pid}.txt")).read_text().partition("\n")
+    main = by_thread(raw)["MainThread"]
+    assert "-c" in title and main["samples"] >= 20
+    assert main["inclusive"]["spin (<string>)"] == 1.0

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,8 +33,10 @@ from unittest.mock import patch
 import yaml
 
 from bench.serve.bench import cpu_breakdown, cpu_snapshot, wait_ready
+from bench.serve.sampler import ACTIVE, SAMPLE_DIR_ENV
 from catalogue.model import load_model
 from catalogue.planner import plan
+from serve_apps.app import SERVER
 
 LEVELS = (1, 8, 32, 128, 256)
 IN_LEN = OUT_LEN = 128
@@ -45,11 +46,11 @@ METRICS = ("request_throughput", "output_throughput", "total_token_throughput", 
            "p99_e2el_ms", "completed", "failed")
 
 
-# processes profiled at --profile levels: Ray Serve's replica, vLLM's engine core and its worker, plain
-# vLLM's API server (the plain side passes its pid)
-PROFILED = ("ray::ServeReplica", "VLLM::EngineCore", "ray::RayWorkerProc", "VLLM::Worker")
-PROFILE_S = 4  # py-spy samples this long from the start of a level (c=128 runs ~5 s, c=256 ~8 s on an H100)
-PROFILE = {"levels": (), "py_spy": "", "pids": {}}  # set by main(); "pids": label -> pid, besides PROFILED
+# processes whose samples are kept at --profile levels (by title): Ray Serve's replica, vLLM's engine
+# core and its worker, plain vLLM's API server
+PROFILED = ("ray::ServeReplica", "VLLM::EngineCore", "ray::RayWorkerProc", "VLLM::Worker", "VLLM::APIServer",
+            "vllm.entrypoints.openai.api_server")
+PROFILE: dict = {"levels": (), "dir": None}  # set by main(): the levels, the sampler's folder
 
 
 def summarize_stacks(raw: str, top: int = 15) -> dict:
@@ -75,25 +76,33 @@ def summarize_stacks(raw: str, top: int = 15) -> dict:
     return {"samples": total, "self": share(own), "inclusive": share(under)}
 
 
-def start_profiles(work: Path, concurrency: int) -> list[tuple[str, Path, subprocess.Popen]]:
-    """py-spy (non-blocking, so the process is not paused) on each profiled process, for PROFILE_S."""
-    pids = dict(PROFILE["pids"])
-    pids.update({f"{label} {pid}": pid for pid, (label, _) in cpu_snapshot().items() if label.startswith(PROFILED)})
-    out = []
-    for label, pid in pids.items():
-        raw = work / f"profile-c{concurrency}-{pid}.txt"
-        cmd = [PROFILE["py_spy"], "record", "--pid", str(pid), "--duration", str(PROFILE_S), "--rate", "250",
-               "--format", "raw", "--nonblocking", "--output", str(raw)]
-        out.append((label, raw, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
-    return out
+def by_thread(raw: str) -> dict[str, dict]:
+    """The sampler's raw stacks (rooted at ``thread <name>``) summarised per thread."""
+    threads: dict[str, list[str]] = {}
+    for line in raw.splitlines():
+        root, _, rest = line.partition(";")
+        if root.startswith("thread ") and rest:
+            threads.setdefault(root[len("thread "):], []).append(rest)
+    return {name: summarize_stacks("\n".join(lines)) for name, lines in threads.items()}
 
 
-def finish_profiles(running: list[tuple[str, Path, subprocess.Popen]]) -> dict:
+def start_profile(concurrency: int) -> str:
+    """Tell every sampled process to sample (bench.serve.sampler) until ``finish_profile``."""
+    label = f"c{concurrency}"
+    (PROFILE["dir"] / ACTIVE).write_text(label)
+    return label
+
+
+def finish_profile(label: str) -> dict:
+    """Stop sampling; per kept process (by pid and title), where each of its threads spent the level."""
+    (PROFILE["dir"] / ACTIVE).unlink()
+    time.sleep(3)  # each sampler notices within POLL_S and writes its file
     got = {}
-    for label, raw, proc in running:
-        _, err = proc.communicate(timeout=60)
-        first = err.strip().splitlines()[0][:300] if err.strip() else f"py-spy exit {proc.returncode}"
-        got[label] = summarize_stacks(raw.read_text()) if raw.exists() else {"error": first}
+    for f in sorted(PROFILE["dir"].glob(f"{label}-*.txt")):
+        title, _, raw = f.read_text().partition("\n")
+        if any(p in title for p in PROFILED):
+            got[f"{f.stem.rsplit('-', 1)[1]} {title[:80]}"] = by_thread(raw)
+        f.unlink()
     return got
 
 
@@ -105,6 +114,8 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
     from vllm.benchmarks.serve import main as vllm_bench_serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from bench.serve.variants import pause_summary
+
     name = f"c{concurrency}-r{range_ratio}.json"
     argv = ["--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
             "--model", MODEL_ID, "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len",
@@ -114,17 +125,19 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
             "--result-dir", str(work), "--result-filename", name, "--disable-tqdm", "--seed", "0"]
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    profiling = start_profiles(work, concurrency) if concurrency in PROFILE["levels"] and not range_ratio else []
-    before, t0 = cpu_snapshot(), time.perf_counter()
+    profiling = start_profile(concurrency) if concurrency in PROFILE["levels"] and not range_ratio else None
+    before, t0, since = cpu_snapshot(), time.perf_counter(), time.time()
     try:
         vllm_bench_serve(parser.parse_args(argv))
     except Exception as e:
         return {"concurrency": concurrency, "error": f"{type(e).__name__}: {e}"}
     cores = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
+    pauses = pause_summary(since, time.time())  # logged by bench.serve.variants' replicas only
     raw = json.loads((work / name).read_text())
-    profile = {"profile": finish_profiles(profiling)} if profiling else {}
+    profile = {"profile": finish_profile(profiling)} if profiling else {}
     return {"concurrency": concurrency, "num_prompts": prompts, "random_range_ratio": range_ratio,
-            **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores, **profile}
+            **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores, **profile,
+            **({"replica_gc_pauses": pauses} if pauses else {})}
 
 
 def drive(port: int, tokenizer: str, work: Path) -> dict:
@@ -146,20 +159,25 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
            MODEL_ID, "--host", "127.0.0.1", "--port", str(port), *flags]
     t0 = time.monotonic()
     with open(work / "plain.log", "a") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
-        PROFILE["pids"] = {f"vLLM API server {proc.pid}": proc.pid}
         try:
             wait_ready(f"http://127.0.0.1:{port}/v1", timeout=300)
             return {"start_s": round(time.monotonic() - t0, 1), "command": " ".join(cmd[1:]),
                     **drive(port, tokenizer, work)}
         finally:
-            PROFILE["pids"] = {}
             proc.terminate()
             proc.wait(60)
 
 
-def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str]) -> dict:
-    """The serve spec deployed as `gpufleet serve` deploys it, on a local Ray cluster whose
-    processes inherit ``env``."""
+# gpufleet sides: the serve spec's model entry with these fields changed ("server_cls": the replica class)
+GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-no-engine-metrics": {"engine_metrics": False},
+                  "gpufleet-gc-logged": {"server_cls": "bench.serve.variants:GcLoggedServer"},
+                  "gpufleet-gc-unfrozen": {"server_cls": "bench.serve.variants:GcUnfrozenServer"}}
+
+
+def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str],
+             server_cls: str | None = None) -> dict:
+    """The serve spec deployed as `gpufleet serve` deploys it (with ``server_cls`` as the replica class
+    if given), on a local Ray cluster whose processes inherit ``env``."""
     import ray
     from ray import serve
 
@@ -169,7 +187,8 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
     spec_file = work / "serve.yaml"
     spec_file.write_text(yaml.safe_dump({**spec, "port": port}))
     t0 = time.monotonic()
-    with patch.dict(os.environ, env):  # Ray's processes inherit it; the plain side does not
+    with patch.dict(os.environ, env), patch("serve_apps.app.SERVER", server_cls or SERVER):
+        # Ray's processes inherit env; the plain side does not
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
             served, base = load_serve_spec(spec_file)
@@ -182,24 +201,34 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
             ray.shutdown()
 
 
+def _runs(result: dict, side: str, i: int) -> list[dict]:
+    """Level ``i`` of every completed run of ``side``."""
+    return [s["levels"][i] for s in result["sides"]
+            if s["side"] == side and "levels" in s and "output_throughput" in s["levels"][i]]
+
+
 def compare(result: dict, side: str = "gpufleet") -> list[dict]:
-    """Rows in the CPU bench's format: ``side`` against the mean of the plain runs, per concurrency."""
-    plains = [s for s in result["sides"] if s["side"] == "plain" and "levels" in s]
+    """Rows in the CPU bench's format: the mean of ``side``'s runs against the mean of the plain runs,
+    per concurrency (``side``'s numbers are one run's dict, or a list where it ran more than once)."""
     ours = next((s for s in result["sides"] if s["side"] == side and "levels" in s), None)
-    if not plains or not ours:
+    if not ours:
         return []
+
+    def mean(runs: list[dict], key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
     rows = []
-    for i, g in enumerate(ours["levels"]):
-        ps = [p["levels"][i] for p in plains if "output_throughput" in p["levels"][i]]
-        if "output_throughput" not in g or not ps:
+    for i, level in enumerate(ours["levels"]):
+        ps, gs = _runs(result, "plain", i), _runs(result, side, i)
+        if not ps or not gs:
             continue
-        base_tput = sum(p["output_throughput"] for p in ps) / len(ps)
-        base_ttft = sum(p["median_ttft_ms"] for p in ps) / len(ps)
-        base_itl = sum(p["p99_itl_ms"] for p in ps) / len(ps)
-        rows.append({"concurrency": g["concurrency"], "throughput_ratio": round(g["output_throughput"] / base_tput, 3),
-                     "ttft_overhead_ms": round(g["median_ttft_ms"] - base_ttft, 1),
-                     "ttft_overhead_fraction": round(g["median_ttft_ms"] / base_ttft - 1, 3),
-                     "itl_p99_ratio": round(g["p99_itl_ms"] / base_itl, 3), "plain_vllm": ps, side: g})
+        ttft, base_ttft = mean(gs, "median_ttft_ms"), mean(ps, "median_ttft_ms")
+        rows.append({"concurrency": level["concurrency"],
+                     "throughput_ratio": round(mean(gs, "output_throughput") / mean(ps, "output_throughput"), 3),
+                     "ttft_overhead_ms": round(ttft - base_ttft, 1),
+                     "ttft_overhead_fraction": round(ttft / base_ttft - 1, 3),
+                     "itl_p99_ratio": round(mean(gs, "p99_itl_ms") / mean(ps, "p99_itl_ms"), 3),
+                     "plain_vllm": ps, side: gs[0] if len(gs) == 1 else gs})
     return rows
 
 
@@ -224,12 +253,12 @@ def main() -> int:
     ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                     help="Environment for the gpufleet side's Ray processes (set before Ray starts), e.g. "
                          "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; recorded in the result.")
-    ap.add_argument("--sides", default="plain,gpufleet,plain", help=f"Comma-separated, in order: gpufleet, "
-                    f"{', '.join(PLAIN_SIDES)}.")
+    ap.add_argument("--sides", default="plain,gpufleet,plain", help=f"Comma-separated, in order: "
+                    f"{', '.join([*GPUFLEET_SIDES, *PLAIN_SIDES])}.")
     ap.add_argument("--profile", default="", metavar="LEVELS",
-                    help="Concurrency levels (e.g. 128,256) at which py-spy samples the replica, the engine core, "
-                         "its worker and plain vLLM's API server for a few seconds; top functions go in the result.")
-    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="The py-spy binary for --profile.")
+                    help="Concurrency levels (e.g. 128,256) at which a sampler inside each process (bench.serve.sampler) "
+                         "takes the stacks of the replica, the engine core, its worker and plain vLLM's API server; "
+                         "each thread's top functions go in the result. Profiled sides are diagnoses, not throughput runs.")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--combine", type=Path, nargs="+",
                     help="Merge the sides of result files from calls on the same machine lease; measure nothing.")
@@ -241,12 +270,19 @@ def main() -> int:
         return 0
     if not (a.model_dir and a.tokenizer):
         ap.error("--model-dir and --tokenizer are needed to measure")
-    unknown = set(a.sides.split(",")) - {"gpufleet", *PLAIN_SIDES}
+    unknown = set(a.sides.split(",")) - {*GPUFLEET_SIDES, *PLAIN_SIDES}
     if unknown:
-        ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from gpufleet, {', '.join(PLAIN_SIDES)}")
+        ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from "
+                 f"{', '.join([*GPUFLEET_SIDES, *PLAIN_SIDES])}")
     from cluster.head import free_port, serve_proxy_env
 
-    PROFILE.update(levels=tuple(int(c) for c in a.profile.split(",") if c), py_spy=a.py_spy)
+    PROFILE["levels"] = tuple(int(c) for c in a.profile.split(",") if c)
+    if PROFILE["levels"]:  # every process started from here on runs the sampler (sitecustomize)
+        PROFILE["dir"] = Path(tempfile.mkdtemp(prefix="gb-samples-"))
+        root = Path(__file__).resolve().parents[2]
+        os.environ[SAMPLE_DIR_ENV] = str(PROFILE["dir"])
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(root / "bench" / "serve" / "sampling"), str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
@@ -266,10 +302,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gb-"))
     for side in a.sides.split(","):
         t0 = time.monotonic()
+        changes = dict(GPUFLEET_SIDES.get(side, {}))
+        server_cls = changes.pop("server_cls", None)
         try:
             got = (plain_vllm(a.model_dir, p.engine_kwargs, free_port(), a.tokenizer, work, PLAIN_SIDES[side])
-                   if side in PLAIN_SIDES else gpufleet(a.model_dir, {"name": "bench", "models": [entry]}, free_port(), a.tokenizer, work,
-                                 serve_env))
+                   if side in PLAIN_SIDES else
+                   gpufleet(a.model_dir, {"name": "bench", "models": [{**entry, **changes}]}, free_port(),
+                            a.tokenizer, work, serve_env, server_cls))
         except Exception as e:
             got = {"error": f"{type(e).__name__}: {e}"}
         result["sides"].append({"side": side, "wall_s": round(time.monotonic() - t0, 1), **got})
