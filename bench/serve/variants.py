@@ -1,7 +1,8 @@
 """Replica classes `gpu_bench` deploys in place of gpufleet's to measure one of its choices
 (the replica imports them by path, so they live in a module of their own).
 
-Both log the replica's garbage-collector pauses: one JSON line per collection that took 1 ms or
+``GcLoggedServer`` logs the replica's garbage-collector pauses (Ray Serve freezes a replica's startup
+heap, RAY_SERVE_FREEZE_GC_ON_STARTUP, so what is left are collections of what requests allocate): one JSON line per collection that took 1 ms or
 more, or was a full one, in ``gc-<pid>.jsonl`` under ``GC_LOG_DIR``; `gpu_bench` sums them per side.
 """
 
@@ -39,17 +40,11 @@ class GcPauseLog:
 
 
 class GcLoggedServer(GpufleetServer):
-    """gpufleet's replica (heap frozen at start), its collector pauses logged."""
+    """gpufleet's replica, its collector pauses logged."""
 
     async def __init__(self, *args: Any, **kwargs: Any) -> None:
         await super().__init__(*args, **kwargs)
         gc.callbacks.append(GcPauseLog(GC_LOG_DIR / f"gc-{os.getpid()}.jsonl"))
-
-
-class GcUnfrozenServer(GcLoggedServer):
-    """gpufleet's replica without the startup heap freeze, its collector pauses logged."""
-
-    FREEZE_GC_HEAP = False
 
 
 def pause_summary(since: float, until: float) -> dict[str, Any]:
