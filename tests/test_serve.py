@@ -50,6 +50,8 @@ def served(request, tiny_model, short_tmp):
     if request.param == "router":
         make_adapter(tiny_model, short_tmp / "adapter-a")
         model.update(adapters={"greeter": str(short_tmp / "adapter-a")}, adapters_dir=str(adapters_dir))
+    else:  # as GPU replicas run: vLLM's metrics in its own registry, not exported through Ray
+        model["engine_metrics"] = False
     spec_file = short_tmp / "serve.yaml"
     spec_file.write_text(yaml.safe_dump({"name": "tiny", "port": free_port(), "api_key_env": KEY_ENV,
                                          "ingress": request.param, "models": [model]}))
@@ -170,6 +172,16 @@ def test_burst_of_bad_requests_loses_no_good_one(served):
         goods = [pool.submit(good, i) for i in range(16)]
         assert all(400 <= f.result() < 500 for f in bads)
         assert all(f.result() for f in goods)
+
+
+def test_direct_replica_serves_vllms_own_metrics_when_ray_does_not_export_them(served, request):
+    if request.node.callspec.params["served"] != "direct":
+        pytest.skip("the router layout has no replica HTTP app")
+    url, client, _, _ = served
+    chat(client)
+    text = requests.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=30).text
+    assert "vllm:generation_tokens_total" in text
 
 
 def test_killed_replica_is_replaced(served):
@@ -306,6 +318,13 @@ def test_a_gpu_replica_runs_vllm_on_rays_own_event_loop_and_a_cpu_replica_keeps_
     cpu = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=256), tiny_model)
     assert gpu["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in cpu["runtime_env"]["env_vars"]
+
+
+def test_a_gpu_replica_keeps_vllms_engine_metrics_out_of_rays_unless_asked(tiny_model):
+    gpu = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB"), "/")
+    asked = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB", engine_metrics=True), "/")
+    cpu = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=256), tiny_model)
+    assert (gpu["log_engine_metrics"], asked["log_engine_metrics"], cpu["log_engine_metrics"]) == (False, True, True)
 
 
 def hf_cache_with(tmp_path, repo_id, config):

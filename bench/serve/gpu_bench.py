@@ -170,6 +170,7 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
 
 # gpufleet sides: the serve spec's model entry with these fields changed ("server_cls": the replica class)
 GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-no-engine-metrics": {"engine_metrics": False},
+                  "gpufleet-ray-engine-metrics": {"engine_metrics": True},
                   "gpufleet-gc-logged": {"server_cls": "bench.serve.variants:GcLoggedServer"}}
 
 
