@@ -133,3 +133,25 @@ def test_a_process_started_with_the_sampler_records_its_threads_while_the_bench_
     main = by_thread(raw)["MainThread"]
     assert "-c" in title and main["samples"] >= 20
     assert main["inclusive"]["spin (<string>)"] == 1.0
+
+
+def test_a_watched_replica_logs_the_time_its_event_loop_was_blocked(tmp_path, monkeypatch):
+    import asyncio
+    import time
+
+    from bench.serve import variants
+
+    monkeypatch.setattr(variants, "WATCH_DIR", tmp_path)
+
+    async def blocked_once() -> None:
+        with (tmp_path / "1.jsonl").open("a", buffering=1) as log:
+            watcher = asyncio.create_task(variants.watch_loop(log))
+            await asyncio.sleep(0.02)
+            time.sleep(0.03)  # blocks the loop, as a slow synchronous call in a replica would
+            await asyncio.sleep(0.02)
+            watcher.cancel()
+
+    since = time.time()
+    asyncio.run(blocked_once())
+    late = variants.pause_summary(since, time.time())[f"loop late >= {variants.LATE_MS:g} ms"]
+    assert late["count"] == 1 and 25 <= late["max_ms"] <= 60

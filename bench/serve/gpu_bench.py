@@ -132,12 +132,12 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
     except Exception as e:
         return {"concurrency": concurrency, "error": f"{type(e).__name__}: {e}"}
     cores = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
-    pauses = pause_summary(since, time.time())  # logged by bench.serve.variants' replicas only
+    stalls = pause_summary(since, time.time())  # logged by bench.serve.variants' replicas only
     raw = json.loads((work / name).read_text())
     profile = {"profile": finish_profile(profiling)} if profiling else {}
     return {"concurrency": concurrency, "num_prompts": prompts, "random_range_ratio": range_ratio,
             **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores, **profile,
-            **({"replica_gc_pauses": pauses} if pauses else {})}
+            **({"replica_stalls": stalls} if stalls else {})}
 
 
 def drive(port: int, tokenizer: str, work: Path) -> dict:
@@ -171,7 +171,7 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
 # gpufleet sides: the serve spec's model entry with these fields changed ("server_cls": the replica class)
 GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-no-engine-metrics": {"engine_metrics": False},
                   "gpufleet-ray-engine-metrics": {"engine_metrics": True},
-                  "gpufleet-gc-logged": {"server_cls": "bench.serve.variants:GcLoggedServer"}}
+                  "gpufleet-watched": {"server_cls": "bench.serve.variants:WatchedServer"}}
 
 
 def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str],

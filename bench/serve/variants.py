@@ -1,33 +1,41 @@
 """Replica classes `gpu_bench` deploys in place of gpufleet's to measure one of its choices
 (the replica imports them by path, so they live in a module of their own).
 
-``GcLoggedServer`` logs the replica's garbage-collector pauses (Ray Serve freezes a replica's startup
-heap, RAY_SERVE_FREEZE_GC_ON_STARTUP, so what is left are collections of what requests allocate): one JSON line per collection that took 1 ms or
-more, or was a full one, in ``gc-<pid>.jsonl`` under ``GC_LOG_DIR``; `gpu_bench` sums them per side.
+``WatchedServer`` is gpufleet's replica with two logs of what stalls its event loop, one JSON line per
+event in ``<pid>.jsonl`` under ``WATCH_DIR``, which `gpu_bench` sums per level (``pause_summary``):
+garbage collections that took 1 ms or more, or were full ones (Ray Serve freezes a replica's startup
+heap, RAY_SERVE_FREEZE_GC_ON_STARTUP, so these collect what requests allocate), and the times a 1 ms
+heartbeat on the loop woke ``LATE_MS`` or more late (the loop was busy or blocked that long).
+Both cost the loop a little (a heartbeat a millisecond): a watched side is a diagnosis.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from serve_apps.server import GpufleetServer
 
-GC_LOG_DIR = Path(tempfile.gettempdir()) / "gpufleet-bench-gc"
+WATCH_DIR = Path(tempfile.gettempdir()) / "gpufleet-bench-watch"
+HEARTBEAT_S = 0.001
+LATE_MS = 5.0
+
+
+def _write(log: TextIO, what: str, ms: float) -> None:
+    log.write(json.dumps({"t": round(time.time(), 3), "what": what, "ms": round(ms, 2)}) + "\n")
 
 
 class GcPauseLog:
-    """A ``gc.callbacks`` entry that writes the collections worth seeing to a file."""
+    """A ``gc.callbacks`` entry that logs the collections worth seeing."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", buffering=1)
-        self.started = 0.0
+    def __init__(self, log: TextIO) -> None:
+        self.log, self.started = log, 0.0
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -35,27 +43,39 @@ class GcPauseLog:
             return
         ms = (time.perf_counter() - self.started) * 1000
         if ms >= 1.0 or info["generation"] == 2:
-            self.file.write(json.dumps({"t": round(time.time(), 3), "generation": info["generation"],
-                                        "ms": round(ms, 2), "collected": info["collected"]}) + "\n")
+            _write(self.log, f"gc gen{info['generation']}", ms)
 
 
-class GcLoggedServer(GpufleetServer):
-    """gpufleet's replica, its collector pauses logged."""
+async def watch_loop(log: TextIO) -> None:
+    """Log every heartbeat that wakes ``LATE_MS`` or more after it was due."""
+    while True:
+        due = time.perf_counter() + HEARTBEAT_S
+        await asyncio.sleep(HEARTBEAT_S)
+        late = (time.perf_counter() - due) * 1000
+        if late >= LATE_MS:
+            _write(log, f"loop late >= {LATE_MS:g} ms", late)
+
+
+class WatchedServer(GpufleetServer):
+    """gpufleet's replica, its collector pauses and event-loop stalls logged."""
 
     async def __init__(self, *args: Any, **kwargs: Any) -> None:
         await super().__init__(*args, **kwargs)
-        gc.callbacks.append(GcPauseLog(GC_LOG_DIR / f"gc-{os.getpid()}.jsonl"))
+        WATCH_DIR.mkdir(parents=True, exist_ok=True)
+        log = (WATCH_DIR / f"{os.getpid()}.jsonl").open("a", buffering=1)
+        gc.callbacks.append(GcPauseLog(log))
+        self._watcher = asyncio.get_running_loop().create_task(watch_loop(log))
 
 
 def pause_summary(since: float, until: float) -> dict[str, Any]:
-    """The pauses logged between two ``time.time()``s, per generation: count, total and largest ms."""
+    """The events logged between two ``time.time()``s, per kind: count, total and largest ms."""
     out: dict[str, Any] = {}
-    for f in GC_LOG_DIR.glob("gc-*.jsonl"):
+    for f in WATCH_DIR.glob("*.jsonl"):
         for line in f.read_text().splitlines():
             p = json.loads(line)
             if not since <= p["t"] <= until:
                 continue
-            g = out.setdefault(f"gen{p['generation']}", {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+            g = out.setdefault(p["what"], {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
             g["count"] += 1
             g["total_ms"] = round(g["total_ms"] + p["ms"], 2)
             g["max_ms"] = max(g["max_ms"], p["ms"])
