@@ -9,9 +9,11 @@ does (``serve_apps.app.deploy``) on a local Ray cluster in the proxy mode `gpufl
 so the baseline can be repeated (``plain,gpufleet,plain``). ``plain-mp`` and ``plain-ray`` are plain vLLM
 with its worker in a process of its own (``--distributed-executor-backend mp`` / ``ray``: Ray Serve LLM
 always runs vLLM's Ray executor on GPUs, where plain vLLM at one GPU runs the model inside its engine
-process): each is compared with ``plain`` too, which separates the executor's cost from Ray Serve's. Cores used per process are recorded at
-each level (where the overhead goes). Results are written after every side, so a run stopped by a
-time limit keeps what it measured.
+process): each is compared with ``plain`` too, which separates the executor's cost from Ray Serve's.
+``gpufleet-ray-engine-metrics`` and ``gpufleet-watched`` are gpufleet with one thing changed
+(``GPUFLEET_SIDES``); a side run more than once is averaged. Cores used per process are recorded at each
+level, and with ``--profile`` each thread's top functions (``bench.serve.sampler``). Results are written
+after every side, so a run stopped by a time limit keeps what it measured.
 
     python -m bench.serve.gpu_bench --model-dir /var/tmp/m --tokenizer /var/tmp/tok --out $OUT/serve.json
     python -m bench.serve.gpu_bench --combine serve.json plain-again.json --out h100-serve.json  # one lease, two calls
@@ -169,8 +171,7 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
 
 
 # gpufleet sides: the serve spec's model entry with these fields changed ("server_cls": the replica class)
-GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-no-engine-metrics": {"engine_metrics": False},
-                  "gpufleet-ray-engine-metrics": {"engine_metrics": True},
+GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-ray-engine-metrics": {"engine_metrics": True},
                   "gpufleet-watched": {"server_cls": "bench.serve.variants:WatchedServer"}}
 
 
