@@ -63,9 +63,10 @@ class ModelEntry(Config):
         "Lower cuts time to first token, higher saves CPU per token."))
     engine_metrics: bool | None = Field(default=None, description=(
         "Export vLLM's engine metrics (KV-cache use, TTFT/ITL histograms) through Ray's metrics (Ray Serve "
-        "LLM's log_engine_metrics). Off: vLLM keeps them in its own Prometheus registry (the replica's "
-        "/metrics under ingress: direct). Default: off on GPUs, where recording them through Ray takes a "
-        "quarter of the replica's event loop at 128+ streams; on for CPU replicas."))
+        "LLM's log_engine_metrics). Off: vLLM keeps them in its own Prometheus registry, served at the "
+        "replica's /metrics under ingress: direct and not exported under ingress: router. Default: off on "
+        "GPUs, where recording them through Ray takes a quarter of the replica's event loop at 128+ streams; "
+        "on for CPU replicas."))
 
 
 def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool) -> Literal["direct", "router"]:
