@@ -31,11 +31,6 @@ SERVER = "serve_apps.server:GpufleetServer"  # first streamed chunk without the 
 # p99 at concurrency 128 went from 2.28x plain vLLM's to 0.94x, throughput at 256 from 0.51x to 0.68x.
 # CPU replicas keep Ray's default: it was not measured there.
 GPU_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-# vLLM records its engine metrics on that loop every engine step, and Ray Serve LLM sends them through
-# Ray's metrics by default. Sampled inside the replica on an H100 (Llama-3.1-8B FP8, 128 and 256 streams;
-# bench/serve/results/h100-serve-8b-fp8-profile.json), Ray's metric calls held 26-30% of the loop's
-# samples, where plain vLLM's prometheus_client took 3%; so GPU replicas leave them in vLLM's own registry.
-GPU_ENGINE_METRICS_VIA_RAY = False
 
 
 def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
@@ -92,8 +87,12 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
     if entry.stream_batching_ms is not None:
         conf["experimental_configs"] = {"stream_batching_interval_ms": entry.stream_batching_ms}
     conf["runtime_env"] = {"env_vars": env}
-    conf["log_engine_metrics"] = (entry.engine_metrics if entry.engine_metrics is not None
-                                  else GPU_ENGINE_METRICS_VIA_RAY if p.accelerator_type else True)
+    # vLLM records its engine metrics on the replica's loop every engine step, and Ray Serve LLM sends
+    # them through Ray's metrics by default. Sampled inside a replica on an H100 (Llama-3.1-8B FP8, 128 and
+    # 256 streams; bench/serve/results/h100-serve-8b-fp8-profile.json), Ray's metric calls held 26-30% of
+    # the loop's samples, where plain vLLM's prometheus_client took 3%: so by default GPU replicas leave
+    # them in vLLM's own registry. CPU replicas keep Ray's default: it was not measured there.
+    conf["log_engine_metrics"] = entry.engine_metrics if entry.engine_metrics is not None else not p.accelerator_type
     bounds = replica_bounds(entry, p)
     conf["deployment_config"] = {
         "autoscaling_config": {"min_replicas": bounds[0], "max_replicas": bounds[1],

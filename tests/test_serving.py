@@ -109,14 +109,11 @@ def test_a_process_started_with_the_sampler_records_its_threads_while_the_bench_
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     from bench.serve.gpu_bench import by_thread
-    from bench.serve.sampler import ACTIVE, SAMPLE_DIR_ENV
+    from bench.serve.sampler import ACTIVE, sampled_env
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, SAMPLE_DIR_ENV: str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(root / "bench" / "serve" / "sampling"), str(root)])}
+    env = {**os.environ, **sampled_env(tmp_path)}
     busy = "def spin():\n    while True:\n        sum(range(1000))\nspin()"
     with subprocess.Popen([sys.executable, "-c", busy], env=env) as proc:
         try:

@@ -35,7 +35,7 @@ from unittest.mock import patch
 import yaml
 
 from bench.serve.bench import cpu_breakdown, cpu_snapshot, wait_ready
-from bench.serve.sampler import ACTIVE, SAMPLE_DIR_ENV
+from bench.serve.sampler import ACTIVE, sampled_env
 from catalogue.model import load_model
 from catalogue.planner import plan
 from serve_apps.app import SERVER
@@ -280,10 +280,7 @@ def main() -> int:
     PROFILE["levels"] = tuple(int(c) for c in a.profile.split(",") if c)
     if PROFILE["levels"]:  # every process started from here on runs the sampler (sitecustomize)
         PROFILE["dir"] = Path(tempfile.mkdtemp(prefix="gb-samples-"))
-        root = Path(__file__).resolve().parents[2]
-        os.environ[SAMPLE_DIR_ENV] = str(PROFILE["dir"])
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            [str(root / "bench" / "serve" / "sampling"), str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+        os.environ.update(sampled_env(PROFILE["dir"], os.environ.get("PYTHONPATH")))
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)

@@ -44,7 +44,7 @@ def _title() -> str:
         return " ".join(sys.argv)[:200]
 
 
-def _sample_while_active(folder: Path, label: str, me: int) -> Counter:
+def _sample_while_active(folder: Path, me: int) -> Counter:
     counts: Counter = Counter()
     active, period, next_check = folder / ACTIVE, 1.0 / RATE_HZ, 0.0
     while True:
@@ -69,9 +69,18 @@ def _run(folder: Path) -> None:
         except OSError:
             time.sleep(POLL_S)
             continue
-        counts = _sample_while_active(folder, label, me)
+        counts = _sample_while_active(folder, me)
         lines = [_title()] + [f"{stack} {n}" for stack, n in counts.items()]
         (folder / f"{label}-{os.getpid()}.txt").write_text("\n".join(lines) + "\n")
+
+
+def sampled_env(folder: Path, pythonpath: str | None = None) -> dict[str, str]:
+    """The environment that makes a Python process started with it run the sampler into ``folder``:
+    this folder's ``sampling/sitecustomize.py`` and the repository (which it imports) ahead of
+    ``pythonpath``."""
+    here = Path(__file__).resolve().parent
+    paths = [str(here / "sampling"), str(here.parents[1]), *filter(None, [pythonpath])]
+    return {SAMPLE_DIR_ENV: str(folder), "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _start_thread(folder: Path) -> None:
