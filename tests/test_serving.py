@@ -152,3 +152,28 @@ def test_a_watched_replica_logs_the_time_its_event_loop_was_blocked(tmp_path, mo
     asyncio.run(blocked_once())
     late = variants.pause_summary(since, time.time())[f"loop late >= {variants.LATE_MS:g} ms"]
     assert late["count"] == 1 and 25 <= late["max_ms"] <= 60
+
+
+def _bench_run(side: str, tok_s: float, ttft_ms: float, itl_p99_ms: float) -> dict:
+    level = {"concurrency": 8, "output_throughput": tok_s, "median_ttft_ms": ttft_ms, "p99_itl_ms": itl_p99_ms}
+    return {"side": side, "levels": [level]}
+
+
+def test_the_gpu_bench_compares_gpufleet_with_plain_mp_as_well_as_plain():
+    from bench.serve.gpu_bench import compare_all
+
+    result = compare_all({"sides": [_bench_run("plain", 1000, 40, 5.0), _bench_run("gpufleet", 990, 41, 6.0),
+                                    _bench_run("plain-mp", 1000, 40, 5.8)]})
+    assert result["rows"][0]["itl_p99_ratio"] == 1.2
+    assert result["rows_against_plain_mp"][0]["itl_p99_ratio"] == round(6.0 / 5.8, 3)
+    assert result["rows_against_plain_mp"][0]["plain_vllm"][0]["p99_itl_ms"] == 5.8
+
+
+def test_the_gpu_bench_reports_how_far_repeated_runs_of_a_side_differ():
+    from bench.serve.gpu_bench import compare_all
+
+    result = compare_all({"sides": [_bench_run("plain", 1000, 40, 5.0), _bench_run("gpufleet", 990, 41, 6.0),
+                                    _bench_run("plain", 1100, 50, 8.0)]})
+    assert result["repeat_spread"] == {"plain": [{"concurrency": 8, "runs": 2, "throughput_max_over_min": 1.1,
+                                                  "ttft_p50_max_over_min": 1.25, "itl_p99_max_over_min": 1.6}]}
+    assert result["rows"][0]["itl_p99_ratio"] == round(6.0 / 6.5, 3)  # against plain's mean

@@ -9,9 +9,10 @@ does (``serve_apps.app.deploy``) on a local Ray cluster in the proxy mode `gpufl
 so the baseline can be repeated (``plain,gpufleet,plain``). ``plain-mp`` and ``plain-ray`` are plain vLLM
 with its worker in a process of its own (``--distributed-executor-backend mp`` / ``ray``: Ray Serve LLM
 always runs vLLM's Ray executor on GPUs, where plain vLLM at one GPU runs the model inside its engine
-process): each is compared with ``plain`` too, which separates the executor's cost from Ray Serve's.
-``gpufleet-ray-engine-metrics`` and ``gpufleet-watched`` are gpufleet with one thing changed
-(``GPUFLEET_SIDES``); a side run more than once is averaged. Cores used per process are recorded at each
+process): each is compared with ``plain`` too, and gpufleet with ``plain-mp``, which separates the
+executor's cost from Ray Serve's. ``gpufleet-ray-engine-metrics`` and ``gpufleet-watched`` are gpufleet with
+one thing changed (``GPUFLEET_SIDES``); a side run more than once is averaged, and the spread of its runs
+(largest over smallest, per level) is reported beside the ratios: the noise they have to clear. Cores used per process are recorded at each
 level, and with ``--profile`` each thread's top functions (``bench.serve.sampler``). Results are written
 after every side, so a run stopped by a time limit keeps what it measured.
 
@@ -208,9 +209,10 @@ def _runs(result: dict, side: str, i: int) -> list[dict]:
             if s["side"] == side and "levels" in s and "output_throughput" in s["levels"][i]]
 
 
-def compare(result: dict, side: str = "gpufleet") -> list[dict]:
-    """Rows in the CPU bench's format: the mean of ``side``'s runs against the mean of the plain runs,
-    per concurrency (``side``'s numbers are one run's dict, or a list where it ran more than once)."""
+def compare(result: dict, side: str = "gpufleet", base: str = "plain") -> list[dict]:
+    """Rows in the CPU bench's format: the mean of ``side``'s runs against the mean of ``base``'s runs,
+    per concurrency (``side``'s numbers are one run's dict, or a list where it ran more than once;
+    the base's stay under ``plain_vllm`` whichever plain side it is)."""
     ours = next((s for s in result["sides"] if s["side"] == side and "levels" in s), None)
     if not ours:
         return []
@@ -220,7 +222,7 @@ def compare(result: dict, side: str = "gpufleet") -> list[dict]:
 
     rows = []
     for i, level in enumerate(ours["levels"]):
-        ps, gs = _runs(result, "plain", i), _runs(result, side, i)
+        ps, gs = _runs(result, base, i), _runs(result, side, i)
         if not ps or not gs:
             continue
         ttft, base_ttft = mean(gs, "median_ttft_ms"), mean(ps, "median_ttft_ms")
@@ -233,12 +235,39 @@ def compare(result: dict, side: str = "gpufleet") -> list[dict]:
     return rows
 
 
+SPREAD_METRICS = {"throughput": "output_throughput", "ttft_p50": "median_ttft_ms", "itl_p99": "p99_itl_ms"}
+
+
+def repeat_spread(result: dict) -> dict[str, list[dict]]:
+    """For every side that ran more than once, per concurrency, the largest over the smallest of its runs'
+    numbers: the noise a ratio between sides has to clear before it says anything."""
+    spread = {}
+    for side in dict.fromkeys(s["side"] for s in result["sides"] if "levels" in s):
+        first = next(s for s in result["sides"] if s["side"] == side and "levels" in s)
+        rows = []
+        for i, level in enumerate(first["levels"]):
+            runs = _runs(result, side, i)
+            if len(runs) > 1:
+                rows.append({"concurrency": level["concurrency"], "runs": len(runs),
+                             **{f"{name}_max_over_min": round(max(r[k] for r in runs) / min(r[k] for r in runs), 3)
+                                for name, k in SPREAD_METRICS.items()}})
+        if rows:
+            spread[side] = rows
+    return spread
+
+
 def compare_all(result: dict) -> dict:
-    """``rows`` (gpufleet against plain) and, per other plain side that ran, its own rows against plain."""
+    """``rows`` (gpufleet against plain); per other side that ran, its own rows against plain; gpufleet
+    against plain-mp where that ran (vLLM's own executor with the model in a worker process, the shape
+    of the Ray executor Ray Serve LLM requires on GPUs); and the spread of repeated sides."""
     result["rows"] = compare(result)
     variants = {s["side"] for s in result["sides"] if s["side"] not in ("plain", "gpufleet") and "levels" in s}
     if variants:
         result["rows_by_side"] = {v: compare(result, v) for v in sorted(variants)}
+    if "plain-mp" in variants and result["rows"]:
+        result["rows_against_plain_mp"] = compare(result, "gpufleet", base="plain-mp")
+    if spread := repeat_spread(result):
+        result["repeat_spread"] = spread
     return result
 
 
@@ -323,6 +352,14 @@ def print_all(result: dict) -> None:
     for side, rows in result.get("rows_by_side", {}).items():
         print(f"{side} against plain:")
         print_rows(rows)
+    if "rows_against_plain_mp" in result:
+        print("gpufleet against plain-mp:")
+        print_rows(result["rows_against_plain_mp"])
+    for side, rows in result.get("repeat_spread", {}).items():
+        print(f"{side}, largest over smallest of its {rows[0]['runs']} runs:")
+        for r in rows:
+            print(f"c={r['concurrency']:>4}  throughput x{r['throughput_max_over_min']:.3f}  "
+                  f"TTFT p50 x{r['ttft_p50_max_over_min']:.3f}  ITL p99 x{r['itl_p99_max_over_min']:.3f}")
     print_decode_speed(result)
 
 
