@@ -42,6 +42,9 @@ CASES = {
     "3b-full-offload": ("llama-3.2-3b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True}, 16,
                         2048),
     "resume": ("llama-3.2-1b", "lora", {}, 8, 1024),
+    # several GPUs (issue 8): one Ray Train worker per GPU, NCCL, ZeRO sharding across them
+    "1b-full-zero2-2gpu": ("llama-3.2-1b", "full", {"workers": 2, "zero_stage": 2}, 16, 2048),
+    "1b-full-zero3-2gpu": ("llama-3.2-1b", "full", {"workers": 2, "zero_stage": 3}, 16, 2048),
     # held out for the ZeRO-2 offload terms read off 3b-full-offload and 8b-full: with and without accumulation
     "qwen1.5b-full-offload": ("qwen2.5-1.5b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True,
                                                        "micro_batch": 4}, 16, 2048),
@@ -109,12 +112,12 @@ def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str)
     kept["workers"] = len(layout["placement"]["bundles"])
     pred = predict(model, task, seq, kept)
     steady = rows[2:] or rows  # the first steps compile
-    tps = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]
+    tps = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]  # every worker's tokens together
     peak = max(r["peak_memory_gib"] for r in rows)
     host = max(r.get("host_peak_gib", 0) for r in rows)
     return dict(
         layout=kept, steps=len(rows), loss_first=rows[0]["loss"], loss_last=rows[-1]["loss"],
-        tokens_per_s=round(tps), mfu=round(mfu(tps, train_flops_per_token(spec, seq, task),
+        tokens_per_s=round(tps), mfu=round(mfu(tps / kept["workers"], train_flops_per_token(spec, seq, task),
                                               get_gpu(gpu).peak_tflops), 4),
         **scored(peak, host, pred), resumed_from=max(r["resumed_from"] for r in rows), step_counter=[r["step"] for r in rows])
 
@@ -174,7 +177,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     data = Path("/var/tmp/chat.jsonl")
     synthetic_chat(data, 4000)
-    env = {**TRAIN_ENV, **{k: os.environ[k] for k in ("PYTHONPATH", "TORCH_CUDA_ARCH_LIST") if k in os.environ}}
+    env = {**TRAIN_ENV, **{k: os.environ[k] for k in ("PYTHONPATH", "TORCH_CUDA_ARCH_LIST", "NCCL_NVLS_ENABLE") if k in os.environ}}
     ray.init(runtime_env={"env_vars": env}, include_dashboard=False, logging_level="ERROR")
     gpu_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                               text=True).stdout.splitlines()[:1]
