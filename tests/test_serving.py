@@ -104,41 +104,41 @@ def test_sampled_stacks_sum_by_function_as_shares_of_the_samples():
     assert got["inclusive"]["run (loop.py)"] == 1.0  # both lines of `run` count as one function
 
 
-def test_a_process_started_with_the_sampler_records_its_threads_while_the_bench_says_so(tmp_path):
+def test_a_process_started_with_the_sampler_records_its_threads_while_the_bench_says_so(tmp_path, monkeypatch):
     import os
     import subprocess
     import sys
     import time
 
-    from bench.serve.gpu_bench import by_thread
-    from bench.serve.sampler import ACTIVE, sampled_env
+    from bench.serve import gpu_bench
+    from bench.serve.sampler import sampled_env
 
+    monkeypatch.setitem(gpu_bench.PROFILE, "dir", tmp_path)
+    monkeypatch.setattr(gpu_bench, "PROFILED", ("spin()",))  # keep this test's process by its title
     env = {**os.environ, **sampled_env(tmp_path)}
     busy = "def spin():\n    while True:\n        sum(range(1000))\nspin()"
     with subprocess.Popen([sys.executable, "-c", busy], env=env) as proc:
         try:
             time.sleep(1.0)  # the interpreter starts and imports sitecustomize
-            (tmp_path / ACTIVE).write_text("c7")
+            label = gpu_bench.start_profile(7)
             time.sleep(0.5)
-            (tmp_path / ACTIVE).unlink()
-            deadline = time.monotonic() + 10
-            while not list(tmp_path.glob("c7-*.txt")) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            got = gpu_bench.finish_profile(label)
         finally:
             proc.kill()
-    title, _, raw = next(tmp_path.glob(f"c7-{proc.pid}.txt")).read_text().partition("\n")
-    main = by_thread(raw)["MainThread"]
-    assert "-c" in title and main["samples"] >= 20
-    assert main["inclusive"]["spin (<string>)"] == 1.0
+    (key, threads), = got.items()
+    assert key.startswith(f"{proc.pid} ") and "-c" in key
+    assert threads["MainThread"]["samples"] >= 20
+    assert threads["MainThread"]["inclusive"]["spin (<string>)"] == 1.0
+    assert not list(tmp_path.glob("c7-*"))  # read, then removed
 
 
 def test_a_watched_replica_logs_the_time_its_event_loop_was_blocked(tmp_path, monkeypatch):
     import asyncio
     import time
 
-    from bench.serve import variants
+    from bench.serve import stall_log, variants
 
-    monkeypatch.setattr(variants, "WATCH_DIR", tmp_path)
+    monkeypatch.setattr(stall_log, "WATCH_DIR", tmp_path)
 
     async def blocked_once() -> None:
         with (tmp_path / "1.jsonl").open("a", buffering=1) as log:
@@ -150,7 +150,7 @@ def test_a_watched_replica_logs_the_time_its_event_loop_was_blocked(tmp_path, mo
 
     since = time.time()
     asyncio.run(blocked_once())
-    late = variants.pause_summary(since, time.time())[f"loop late >= {variants.LATE_MS:g} ms"]
+    late = stall_log.pause_summary(since, time.time())[f"loop late >= {variants.LATE_MS:g} ms"]
     assert late["count"] == 1 and 25 <= late["max_ms"] <= 60
 
 

@@ -36,7 +36,7 @@ from unittest.mock import patch
 import yaml
 
 from bench.serve.bench import cpu_breakdown, cpu_snapshot, wait_ready
-from bench.serve.sampler import ACTIVE, sampled_env
+from bench.serve.sampler import ACTIVE, POLL_S, sampled_env
 from catalogue.model import load_model
 from catalogue.planner import plan
 from serve_apps.app import SERVER
@@ -99,7 +99,14 @@ def start_profile(concurrency: int) -> str:
 def finish_profile(label: str) -> dict:
     """Stop sampling; per kept process (by pid and title), where each of its threads spent the level."""
     (PROFILE["dir"] / ACTIVE).unlink()
-    time.sleep(3)  # each sampler notices within POLL_S and writes its file
+    # each sampler notices within POLL_S and writes its file: wait until no new file came for a while
+    files, deadline = [], time.monotonic() + 3
+    while time.monotonic() < deadline:
+        time.sleep(4 * POLL_S)
+        now = sorted(PROFILE["dir"].glob(f"{label}-*.txt"))
+        if now and now == files:
+            break
+        files = now
     got = {}
     for f in sorted(PROFILE["dir"].glob(f"{label}-*.txt")):
         title, _, raw = f.read_text().partition("\n")
@@ -117,7 +124,7 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
     from vllm.benchmarks.serve import main as vllm_bench_serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from bench.serve.variants import pause_summary
+    from bench.serve.stall_log import pause_summary
 
     name = f"c{concurrency}-r{range_ratio}.json"
     argv = ["--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
@@ -135,7 +142,7 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
     except Exception as e:
         return {"concurrency": concurrency, "error": f"{type(e).__name__}: {e}"}
     cores = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
-    stalls = pause_summary(since, time.time())  # logged by bench.serve.variants' replicas only
+    stalls = pause_summary(since, time.time())  # logged by bench.serve.variants' watched replica only
     raw = json.loads((work / name).read_text())
     profile = {"profile": finish_profile(profiling)} if profiling else {}
     return {"concurrency": concurrency, "num_prompts": prompts, "random_range_ratio": range_ratio,

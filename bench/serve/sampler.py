@@ -71,7 +71,9 @@ def _run(folder: Path) -> None:
             continue
         counts = _sample_while_active(folder, me)
         lines = [_title()] + [f"{stack} {n}" for stack, n in counts.items()]
-        (folder / f"{label}-{os.getpid()}.txt").write_text("\n".join(lines) + "\n")
+        part = folder / f"{label}-{os.getpid()}.part"  # renamed when whole: the bench reads only *.txt
+        part.write_text("\n".join(lines) + "\n")
+        part.replace(part.with_suffix(".txt"))
 
 
 def sampled_env(folder: Path, pythonpath: str | None = None) -> dict[str, str]:

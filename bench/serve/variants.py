@@ -2,7 +2,7 @@
 (the replica imports them by path, so they live in a module of their own).
 
 ``WatchedServer`` is gpufleet's replica with two logs of what stalls its event loop, one JSON line per
-event in ``<pid>.jsonl`` under ``WATCH_DIR``, which `gpu_bench` sums per level (``pause_summary``):
+event in ``<pid>.jsonl`` under ``stall_log.WATCH_DIR``, which `gpu_bench` sums per level (``pause_summary``):
 garbage collections that took 1 ms or more, or were full ones (Ray Serve freezes a replica's startup
 heap, RAY_SERVE_FREEZE_GC_ON_STARTUP, so these collect what requests allocate), and the times a 1 ms
 heartbeat on the loop woke ``LATE_MS`` or more late (the loop was busy or blocked that long).
@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
+from bench.serve.stall_log import WATCH_DIR, write_event
 from serve_apps.server import GpufleetServer
 
-WATCH_DIR = Path(tempfile.gettempdir()) / "gpufleet-bench-watch"
 HEARTBEAT_S = 0.001
 LATE_MS = 5.0
-
-
-def _write(log: TextIO, what: str, ms: float) -> None:
-    log.write(json.dumps({"t": round(time.time(), 3), "what": what, "ms": round(ms, 2)}) + "\n")
 
 
 class GcPauseLog:
@@ -43,7 +36,7 @@ class GcPauseLog:
             return
         ms = (time.perf_counter() - self.started) * 1000
         if ms >= 1.0 or info["generation"] == 2:
-            _write(self.log, f"gc gen{info['generation']}", ms)
+            write_event(self.log, f"gc gen{info['generation']}", ms)
 
 
 async def watch_loop(log: TextIO) -> None:
@@ -53,7 +46,7 @@ async def watch_loop(log: TextIO) -> None:
         await asyncio.sleep(HEARTBEAT_S)
         late = (time.perf_counter() - due) * 1000
         if late >= LATE_MS:
-            _write(log, f"loop late >= {LATE_MS:g} ms", late)
+            write_event(log, f"loop late >= {LATE_MS:g} ms", late)
 
 
 class WatchedServer(GpufleetServer):
@@ -65,18 +58,3 @@ class WatchedServer(GpufleetServer):
         log = (WATCH_DIR / f"{os.getpid()}.jsonl").open("a", buffering=1)
         gc.callbacks.append(GcPauseLog(log))
         self._watcher = asyncio.get_running_loop().create_task(watch_loop(log))
-
-
-def pause_summary(since: float, until: float) -> dict[str, Any]:
-    """The events logged between two ``time.time()``s, per kind: count, total and largest ms."""
-    out: dict[str, Any] = {}
-    for f in WATCH_DIR.glob("*.jsonl"):
-        for line in f.read_text().splitlines():
-            p = json.loads(line)
-            if not since <= p["t"] <= until:
-                continue
-            g = out.setdefault(p["what"], {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
-            g["count"] += 1
-            g["total_ms"] = round(g["total_ms"] + p["ms"], 2)
-            g["max_ms"] = max(g["max_ms"], p["ms"])
-    return out
