@@ -12,9 +12,10 @@ always runs vLLM's Ray executor on GPUs, where plain vLLM at one GPU runs the mo
 process): each is compared with ``plain`` too, and gpufleet with ``plain-mp``, which separates the
 executor's cost from Ray Serve's. ``gpufleet-ray-engine-metrics`` and ``gpufleet-watched`` are gpufleet with
 one thing changed (``GPUFLEET_SIDES``); a side run more than once is averaged, and the spread of its runs
-(largest over smallest, per level) is reported beside the ratios: the noise they have to clear. Cores used per process are recorded at each
-level, and with ``--profile`` each thread's top functions (``bench.serve.sampler``). Results are written
-after every side, so a run stopped by a time limit keeps what it measured.
+(largest over smallest, per level) is reported beside the ratios: the noise they have to clear. Cores used
+per process are recorded at each level, and with ``--profile`` each thread's top functions
+(``bench.serve.sampler``). Results are written after every side, so a run stopped by a time limit keeps
+what it measured.
 
     python -m bench.serve.gpu_bench --model-dir /var/tmp/m --tokenizer /var/tmp/tok --out $OUT/serve.json
     python -m bench.serve.gpu_bench --combine serve.json plain-again.json --out h100-serve.json  # one lease, two calls
