@@ -126,6 +126,12 @@ def _counts(gpus: int | None, limit: int) -> list[int]:
 
 def _explain_failure(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, limit: int, finder: Finder) -> str:
     asked = f"{req.gpus} x {gpu.name}" if req.gpus else f"up to {limit} x {gpu.name}"
+    if pins := req.layout_pins():
+        asked += " with " + ", ".join(f"{k}={v}" for k, v in pins.items())
+        unpinned = finder(spec, req.model_copy(update=dict.fromkeys(pins)), gpu, seq, _counts(req.gpus, limit))
+        if unpinned is not None:
+            return fix(f"{spec.name} ({req.task}, {seq} tokens) does not fit on {asked}",
+                       f"drop those pins for the plan's own layout ({unpinned.summary()}), or pin another")
     if req.task in ("generate", "infer"):
         asked += " (one node)"
     alt = finder(spec, req, gpu, seq, _counts(None, 4096))
@@ -413,17 +419,34 @@ _TRAIN_OPTIONS = [  # (zero_stage, grad_ckpt, offload_optimizer, offload_params)
 ]
 
 
+def _train_options(req: PlanRequest, n: int) -> list[tuple[int, bool, bool, bool]]:
+    """The layouts to try on ``n`` GPUs, fastest first: those matching the request's pins."""
+    pins = req.layout_pins()
+    options = []
+    for option in _TRAIN_OPTIONS:
+        stage, ckpt, off_opt, off_par = option
+        if any(pins.get(k, v) != v for k, v in (("zero_stage", stage), ("grad_ckpt", ckpt),
+                                                  ("offload_optimizer", off_opt), ("offload_params", off_par))):
+            continue
+        if "zero_stage" not in pins and (n == 1 and stage in (1, 2) and not off_opt or n > 1 and stage == 0):
+            continue  # nothing to partition on one GPU; several GPUs partition at least the optimizer
+        options.append(option)
+    return options
+
+
+def _pinned_micro_batches(req: PlanRequest, per_rank: int) -> list[int]:
+    """Micro-batches to try for a per-GPU share, largest first: with a pin, the largest divisor within it."""
+    sizes = _micro_batches(per_rank)
+    return sizes if req.micro_batch is None else [m for m in sizes if m <= req.micro_batch][:1]
+
+
 def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
     global_batch = req.batch or DEFAULT_GLOBAL_BATCH
     for n in counts:
         if global_batch % n:
             continue
-        for stage, ckpt, off_opt, off_par in _TRAIN_OPTIONS:
-            if n == 1 and stage in (1, 2) and not off_opt:
-                continue  # nothing to partition on one GPU
-            if n > 1 and stage == 0:
-                continue
-            for micro in _micro_batches(global_batch // n):
+        for stage, ckpt, off_opt, off_par in _train_options(req, n):
+            for micro in _pinned_micro_batches(req, global_batch // n):
                 micro_b, accum = split_batch(global_batch, n, micro)
                 setup = TrainSetup(task=req.task, precision="bf16" if gpu.supports_bf16 else "fp16",
                                    micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
@@ -460,7 +483,7 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     for n in counts:
         if global_batch % n:
             continue
-        for micro in _micro_batches(global_batch // n):
+        for micro in _pinned_micro_batches(req, global_batch // n):
             if micro > 1 and micro * seq > QLORA_MAX_MEASURED_TOKENS:
                 continue  # beyond what the memory model was measured at (an 8B run at 32k tokens went OOM)
             micro_b, accum = split_batch(global_batch, n, micro)

@@ -27,6 +27,7 @@ DEFAULT_SEQ = {"serve": 8192, "generate": 2048, "infer": 2048, "lora": 2048, "ql
 DEFAULT_GLOBAL_BATCH = 16
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
+LAYOUT_PINS = ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch")
 
 
 class PlanRequest(Config):
@@ -67,12 +68,39 @@ class PlanRequest(Config):
         "fewest GPUs for it (default: the fewest GPUs per replica)."))
     enforce_eager: bool | None = Field(default=None, description=(
         "Serve: run vLLM without CUDA graphs (default: graphs on GPUs, eager on CPU)."))
+    # Training layout pins: the plan searches only layouts with these, so a pinned layout is memory-checked
+    # and placed (host memory included) like a chosen one, or refused at once.
+    zero_stage: int | None = Field(default=None, ge=0, le=3, description=(
+        "Training (lora/full): pin the DeepSpeed ZeRO stage (default: the plan's choice)."))
+    offload_optimizer: bool | None = Field(default=None, description=(
+        "Training (lora/full): pin optimizer-state offload to host memory on or off."))
+    offload_params: bool | None = Field(default=None, description=(
+        "Training (lora/full): pin ZeRO-3 parameter offload to host memory on or off."))
+    grad_ckpt: bool | None = Field(default=None, description="Training: pin gradient checkpointing on or off.")
+    micro_batch: int | None = Field(default=None, ge=1, description=(
+        "Training: pin the micro-batch per GPU, at most (the largest that divides each GPU's share of the "
+        "global batch; the rest is gradient accumulation)."))
+
+    def layout_pins(self) -> dict[str, object]:
+        """The training layout fields this request pins."""
+        return {k: getattr(self, k) for k in LAYOUT_PINS if getattr(self, k) is not None}
 
     @model_validator(mode="after")
     def _check(self) -> PlanRequest:
         if self.gpus and self.max_gpus and self.gpus > self.max_gpus:
             raise ValueError(fix(f"gpus={self.gpus} exceeds max_gpus={self.max_gpus}",
                                  f"pin at most {self.max_gpus} GPUs or raise max_gpus"))
+        if self.offload_params and self.zero_stage not in (None, 3):
+            raise ValueError(fix(f"offload_params needs ZeRO stage 3, not {self.zero_stage}",
+                                 "pin zero_stage 3 or drop offload_params"))
+        pins = self.layout_pins()
+        if pins and self.task not in ("lora", "full", "qlora"):
+            raise ValueError(fix(f"layout pins ({', '.join(pins)}) apply to training, not to task {self.task!r}",
+                                 "drop them, or plan a lora/full fine-tune"))
+        qlora_layout = {"zero_stage": 0, "offload_optimizer": False, "offload_params": False, "grad_ckpt": True}
+        if self.task == "qlora" and (clash := [k for k, v in qlora_layout.items() if pins.get(k, v) != v]):
+            raise ValueError(fix(f"qlora runs without DeepSpeed and checkpointed; {', '.join(clash)} cannot change that",
+                                 "pin only micro_batch for qlora, or use task lora"))
         return self
 
 

@@ -19,6 +19,7 @@ from catalogue.model import ModelSpec
 from catalogue.parallelism import split_batch
 from catalogue.placement import Placement, worker_bundles
 from catalogue.planner import plan
+from catalogue.plans import LAYOUT_PINS
 from jobs.spec import JobSpec
 
 CPU_DEFAULT_WORKERS = 2
@@ -57,13 +58,17 @@ def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
     """The layout for ``spec``: the catalogue's plan on GPUs, overridden by ``spec.plan``."""
     o = spec.plan
     if spec.use_gpu:
-        # torch.compile is the planner's GPU default (+24% tokens/s on an H100, bench/train).
+        # The overrides pin the plan's search, so what is placed (host memory included) is a layout the
+        # memory model checked, and one that cannot fit is refused here. torch.compile is the planner's
+        # GPU default (+24% tokens/s on an H100, bench/train).
+        pins = {k: getattr(o, k) for k in LAYOUT_PINS if getattr(o, k) is not None}
         p = plan(model, spec.task, spec.gpu, gpus=o.workers, seq_len=spec.seq_len, batch=spec.global_batch,
-                 **({} if o.compile is None else {"compile": o.compile}))
-        placement, micro = p.placement, o.micro_batch or p.micro_batch
+                 **pins, **({} if o.compile is None else {"compile": o.compile}))
+        placement, micro = p.placement, p.micro_batch
         base: dict[str, Any] = dict(zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer,
                                     offload_params=p.offload_params, grad_ckpt=p.grad_ckpt, dtype=p.dtype,
                                     compile=p.compile, predicted_peak_bytes=p.peak_bytes_per_gpu)
+        o = o.model_copy(update=dict.fromkeys(pins))  # planned with them; only dtype is left to apply
     else:
         # On CPU the compile time outweighs what small runs gain.
         workers = o.workers or CPU_DEFAULT_WORKERS

@@ -20,7 +20,8 @@ class LoraSettings(Config):
 
 
 class PlanOverrides(Config):
-    """Settings the catalogue's plan would choose; set them to override it."""
+    """Settings the catalogue's plan would choose; set them to pin them (on GPUs the plan then searches only
+    layouts with these, checking their memory; on CPU workers they are the layout)."""
 
     workers: int | None = Field(default=None, ge=1, description="Data-parallel training workers.")
     zero_stage: int | None = Field(default=None, ge=0, le=3)

@@ -113,3 +113,23 @@ def test_compile_override_plans_for_eager_memory():
     compiled = resolve_layout(JobSpec(**base), cfg)
     eager = resolve_layout(JobSpec(**base, plan={"compile": False}), cfg)
     assert not eager.compile and eager.predicted_peak_bytes > compiled.predicted_peak_bytes
+
+
+def test_a_job_that_pins_offload_reserves_the_host_memory_it_will_use():
+    """A layout override is planned, not patched on afterwards: its host memory is in the placement."""
+    cfg = load_model("llama-3.2-3b")
+    base = dict(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=16, seq_len=2048)
+    planned = resolve_layout(JobSpec(**base, plan={"workers": 2}), cfg)
+    pinned = resolve_layout(JobSpec(**base, plan={"workers": 2, "zero_stage": 2, "offload_optimizer": True}), cfg)
+    assert not planned.offload_optimizer and "memory" not in planned.placement.bundles[0]
+    assert pinned.offload_optimizer and pinned.zero_stage == 2
+    assert all(b["memory"] > 10 * 2**30 for b in pinned.placement.bundles)
+    assert pinned.predicted_peak_bytes != planned.predicted_peak_bytes
+
+
+def test_a_job_whose_pinned_layout_cannot_fit_is_refused_before_anything_is_reserved():
+    spec = JobSpec(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=8, seq_len=2048,
+                   plan={"workers": 2, "zero_stage": 3, "offload_optimizer": False})
+    with pytest.raises(PlanError, match=r"does not fit on 2 x H100-80GB with zero_stage=3, offload_optimizer=False"
+                                        r".*drop those pins for the plan's own layout"):
+        resolve_layout(spec, load_model("llama-3.1-8b"))

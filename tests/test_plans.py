@@ -162,3 +162,15 @@ def test_fp8_halves_kv_bytes_and_the_linear_weights_on_hopper():
 def test_fp8_on_a_gpu_without_fp8_is_refused_with_the_reason():
     with pytest.raises(PlanError, match=r"quantization=fp8 needs fp8 tensor cores .* A100-80GB has 8.0"):
         plan(load_model("llama-3.1-8b"), "serve", "A100-80GB", quantization="fp8")
+
+
+def test_a_pinned_training_layout_is_searched_for_the_fewest_gpus_that_hold_it():
+    p = plan(load_model("llama-3.1-8b"), "full", "H100-80GB", seq_len=2048, batch=16, zero_stage=3,
+             offload_optimizer=False)
+    assert (p.gpus, p.zero_stage, p.offload_optimizer) == (4, 3, False)  # 82 GiB per GPU at two
+    assert p.peak_bytes_per_gpu < 79.2 * 2**30 * 0.9
+
+
+def test_layout_pins_on_a_serve_plan_are_refused_in_one_line():
+    with pytest.raises(PlanError, match=r"layout pins \(zero_stage\) apply to training, not to task 'serve'"):
+        plan(load_model("llama-3.1-8b"), "serve", "H100-80GB", zero_stage=3)

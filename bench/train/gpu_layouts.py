@@ -42,9 +42,6 @@ CASES = {
     "3b-full-offload": ("llama-3.2-3b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True}, 16,
                         2048),
     "resume": ("llama-3.2-1b", "lora", {}, 8, 1024),
-    # several GPUs (issue 8): one Ray Train worker per GPU, NCCL, ZeRO sharding across them
-    "1b-full-zero2-2gpu": ("llama-3.2-1b", "full", {"workers": 2, "zero_stage": 2}, 16, 2048),
-    "1b-full-zero3-2gpu": ("llama-3.2-1b", "full", {"workers": 2, "zero_stage": 3}, 16, 2048),
     # held out for the ZeRO-2 offload terms read off 3b-full-offload and 8b-full: with and without accumulation
     "qwen1.5b-full-offload": ("qwen2.5-1.5b", "full", {"offload_optimizer": True, "zero_stage": 2, "grad_ckpt": True,
                                                        "micro_batch": 4}, 16, 2048),
@@ -154,20 +151,25 @@ def kill_when(out: Path, at_step: int, killed: dict) -> None:
         time.sleep(0.05)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(cases: dict = CASES, description: str = __doc__.splitlines()[0], result_file: str = "gpu-layouts.json") -> dict:
+    """Run ``--cases`` of ``cases`` (name -> model, task, plan overrides, global batch, seq); a case named
+    ``resume...`` has its rank-0 worker killed mid-run. Returns the results written to ``result_file``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--tokenizer", type=Path)
     ap.add_argument("--build", type=Path, help="build_model.py (random weights from a config)")
     ap.add_argument("--models-dir", type=Path, default=Path("/var/tmp/models"))
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(cases), help=f"Comma-separated, from: {', '.join(cases)}.")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--gpu", default="H100-80GB", help="The GPU type plans are made for (the machine's).")
     ap.add_argument("--compare", type=Path, help="A results file: measured against today's model; runs nothing.")
     a = ap.parse_args()
+    if unknown := set(a.cases.split(",")) - set(cases):
+        ap.error(f"--cases: unknown {', '.join(sorted(unknown))}; choose from {', '.join(cases)}")
     if a.compare:
-        print_table(compare(json.loads(a.compare.read_text())))
-        return
+        result = json.loads(a.compare.read_text())
+        print_table(compare(result))
+        return result
     if not (a.out and a.tokenizer and a.build):
         ap.error("--out, --tokenizer and --build are needed to measure")
     import ray
@@ -184,13 +186,13 @@ def main() -> None:
     results = {"gpu": gpu_name[0] if gpu_name else a.gpu, "planned_for": a.gpu, "ray": ray.__version__,
                "node_memory_gib": round(ray.cluster_resources().get("memory", 0) / GIB, 1), "rows": []}
     for name in a.cases.split(","):
-        model, task, overrides, batch, seq = CASES[name]
+        model, task, overrides, batch, seq = cases[name]
         t0 = time.monotonic()
         row: dict = dict(case=name, model=model, task=task, overrides=overrides, global_batch=batch, seq=seq)
         out = Path(f"/var/tmp/runs/{name}")
         try:
             model_dir = build(model, a.tokenizer, a.build, a.models_dir)
-            resume = name == "resume"
+            resume = name.startswith("resume")
             steps = 30 if resume else a.steps
             spec = job_spec(a.out / f"{name}.yaml", name, model_dir, data, task, overrides, batch, seq, steps, out,
                             every=10 if resume else 10_000, failures=1 if resume else 0, gpu=a.gpu)
@@ -208,7 +210,8 @@ def main() -> None:
         row["wall_s"] = round(time.monotonic() - t0, 1)
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
-        (a.out / "gpu-layouts.json").write_text(json.dumps(results, indent=1))
+        (a.out / result_file).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":
