@@ -63,7 +63,8 @@ def plan(spec: ModelSpec, task: str, gpu: GpuType | str, **options: Any) -> Plan
     """The cheapest legal layout (fewest GPUs) for ``spec`` doing ``task`` on ``gpu``.
 
     ``options`` are the other fields of ``PlanRequest`` (gpus, gpus_per_node, max_gpus, seq_len,
-    batch, headroom, compile, dtype, cpu_kv_cache_gib, enforce_eager); a bad value is one line
+    batch, headroom, compile, dtype, cpu_kv_cache_gib, enforce_eager, and the training layout pins
+    zero_stage, offload_optimizer, offload_params, grad_ckpt, micro_batch); a bad value is one line
     naming the field.
     """
     name = gpu.name if isinstance(gpu, GpuType) else gpu
