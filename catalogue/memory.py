@@ -466,6 +466,12 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     # staging in llama-3.2-3b 2 x 8, qwen2.5-1.5b 4 x 4 and 4 x 1, gemma-2-2b; 8B: 47.9 GiB measured).
     if staging:
         carried = staging
+    elif z == 3:
+        # ZeRO-3 allocates its gradient partition (one flat buffer in the model's dtype, DeepSpeed's
+        # grad_accum_dtype default; on the host under optimizer offload) and its reduce bucket when the
+        # optimizer is set up, so both are live from the first forward (deepspeed 0.19.8 stage3.py,
+        # _setup_for_real_optimizer). Read from the source after the first ZeRO-3 run, which was 6.3% over.
+        carried = (0 if s.offload_optimizer else grads) + half * REDUCE_BUCKET
     else:
         carried = (grads + (buckets if z == 1 else 0)) if s.grad_accum > 1 else 0
         if z in (1, 2):
