@@ -1,46 +1,19 @@
 """The several-GPU training bench (bench/multigpu): its cases are jobs gpufleet places, and its scaling sums."""
 
-import shutil
-
 import pytest
 
-from bench.multigpu.layouts import CASES, scaling
-from bench.train.gpu_layouts import job_spec, synthetic_chat
-from catalogue.model import MODELS_DIR
-from jobs.finetune import prepare
-
-
-def _prepared(tmp_path, tiny_model, gpu: str) -> dict[str, object]:
-    """Each case's layout as `gpufleet train` resolves it for ``gpu`` (no cluster), or its refusal."""
-    data = tmp_path / "chat.jsonl"
-    synthetic_chat(data, 20)
-    got: dict[str, object] = {}
-    for name, (model, task, overrides, batch, seq) in CASES.items():
-        model_dir = tmp_path / model  # the built-in config beside a real tokenizer: planning reads no weights
-        if not model_dir.exists():
-            shutil.copytree(tiny_model, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
-            shutil.copy(MODELS_DIR / f"{model}.json", model_dir / "config.json")
-        spec = job_spec(tmp_path / f"{name}.yaml", name, model_dir, data, task, overrides, batch, seq, 8,
-                        tmp_path / "out" / name, every=10, gpu=gpu)
-        try:
-            got[name] = prepare(spec)[1]
-        except Exception as e:  # noqa: BLE001 - the refusal is what is checked
-            got[name] = e
-    return got
+from bench.multigpu.layouts import CASES, predictions, scaling
 
 
 @pytest.mark.parametrize("gpu, refused", [("H100-80GB", {"8b-full-z3-2gpu"}), ("H200", set())])
-def test_every_multi_gpu_case_is_placed_as_written_or_refused_in_one_line(tmp_path, tiny_model, gpu, refused):
-    got = _prepared(tmp_path, tiny_model, gpu)
-    assert {n for n, v in got.items() if isinstance(v, Exception)} == refused
+def test_every_multi_gpu_case_is_placed_as_written_or_refused_in_one_line(gpu, refused):
+    got = predictions(gpu)
+    assert {n for n, p in got.items() if "refused" in p} == refused
     for name in refused:  # ZeRO-3 without offload: 82 GiB per GPU at two, more than an H100 holds
-        assert "\n" not in str(got[name]) and "To fix" in str(got[name])
-    for name, layout in got.items():
-        if name in refused:
-            continue
-        overrides = CASES[name][2]
-        assert len(layout.placement.bundles) == overrides["workers"]
-        assert all(getattr(layout, k) == v for k, v in overrides.items() if k != "workers")
+        assert "\n" not in got[name]["refused"] and "To fix: drop those pins" in got[name]["refused"]
+    for name, p in got.items():
+        if name not in refused:
+            assert all(p["layout"][k] == v for k, v in CASES[name][2].items())
 
 
 def test_scaling_efficiency_is_tokens_per_gpu_against_the_fewest_gpus_a_series_ran_on():

@@ -10,13 +10,22 @@ Keep NVLink multicast off (``NCCL_NVLS_ENABLE=0``: the device tool's KINDS.md sa
 
     device: NCCL_NVLS_ENABLE=0 bash bench/train/gpu_layouts.sh .gpu/train --multigpu --cases 3b-full-z2-1gpu,...
     here:   python -m bench.multigpu.layouts --compare bench/multigpu/results/h200x2-zero.json
+    here:   python -m bench.multigpu.layouts --predict H100-80GB   # each case's layout and peak, before it runs
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import sys
+from pathlib import Path
 
 from bench.train.gpu_layouts import main as run_layouts
+from bench.train.gpu_layouts import predict
+from catalogue.model import load_model
+from jobs.layout import resolve_layout
+from jobs.spec import JobSpec
 
 
 def _weak(model: str, task: str, gpus: int, micro: int, seq: int = 2048, **layout: object) -> tuple:
@@ -70,7 +79,40 @@ def print_scaling(rows: list[dict]) -> None:
               f"efficiency {r['efficiency']:.1%} (against {r['against_gpus']} GPU)")
 
 
+def predictions(gpu: str) -> dict[str, dict]:
+    """Each case's layout as `gpufleet train` resolves it for ``gpu`` and the memory model's peaks for it
+    (the numbers a run is compared with), or the one-line refusal."""
+    out: dict[str, dict] = {}
+    for name, (model, task, overrides, batch, seq) in CASES.items():
+        job = JobSpec(model="m", dataset="d", task=task, max_steps=1, gpu=gpu, global_batch=batch, seq_len=seq,
+                      plan=overrides)
+        try:
+            layout = resolve_layout(job, load_model(model))
+        except Exception as e:  # noqa: BLE001 - a refusal is a prediction too
+            out[name] = {"refused": str(e)}
+            continue
+        kept = {k: getattr(layout, k) for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt",
+                                                 "micro_batch", "grad_accum", "compile")}
+        out[name] = {"layout": {**kept, "workers": layout.workers}, **predict(model, task, seq, {**kept,
+                                                                                                 "workers": layout.workers})}
+    return out
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--predict", metavar="GPU", help="Print each case's planned layout and predicted peaks; run nothing.")
+    ap.add_argument("--predict-out", type=Path, help="With --predict: also write them to this JSON file.")
+    a, rest = ap.parse_known_args()
+    if a.predict:
+        got = predictions(a.predict)
+        for name, p in got.items():
+            print(f"{name:<26} " + (p["refused"] if "refused" in p else
+                                    f"{p['predicted_peak_gib']:>6.2f} GiB GPU  {p['predicted_host_gib']:>6.1f} GiB host  "
+                                    f"{p['layout']}"))
+        if a.predict_out:
+            a.predict_out.write_text(json.dumps({"gpu": a.predict, "cases": got}, indent=1))
+        return
+    sys.argv = [sys.argv[0], *rest]
     result = run_layouts(CASES, __doc__.splitlines()[0], "multigpu.json")
     if result:
         print_scaling(scaling(result["rows"]))
