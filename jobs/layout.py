@@ -1,7 +1,7 @@
 """From a job spec to the layout that runs it, and the DeepSpeed config for that layout.
 
 On GPUs the catalogue's plan decides (workers and their placement, ZeRO stage, offload,
-checkpointing, micro-batch, dtype); the spec's ``plan:`` section overrides any of it. On CPU
+checkpointing, micro-batch, dtype); the spec's ``plan:`` section pins any of it. On CPU
 workers (no ``gpu:``), the layout is the overrides with defaults that suit small CPU runs
 (2 workers, ZeRO-2, float32). Pure: no Ray, no torch.
 """
@@ -55,7 +55,7 @@ class TrainLayout(Config):
 
 
 def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
-    """The layout for ``spec``: the catalogue's plan on GPUs, overridden by ``spec.plan``."""
+    """The layout for ``spec``: on GPUs the catalogue's plan with ``spec.plan``'s settings pinned."""
     o = spec.plan
     if spec.use_gpu:
         # The overrides pin the plan's search, so what is placed (host memory included) is a layout the
