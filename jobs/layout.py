@@ -66,9 +66,8 @@ def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
                  **pins, **({} if o.compile is None else {"compile": o.compile}))
         placement, micro = p.placement, p.micro_batch
         base: dict[str, Any] = dict(zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer,
-                                    offload_params=p.offload_params, grad_ckpt=p.grad_ckpt, dtype=p.dtype,
+                                    offload_params=p.offload_params, grad_ckpt=p.grad_ckpt, dtype=o.dtype or p.dtype,
                                     compile=p.compile, predicted_peak_bytes=p.peak_bytes_per_gpu)
-        o = o.model_copy(update=dict.fromkeys(pins))  # planned with them; only dtype is left to apply
     else:
         # On CPU the compile time outweighs what small runs gain.
         workers = o.workers or CPU_DEFAULT_WORKERS
@@ -78,12 +77,12 @@ def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
         # qlora: no ZeRO partitioning of a quantized base (DeepSpeed would try to shard its uint8 weights)
         base = dict(zero_stage=0 if spec.task == "qlora" else CPU_DEFAULT_ZERO, dtype="float32",
                     grad_ckpt=spec.task == "qlora")
-    for key in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "dtype", "compile"):
-        if getattr(o, key) is not None:
-            base[key] = getattr(o, key)
-    if base.get("offload_params") and base["zero_stage"] != 3:
-        raise SpecError(fix(f"plan.offload_params needs ZeRO stage 3, not {base['zero_stage']}",
-                            "set plan.zero_stage: 3 or drop plan.offload_params"))
+        for key in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "dtype", "compile"):
+            if getattr(o, key) is not None:
+                base[key] = getattr(o, key)
+        if base.get("offload_params") and base["zero_stage"] != 3:  # on GPUs the plan refuses it
+            raise SpecError(fix(f"plan.offload_params needs ZeRO stage 3, not {base['zero_stage']}",
+                                "set plan.zero_stage: 3 or drop plan.offload_params"))
     micro, accum = split_batch(spec.global_batch, len(placement.bundles), micro)
     return TrainLayout(placement=placement, micro_batch=micro, grad_accum=accum, **base)
 

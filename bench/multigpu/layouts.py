@@ -21,8 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+from bench.train.gpu_layouts import kept_layout, predict
 from bench.train.gpu_layouts import main as run_layouts
-from bench.train.gpu_layouts import predict
 from catalogue.model import load_model
 from jobs.layout import resolve_layout
 from jobs.spec import JobSpec
@@ -91,10 +91,8 @@ def predictions(gpu: str) -> dict[str, dict]:
         except Exception as e:  # noqa: BLE001 - a refusal is a prediction too
             out[name] = {"refused": str(e)}
             continue
-        kept = {k: getattr(layout, k) for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt",
-                                                 "micro_batch", "grad_accum", "compile")}
-        out[name] = {"layout": {**kept, "workers": layout.workers}, **predict(model, task, seq, {**kept,
-                                                                                                 "workers": layout.workers})}
+        kept = kept_layout(layout.model_dump())
+        out[name] = {"layout": kept, **predict(model, task, seq, kept)}
     return out
 
 

@@ -101,12 +101,17 @@ def scored(peak: float, host: float, pred: dict) -> dict:
                 host_error=round(pred["predicted_host_gib"] / host - 1, 4) if host else None)
 
 
+def kept_layout(layout: dict) -> dict:
+    """What the memory model needs of a job's layout (``TrainLayout.model_dump()``), its workers counted."""
+    kept = {k: layout[k] for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch",
+                                   "grad_accum", "compile")}
+    return {**kept, "workers": len(layout["placement"]["bundles"])}
+
+
 def measured(out: Path, model: str, task: str, seq: int, layout: dict, gpu: str) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     spec = load_model(model)
-    kept = {k: layout[k] for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch",
-                                   "grad_accum", "compile")}
-    kept["workers"] = len(layout["placement"]["bundles"])
+    kept = kept_layout(layout)
     pred = predict(model, task, seq, kept)
     steady = rows[2:] or rows  # the first steps compile
     tps = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]  # every worker's tokens together
