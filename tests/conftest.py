@@ -45,11 +45,15 @@ def has_nvidia_gpu() -> bool:
         return False
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Every run removes its temp dir, whichever fixtures it used: runs of a few tests left them."""
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def short_tmp():
     """A short temp dir: Ray's unix socket paths must stay under 108 characters."""
-    yield SESSION_TMP
-    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    return SESSION_TMP
 
 
 @pytest.fixture(scope="module")
