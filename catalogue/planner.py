@@ -151,6 +151,22 @@ def _strategy(tensor_parallel: int, pipeline_parallel: int) -> Strategy:
     return "STRICT_PACK" if tensor_parallel > 1 and pipeline_parallel == 1 else "PACK"
 
 
+def _gpu_dtype(req: PlanRequest, gpu: GpuType) -> str:
+    """The dtype a GPU plan runs in: the request's, or bf16 where the GPU has it (fp16 elsewhere)."""
+    if req.dtype == "auto":
+        return gpu.train_dtype
+    if req.dtype == "bfloat16" and not gpu.supports_bf16:
+        raise PlanError(fix(f"dtype=bfloat16 needs compute capability 8.0+; {gpu.name} has "
+                            f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}",
+                            "use dtype float16, or drop dtype for the GPU's own"))
+    if req.dtype == "float32" and req.task in ("lora", "qlora", "full"):
+        # The training memory model is of half-precision runs (every measured one was); fp32 weights,
+        # gradients and activations would be a layout nobody checked.
+        raise PlanError(fix("training in float32 on GPUs is not planned (the memory model is of half-precision "
+                            "runs)", "drop dtype for bf16 (fp16 on GPUs without it), or train on CPU workers"))
+    return req.dtype
+
+
 def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, strategy: Strategy,
             host_memory: int = 0) -> dict[str, Any]:
     placement = Placement(bundles=worker_bundles(n, 1, CPUS_PER_GPU, gpu.ray_accelerator_type, host_memory),
@@ -177,7 +193,7 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                             "would quantize it again", "drop quantization: fp8"))
     quant = FP8 if fp8["quantization"] else spec.quantization
     legal = legal_tp_sizes(spec, req.gpus_per_node)
-    dtype = gpu.train_dtype if req.dtype == "auto" else req.dtype
+    dtype = _gpu_dtype(req, gpu)
     fp8_kv = fp8["kv_cache_dtype"]
 
     def sizing(tp: int, pp: int) -> dict[str, Any]:
@@ -443,13 +459,14 @@ def _pinned_micro_batches(req: PlanRequest, per_rank: int) -> list[int]:
 
 def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
     global_batch = req.batch or DEFAULT_GLOBAL_BATCH
+    dtype = _gpu_dtype(req, gpu)
     for n in counts:
         if global_batch % n:
             continue
         for stage, ckpt, off_opt, off_par in _train_options(req, n):
             for micro in _pinned_micro_batches(req, global_batch // n):
                 micro_b, accum = split_batch(global_batch, n, micro)
-                setup = TrainSetup(task=req.task, precision="bf16" if gpu.supports_bf16 else "fp16",
+                setup = TrainSetup(task=req.task, precision="bf16" if dtype == "bfloat16" else "fp16",
                                    micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
                                    engine="deepspeed", compile=req.compile, data_parallel=n, zero_stage=stage,
                                    offload_optimizer=off_opt, offload_params=off_par)
@@ -461,7 +478,8 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                                      peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT, notes=_train_notes(mem, off_opt),
                                      host_bytes_per_gpu=mem.cpu_offload,
                                      host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
-                                     **_common(spec, req, gpu, n, seq, "PACK", host_memory=mem.cpu_offload))
+                                     **{**_common(spec, req, gpu, n, seq, "PACK", host_memory=mem.cpu_offload),
+                                        "dtype": dtype})
     return None
 
 
@@ -481,6 +499,7 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         raise PlanError(fix(f"{spec.name} is already quantized ({spec.quantization.label}); qlora quantizes a "
                             "16-bit checkpoint to nf4", "use the 16-bit checkpoint"))
     global_batch = req.batch or DEFAULT_GLOBAL_BATCH
+    dtype = _gpu_dtype(req, gpu)
     for n in counts:
         if global_batch % n:
             continue
@@ -490,13 +509,13 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             micro_b, accum = split_batch(global_batch, n, micro)
             mem = estimate(spec, TrainSetup(task="qlora", micro_batch=micro_b, seq_len=seq, grad_ckpt=True))
             if fits(mem.peak, gpu.memory_bytes, req.headroom):
-                compute = "bf16" if gpu.supports_bf16 else "fp16"
+                compute = "bf16" if dtype == "bfloat16" else "fp16"
                 return TrainPlan(task="qlora", data_parallel=n, zero_stage=0, grad_ckpt=True, micro_batch=micro_b,
                                  grad_accum=accum, global_batch=global_batch, memory=mem,
                                  peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
                                  notes=(f"nf4 base with {compute} compute, peft LoRA r=16 on all linear layers, "
                                         "prepare_model_for_kbit_training (the rest in fp32), torch AdamW",),
-                                 **_common(spec, req, gpu, n, seq, "PACK"))
+                                 **{**_common(spec, req, gpu, n, seq, "PACK"), "dtype": dtype})
     return None
 
 

@@ -55,7 +55,8 @@ class PlanRequest(Config):
     compile: bool = Field(default=True, description=(
         "Training: run under torch.compile (gpufleet's GPU default; changes activation memory)."))
     dtype: DType = Field(default="auto", description=(
-        "Serve: weights and KV dtype (auto: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU)."))
+        "Serve and training: weights and compute dtype (auto: bf16 where the GPU has it, fp16 on older GPUs, "
+        "fp32 on CPU; training on GPUs is half precision)."))
     quantization: Literal["none", "fp8"] = Field(default="none", description=(
         "Serve: fp8 weights (vLLM quantization='fp8': the layers' linear weights in one byte); needs an fp8 "
         "GPU (H100, H200, L40S, L4)."))
@@ -93,6 +94,9 @@ class PlanRequest(Config):
         if self.offload_params and self.zero_stage not in (None, 3):
             raise ValueError(fix(f"offload_params needs ZeRO stage 3, not {self.zero_stage}",
                                  "pin zero_stage 3 or drop offload_params"))
+        if self.dtype != "auto" and self.task in ("generate", "infer"):
+            raise ValueError(fix(f"dtype={self.dtype} is not planned for task {self.task!r}: it loads in the GPU's "
+                                 "half precision (bf16, or fp16 without it)", "drop dtype"))
         pins = self.layout_pins()
         if pins and self.task not in ("lora", "full", "qlora"):
             raise ValueError(fix(f"layout pins ({', '.join(pins)}) apply to training, not to task {self.task!r}",

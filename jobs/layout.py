@@ -63,10 +63,10 @@ def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
         # GPU default (+24% tokens/s on an H100, bench/train).
         pins = {k: getattr(o, k) for k in LAYOUT_PINS if getattr(o, k) is not None}
         p = plan(model, spec.task, spec.gpu, gpus=o.workers, seq_len=spec.seq_len, batch=spec.global_batch,
-                 **pins, **({} if o.compile is None else {"compile": o.compile}))
+                 dtype=o.dtype or "auto", **pins, **({} if o.compile is None else {"compile": o.compile}))
         placement, micro = p.placement, p.micro_batch
         base: dict[str, Any] = dict(zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer,
-                                    offload_params=p.offload_params, grad_ckpt=p.grad_ckpt, dtype=o.dtype or p.dtype,
+                                    offload_params=p.offload_params, grad_ckpt=p.grad_ckpt, dtype=p.dtype,
                                     compile=p.compile, predicted_peak_bytes=p.peak_bytes_per_gpu)
     else:
         # On CPU the compile time outweighs what small runs gain.

@@ -30,7 +30,8 @@ class PlanOverrides(Config):
     grad_ckpt: bool | None = None
     micro_batch: int | None = Field(default=None, ge=1)
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        default=None, description="float32 for CPU runs; default: bf16 where the GPU supports it, else fp16.")
+        default=None, description=("Default: bf16 where the GPU supports it, else fp16; float32 on CPU workers "
+                                   "(GPU training is planned in half precision only)."))
     compile: bool | None = Field(default=None, description="torch.compile the model (default: on GPUs only).")
 
 

@@ -133,3 +133,19 @@ def test_a_job_whose_pinned_layout_cannot_fit_is_refused_before_anything_is_rese
     with pytest.raises(PlanError, match=r"does not fit on 2 x H100-80GB with zero_stage=3, offload_optimizer=False"
                                         r".*drop those pins for the plan's own layout"):
         resolve_layout(spec, load_model("llama-3.1-8b"))
+
+
+def test_a_job_pinned_to_float16_on_a_bf16_gpu_is_planned_and_run_in_float16():
+    """plan.dtype is part of the plan, not patched on after it: the plan, the layout and DeepSpeed agree."""
+    cfg = load_model("llama-3.2-1b")
+    spec = JobSpec(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=16,
+                   seq_len=2048, plan={"dtype": "float16"})
+    layout = resolve_layout(spec, cfg)
+    assert layout.dtype == "float16" and "fp16" in deepspeed_config(layout, spec)
+
+
+def test_a_float32_job_on_gpus_is_refused_before_anything_is_reserved():
+    """The training memory model is of half-precision runs: an fp32 GPU layout would go out unchecked."""
+    spec = JobSpec(model="m", dataset="d", task="lora", max_steps=1, gpu="H100-80GB", plan={"dtype": "float32"})
+    with pytest.raises(PlanError, match="training in float32 on GPUs is not planned.*train on CPU workers"):
+        resolve_layout(spec, load_model("llama-3.2-1b"))

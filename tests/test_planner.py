@@ -94,3 +94,18 @@ def test_plan_dict_is_stable_and_leaves_out_defaults():
     d = plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("L4")).to_dict()
     assert json.dumps(d) == json.dumps(plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("L4")).to_dict())
     assert "offload_params" not in d and d["placement"]["strategy"] == "PACK"
+
+
+@pytest.mark.parametrize("task", ["serve", "full", "qlora"])
+def test_bfloat16_on_a_gpu_without_it_is_refused_with_fp16_as_the_fix(task):
+    with pytest.raises(PlanError, match=r"dtype=bfloat16 needs compute capability 8.0\+; T4 has 7.5.*float16"):
+        plan(load_model("qwen2.5-0.5b"), task, get_gpu("T4"), dtype="bfloat16")
+
+
+def test_a_pinned_training_dtype_is_the_plans_dtype():
+    assert plan(load_model("qwen2.5-0.5b"), "lora", get_gpu("H100-80GB"), dtype="float16").dtype == "float16"
+
+
+def test_dtype_on_generate_is_refused_rather_than_ignored():
+    with pytest.raises(PlanError, match="dtype=float32 is not planned for task 'generate'.*drop dtype"):
+        plan(load_model("qwen2.5-0.5b"), "generate", get_gpu("H100-80GB"), dtype="float32")
