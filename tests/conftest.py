@@ -16,9 +16,12 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray keeps per-host files (ray_current_cluster, sessions) under RAY_TMPDIR: use our own.
-SESSION_TMP = Path(tempfile.mkdtemp(prefix="gft-", dir="/tmp"))
+# A Ray worker that unpickles a helper from this module imports it too: it reuses the run's dir.
+_OWN_TMP = "GPUFLEET_TEST_TMP" not in os.environ
+SESSION_TMP = Path(os.environ.get("GPUFLEET_TEST_TMP") or tempfile.mkdtemp(prefix="gft-", dir="/tmp"))
+os.environ["GPUFLEET_TEST_TMP"] = str(SESSION_TMP)
 os.environ["RAY_TMPDIR"] = str(SESSION_TMP)
-(SESSION_TMP / "ray").mkdir()  # Ray writes ray_current_cluster here but does not create it
+(SESSION_TMP / "ray").mkdir(exist_ok=True)  # Ray writes ray_current_cluster here but does not create it
 os.environ["GPUFLEET_RAY_TMP"] = str(SESSION_TMP)
 
 
@@ -47,7 +50,8 @@ def has_nvidia_gpu() -> bool:
 
 def pytest_sessionfinish(session, exitstatus):
     """Every run removes its temp dir, whichever fixtures it used: runs of a few tests left them."""
-    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    if _OWN_TMP:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
