@@ -168,12 +168,12 @@ def _gpu_dtype(req: PlanRequest, gpu: GpuType) -> str:
 
 
 def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, strategy: Strategy,
-            host_memory: int = 0) -> dict[str, Any]:
+            host_memory: int = 0, dtype: str | None = None) -> dict[str, Any]:
     placement = Placement(bundles=worker_bundles(n, 1, CPUS_PER_GPU, gpu.ray_accelerator_type, host_memory),
                           strategy=strategy)
     return dict(model=spec.name, gpu=gpu.name, accelerator_type=gpu.ray_accelerator_type, gpus=n,
                 gpus_per_node=min(req.gpus_per_node, n), nodes=math.ceil(n / req.gpus_per_node),
-                dtype=gpu.train_dtype, seq_len=seq, headroom=req.headroom, gpu_bytes=gpu.memory_bytes,
+                dtype=dtype or gpu.train_dtype, seq_len=seq, headroom=req.headroom, gpu_bytes=gpu.memory_bytes,
                 placement=placement)
 
 
@@ -222,7 +222,7 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             engine["quantization"] = vllm_quantization(quant, gpu.compute_capability)
         if fp8_kv:
             engine["kv_cache_dtype"] = "fp8"
-        common = {**_common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp)), "dtype": dtype}
+        common = _common(spec, req, gpu, tp * pp, seq, _strategy(tp, pp), dtype=dtype)
         step = decode_step_s(spec, gpu, mem, capacity, fp8_matmul=bool(quant) and quant.method == "fp8")
         return _serve_plan(spec, mem, engine, {}, peak_bytes_per_gpu=mem.peak, tensor_parallel=tp,
                            pipeline_parallel=pp, predicted_tpot_ms=round(step * 1000, 2),
@@ -478,8 +478,7 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                                      peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT, notes=_train_notes(mem, off_opt),
                                      host_bytes_per_gpu=mem.cpu_offload,
                                      host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
-                                     **{**_common(spec, req, gpu, n, seq, "PACK", host_memory=mem.cpu_offload),
-                                        "dtype": dtype})
+                                     **_common(spec, req, gpu, n, seq, "PACK", mem.cpu_offload, dtype))
     return None
 
 
@@ -515,7 +514,7 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                                  peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
                                  notes=(f"nf4 base with {compute} compute, peft LoRA r=16 on all linear layers, "
                                         "prepare_model_for_kbit_training (the rest in fp32), torch AdamW",),
-                                 **{**_common(spec, req, gpu, n, seq, "PACK"), "dtype": dtype})
+                                 **_common(spec, req, gpu, n, seq, "PACK", dtype=dtype))
     return None
 
 
