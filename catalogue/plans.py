@@ -30,6 +30,11 @@ DEFAULT_CPU_KV_CACHE_GIB = 1.0
 LAYOUT_PINS = ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch")
 
 
+def layout_pins(settings: object) -> dict[str, object]:
+    """The training layout fields ``settings`` (a plan request, a job's ``plan:``) pins: those not None."""
+    return {k: v for k in LAYOUT_PINS if (v := getattr(settings, k)) is not None}
+
+
 class PlanRequest(Config):
     """What to plan. Every option of ``gpufleet plan`` is a field here, its help the description."""
 
@@ -84,7 +89,7 @@ class PlanRequest(Config):
 
     def layout_pins(self) -> dict[str, object]:
         """The training layout fields this request pins."""
-        return {k: getattr(self, k) for k in LAYOUT_PINS if getattr(self, k) is not None}
+        return layout_pins(self)
 
     @model_validator(mode="after")
     def _check(self) -> PlanRequest:

@@ -19,7 +19,7 @@ from catalogue.model import ModelSpec
 from catalogue.parallelism import split_batch
 from catalogue.placement import Placement, worker_bundles
 from catalogue.planner import plan
-from catalogue.plans import LAYOUT_PINS
+from catalogue.plans import layout_pins
 from jobs.spec import JobSpec
 
 CPU_DEFAULT_WORKERS = 2
@@ -61,9 +61,8 @@ def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
         # The overrides pin the plan's search, so what is placed (host memory included) is a layout the
         # memory model checked, and one that cannot fit is refused here. torch.compile is the planner's
         # GPU default (+24% tokens/s on an H100, bench/train).
-        pins = {k: getattr(o, k) for k in LAYOUT_PINS if getattr(o, k) is not None}
         p = plan(model, spec.task, spec.gpu, gpus=o.workers, seq_len=spec.seq_len, batch=spec.global_batch,
-                 dtype=o.dtype or "auto", **pins, **({} if o.compile is None else {"compile": o.compile}))
+                 dtype=o.dtype or "auto", **layout_pins(o), **({} if o.compile is None else {"compile": o.compile}))
         placement, micro = p.placement, p.micro_batch
         base: dict[str, Any] = dict(zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer,
                                     offload_params=p.offload_params, grad_ckpt=p.grad_ckpt, dtype=p.dtype,

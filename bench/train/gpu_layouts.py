@@ -31,6 +31,7 @@ from catalogue.flops import mfu, train_flops_per_token
 from catalogue.gpus import GIB, get_gpu
 from catalogue.memory import TrainSetup, estimate, host_peak
 from catalogue.model import MODELS_DIR, load_model
+from catalogue.plans import LAYOUT_PINS
 
 # name -> (built-in model, task, plan overrides, global batch, seq)
 CASES = {
@@ -103,8 +104,7 @@ def scored(peak: float, host: float, pred: dict) -> dict:
 
 def kept_layout(layout: dict) -> dict:
     """What the memory model needs of a job's layout (``TrainLayout.model_dump()``), its workers counted."""
-    kept = {k: layout[k] for k in ("zero_stage", "offload_optimizer", "offload_params", "grad_ckpt", "micro_batch",
-                                   "grad_accum", "compile")}
+    kept = {k: layout[k] for k in (*LAYOUT_PINS, "grad_accum", "compile")}
     return {**kept, "workers": len(layout["placement"]["bundles"])}
 
 
