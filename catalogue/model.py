@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from catalogue.config import Config
-from catalogue.errors import SpecError, fix
-from catalogue.quantization import Quantization, read_quantization
-from catalogue.vision import MULTIMODAL, extra_params
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import SpecError, fix
+from gpufleet.catalogue.quantization import Quantization, read_quantization
+from gpufleet.catalogue.vision import MULTIMODAL, extra_params
 
 MODELS_DIR = Path(__file__).parent / "models"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from catalogue.errors import PlanError, fix
-from catalogue.model import ModelSpec
+from gpufleet.catalogue.errors import PlanError, fix
+from gpufleet.catalogue.model import ModelSpec
 
 
 def tp_is_legal(spec: ModelSpec, tp: int) -> bool:

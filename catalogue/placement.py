@@ -3,7 +3,7 @@
 Ray leaves an impossible placement group pending forever. Before one is created, gpufleet
 compares it with the cluster's nodes and, when an autoscaler is configured, with the node types
 it may launch; if nothing can ever hold it, the error says what was asked and what the largest
-candidate offers. Pure: the Ray edge that reads nodes and creates groups is ``cluster.placement``.
+candidate offers. Pure: the Ray edge that reads nodes and creates groups is ``gpufleet.cluster.placement``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from catalogue.config import Config
-from catalogue.errors import PlanError, fix
-from catalogue.gpus import GIB
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import PlanError, fix
+from gpufleet.catalogue.gpus import GIB
 
 Strategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
 Bundle = dict[str, float]

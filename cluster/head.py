@@ -22,8 +22,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from catalogue.config import Config
-from catalogue.errors import GpufleetError, fix
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import GpufleetError, fix
 
 HEAD_MARKER = "GPUFLEET_HEAD_ID"
 

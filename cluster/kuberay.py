@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from catalogue.placement import MEMORY, Placement, sum_bundles
+from gpufleet.catalogue.placement import MEMORY, Placement, sum_bundles
 
 DEFAULT_IMAGE = "rayproject/ray-llm:2.60.0-py311-cu128"
 RAY_VERSION = "2.60.0"

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from catalogue.errors import SpecError, fix
+from gpufleet.catalogue.errors import SpecError, fix
 
 # AWS instance type -> (GPUs, gpufleet GPU type). Source: AWS instance type pages.
 AWS_GPU_INSTANCES: dict[str, tuple[int, str]] = {
@@ -38,7 +38,7 @@ def ray_schema_errors(config: dict[str, Any]) -> list[str]:
 
 def gpufleet_errors(config: dict[str, Any]) -> list[str]:
     """Checks Ray does not do. Each message names the node type, the value and the fix."""
-    from catalogue.gpus import get_gpu
+    from gpufleet.catalogue.gpus import get_gpu
 
     errors = []
     types = config.get("available_node_types", {})

@@ -1,6 +1,6 @@
 """The Ray edge of placement: read the live nodes, create a plan's placement group, wait for it.
 
-Feasibility is decided before anything is created (``catalogue.placement.check_feasible``); a
+Feasibility is decided before anything is created (``gpufleet.catalogue.placement.check_feasible``); a
 feasible group that waits for capacity times out with what it is still waiting for.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from catalogue.errors import PlanError, fix
-from catalogue.placement import (
+from gpufleet.catalogue.errors import PlanError, fix
+from gpufleet.catalogue.placement import (
     Bundle,
     NodeCapacity,
     Placement,
@@ -26,7 +26,7 @@ from catalogue.placement import (
     node_types_from_cluster_config,
     sum_bundles,
 )
-from cluster.head import default_state_dir
+from gpufleet.cluster.head import default_state_dir
 
 # `ray up` leaves the autoscaler's config on the head, where `ray job submit` drivers run.
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")

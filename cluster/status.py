@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from catalogue.placement import sum_bundles
-from cluster.head import HeadState
+from gpufleet.catalogue.placement import sum_bundles
+from gpufleet.cluster.head import HeadState
 
 
 class NodeStatus(BaseModel):
@@ -117,7 +117,7 @@ def _serve_apps(head: HeadState | None) -> list[dict[str, Any]]:
 
 
 def _metrics() -> list[dict[str, Any]]:
-    from cluster.monitor import monitor_reports
+    from gpufleet.cluster.monitor import monitor_reports
 
     try:
         return monitor_reports()

@@ -12,19 +12,19 @@ from typing import Any
 import click
 from rich.console import Console
 
-from catalogue.errors import GpufleetError, SpecError, fix
-from catalogue.gpus import GIB, get_gpu
-from catalogue.memory import TrainSetup, estimate
-from catalogue.model import load_model
-from catalogue.planner import plan_request
-from catalogue.plans import InferPlan, PlanRequest
-from catalogue.table import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
-from cluster.head import HeadConfig
-from cluster.kuberay import DEFAULT_IMAGE as KUBERAY_IMAGE
+from gpufleet.catalogue.errors import GpufleetError, SpecError, fix
+from gpufleet.catalogue.gpus import GIB, get_gpu
+from gpufleet.catalogue.memory import TrainSetup, estimate
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.planner import plan_request
+from gpufleet.catalogue.plans import InferPlan, PlanRequest
+from gpufleet.catalogue.table import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
+from gpufleet.cluster.head import HeadConfig
+from gpufleet.cluster.kuberay import DEFAULT_IMAGE as KUBERAY_IMAGE
 from gpufleet.demo import DemoOptions
 from gpufleet.options import options_from, validated
 from gpufleet.render import breakdown_table, catalogue_table, plan_table, print_error
-from serve_apps.spec import ModelEntry
+from gpufleet.serve_apps.spec import ModelEntry
 
 out = Console()
 err = Console(stderr=True)
@@ -129,13 +129,13 @@ def catalogue_cmd(as_json: bool, gpu_names: tuple[str, ...]) -> None:
 def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | None, no_monitor: bool,
            **head_fields: Any) -> None:
     """Start a local Ray head (or attach to one, or launch a cloud cluster)."""
-    from cluster import head
+    from gpufleet.cluster import head
 
     if cluster_yaml:
         import subprocess
 
-        from cluster.launcher import validate_cluster_config
-        from cluster.placement import record_node_types
+        from gpufleet.cluster.launcher import validate_cluster_config
+        from gpufleet.cluster.placement import record_node_types
 
         config = validate_cluster_config(cluster_yaml)
         kept = record_node_types(config)
@@ -149,7 +149,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
                             token_path=os.environ.get("RAY_AUTH_TOKEN_PATH"))
         head.connect(state)
         if not no_monitor:  # GPU metrics on every GPU node of the attached cluster, also ones that join later
-            from cluster.monitor import ensure_monitoring
+            from gpufleet.cluster.monitor import ensure_monitoring
 
             ensure_monitoring()
         out.print(f"attached to {address}; `gpufleet down` will only forget it")
@@ -158,7 +158,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
     with out.status("starting the Ray head ..."):
         state = head.start_head(cfg)
     if not no_monitor:
-        from cluster.monitor import ensure_monitoring
+        from gpufleet.cluster.monitor import ensure_monitoring
 
         head.connect(state)
         ensure_monitoring()
@@ -167,7 +167,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
     out.print(f"  serve proxy: {'HAProxy' if state.serve_env else 'Ray Serve proxy'}")
     if state.token_path:
         out.print(f"  token: {state.token_path}  (clients: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={state.token_path})")
-    out.print(f"  submit: ray job submit --address {state.dashboard_url} --working-dir . -- python -m jobs.finetune SPEC")
+    out.print(f"  submit: ray job submit --address {state.dashboard_url} --working-dir . -- python -m gpufleet.jobs.finetune SPEC")
 
 
 @main.command("proxy-env")
@@ -178,7 +178,7 @@ def proxy_env_cmd(serve_proxy: str) -> None:
     `ray start` of a node gpufleet does not start itself (cluster.yaml: eval "$(gpufleet proxy-env)")."""
     import shlex
 
-    from cluster.head import serve_proxy_env
+    from gpufleet.cluster.head import serve_proxy_env
 
     for key, value in serve_proxy_env(serve_proxy).items():
         click.echo(f"export {key}={shlex.quote(value)}")
@@ -188,7 +188,7 @@ def proxy_env_cmd(serve_proxy: str) -> None:
 @one_line_errors
 def down_cmd() -> None:
     """Stop the head `gpufleet up` started (only its own processes)."""
-    from cluster.head import load_state, stop_head
+    from gpufleet.cluster.head import load_state, stop_head
 
     state = load_state()
     if state is None:
@@ -204,8 +204,8 @@ def down_cmd() -> None:
 @one_line_errors
 def status_cmd(as_json: bool) -> None:
     """Nodes, GPUs, placement groups, jobs, Serve apps and GPU metrics of the cluster."""
-    from cluster.head import connect
-    from cluster.status import collect_status
+    from gpufleet.cluster.head import connect
+    from gpufleet.cluster.status import collect_status
     from gpufleet.render import status_tables
 
     st = collect_status(connect())
@@ -232,17 +232,17 @@ def train_cmd(spec: str, working_dir: str, no_follow: bool, emit_config: bool, f
     if emit_config:
         import yaml
 
-        from jobs.submit import kuberay_job
+        from gpufleet.jobs.submit import kuberay_job
 
         click.echo(yaml.safe_dump(kuberay_job(spec, image), sort_keys=False))
         return
 
-    from cluster.head import load_state
-    from jobs.submit import follow, submit
+    from gpufleet.cluster.head import load_state
+    from gpufleet.jobs.submit import follow, submit
 
     head = load_state()
     if head is None:
-        from catalogue.errors import GpufleetError
+        from gpufleet.catalogue.errors import GpufleetError
 
         raise GpufleetError("no gpufleet head is recorded. To fix: run `gpufleet up`")
     client, sid = submit(spec, head, working_dir)
@@ -278,9 +278,9 @@ def serve_cmd(spec_or_model: str, emit_config: bool, fmt: str, image: str, **ent
 
     import yaml
 
-    from serve_apps.app import deploy, emit_kuberay
-    from serve_apps.app import emit_config as emit
-    from serve_apps.spec import ServeSpec, load_serve_spec
+    from gpufleet.serve_apps.app import deploy, emit_kuberay
+    from gpufleet.serve_apps.app import emit_config as emit
+    from gpufleet.serve_apps.spec import ServeSpec, load_serve_spec
 
     if spec_or_model.endswith((".yaml", ".yml")):
         spec, base = load_serve_spec(spec_or_model)
@@ -291,10 +291,10 @@ def serve_cmd(spec_or_model: str, emit_config: bool, fmt: str, image: str, **ent
         manifest = emit_kuberay(spec, base, image) if fmt == "kuberay" else emit(spec, base)
         click.echo(yaml.safe_dump(manifest, sort_keys=False))
         return
-    from cluster.head import connect
+    from gpufleet.cluster.head import connect
 
     connect()
-    from serve_apps.app import haproxy_fronts_serve
+    from gpufleet.serve_apps.app import haproxy_fronts_serve
 
     with out.status("deploying (vLLM replicas load the model) ..."):
         url = deploy(spec, base, report=out.print)

@@ -19,7 +19,7 @@ from pydantic import Field
 from rich.console import Console
 from rich.rule import Rule
 
-from catalogue.config import Config
+from gpufleet.catalogue.config import Config
 
 console = Console()
 QUESTION = "Greet zoe."
@@ -59,12 +59,12 @@ def run_demo(args: DemoOptions) -> int:
     demo.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GPUFLEET_HOME", str(demo / "home"))
     t0 = time.monotonic()
-    from cluster.head import HeadConfig, free_port, load_state, port_is_free, start_head, stop_head
+    from gpufleet.cluster.head import HeadConfig, free_port, load_state, port_is_free, start_head, stop_head
 
     started = False
     try:
         stage(1, "a tiny model: random weights, tokenizer trained locally")
-        from jobs.tiny_model import build_tiny_model
+        from gpufleet.jobs.tiny_model import build_tiny_model
 
         model_dir = build_tiny_model(demo / "tiny-model")
         console.print(f"model directory: {model_dir}")
@@ -77,8 +77,8 @@ def run_demo(args: DemoOptions) -> int:
             started = True
         console.print(f"Ray head at {state.address}; dashboard [link]{state.dashboard_url}[/link]; "
                       f"token {state.token_path}")
-        from cluster.head import connect
-        from cluster.monitor import ensure_monitoring
+        from gpufleet.cluster.head import connect
+        from gpufleet.cluster.monitor import ensure_monitoring
 
         connect(state)
 
@@ -96,8 +96,8 @@ def run_demo(args: DemoOptions) -> int:
             _train(job, state, root)
 
         stage(5, "serve base and adapter: Ray Serve + vLLM, OpenAI API")
-        from serve_apps.app import deploy
-        from serve_apps.spec import load_serve_spec
+        from gpufleet.serve_apps.app import deploy
+        from gpufleet.serve_apps.spec import load_serve_spec
 
         ensure_monitoring()
         serve_file = derived_spec(root / "examples" / "serve-tiny.yaml", demo / "serve-tiny.yaml", port=args.port,
@@ -123,7 +123,7 @@ def run_demo(args: DemoOptions) -> int:
                       else "[red]the adapter did not learn the answer format[/]")
 
         stage(7, "gpufleet status, then gpufleet down")
-        from cluster.status import collect_status
+        from gpufleet.cluster.status import collect_status
         from gpufleet.render import status_tables
 
         for table in status_tables(collect_status(state)):
@@ -147,9 +147,9 @@ def run_demo(args: DemoOptions) -> int:
 
 
 def _print_plans(model_dir: Path) -> None:
-    from catalogue.gpus import get_gpu
-    from catalogue.model import load_model
-    from catalogue.planner import plan
+    from gpufleet.catalogue.gpus import get_gpu
+    from gpufleet.catalogue.model import load_model
+    from gpufleet.catalogue.planner import plan
     from gpufleet.render import plan_table
 
     for model, task, gpu, kw in [(str(model_dir), "serve", "L4", {"seq_len": 512}),
@@ -159,10 +159,10 @@ def _print_plans(model_dir: Path) -> None:
 
 def _train(spec_path: Path, state, root: Path) -> None:
     """Submit the fine-tune as `gpufleet train` does (Ray's job API) and show its progress lines."""
-    from jobs.submit import follow, submit
+    from gpufleet.jobs.submit import follow, submit
 
     client, sid = submit(spec_path, state, root)
-    console.print(f"submitted {sid}: python -m jobs.finetune (ray job logs {sid} --address {state.dashboard_url})")
+    console.print(f"submitted {sid}: python -m gpufleet.jobs.finetune (ray job logs {sid} --address {state.dashboard_url})")
     seen = set()
 
     def show(line: str) -> None:

@@ -12,8 +12,8 @@ import click
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from catalogue.errors import SpecError
-from catalogue.specfile import validation_message
+from gpufleet.catalogue.errors import SpecError
+from gpufleet.catalogue.specfile import validation_message
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:

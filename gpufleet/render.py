@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from catalogue.memory import CUDA_CONTEXT, GIB, MemoryBreakdown
-from catalogue.plans import InferPlan, Plan, ServePlan
+from gpufleet.catalogue.memory import CUDA_CONTEXT, GIB, MemoryBreakdown
+from gpufleet.catalogue.plans import InferPlan, Plan, ServePlan
 
 
 def _g(n: int | float) -> str:

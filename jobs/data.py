@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from catalogue.errors import SpecError, fix
+from gpufleet.catalogue.errors import SpecError, fix
 
 IGNORE = -100
 Messages = list[dict[str, str]]

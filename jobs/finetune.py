@@ -1,8 +1,8 @@
-"""Run a fine-tuning job: ``python -m jobs.finetune SPEC.yaml`` (also the `ray job submit` entrypoint).
+"""Run a fine-tuning job: ``python -m gpufleet.jobs.finetune SPEC.yaml`` (also the `ray job submit` entrypoint).
 
 Everything that can be checked is checked before a worker starts: the spec, the model directory,
 the dataset, the layout, and whether the cluster can ever hold the workers. Then Ray Train's
-TorchTrainer runs ``jobs.train_loop.train_func`` on every worker, resuming from the latest
+TorchTrainer runs ``gpufleet.jobs.train_loop.train_func`` on every worker, resuming from the latest
 checkpoint after a worker failure (up to ``max_failures``). Checkpoints, metrics and logs stay in
 ``output_dir`` whatever happens.
 """
@@ -15,15 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from catalogue.errors import GpufleetError, fix
-from catalogue.flops import train_flops_per_token
-from catalogue.gpus import get_gpu
-from catalogue.model import spec_from_config
-from catalogue.placement import Placement
-from catalogue.sources import check_model_dir, resolve
-from jobs.data import load_conversations
-from jobs.layout import TrainLayout, deepspeed_config, resolve_layout
-from jobs.spec import JobSpec, load_job_spec
+from gpufleet.catalogue.errors import GpufleetError, fix
+from gpufleet.catalogue.flops import train_flops_per_token
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.model import spec_from_config
+from gpufleet.catalogue.placement import Placement
+from gpufleet.catalogue.sources import check_model_dir, resolve
+from gpufleet.jobs.data import load_conversations
+from gpufleet.jobs.layout import TrainLayout, deepspeed_config, resolve_layout
+from gpufleet.jobs.spec import JobSpec, load_job_spec
 
 # Ray Train's report() waits for the controller's poll (2 s by default) on every call.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
@@ -68,8 +68,8 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.placement import check_placeable, spans_nodes
-    from jobs.train_loop import train_func
+    from gpufleet.cluster.placement import check_placeable, spans_nodes
+    from gpufleet.jobs.train_loop import train_func
 
     spec, layout, cfg = prepare(spec_path)
     if not ray.is_initialized():
@@ -100,7 +100,7 @@ def run(spec_path: str | Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
-        print("usage: python -m jobs.finetune SPEC.yaml", file=sys.stderr)
+        print("usage: python -m gpufleet.jobs.finetune SPEC.yaml", file=sys.stderr)
         return 2
     os.environ.update({k: os.environ.get(k, v) for k, v in TRAIN_ENV.items()})
     try:

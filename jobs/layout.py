@@ -12,15 +12,15 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from catalogue.config import Config
-from catalogue.errors import SpecError, fix
-from catalogue.memory import ALLGATHER_BUCKET, REDUCE_BUCKET, STAGE3_MAX_LIVE, STAGE3_PREFETCH
-from catalogue.model import ModelSpec
-from catalogue.parallelism import split_batch
-from catalogue.placement import Placement, worker_bundles
-from catalogue.planner import plan
-from catalogue.plans import layout_pins
-from jobs.spec import JobSpec
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import SpecError, fix
+from gpufleet.catalogue.memory import ALLGATHER_BUCKET, REDUCE_BUCKET, STAGE3_MAX_LIVE, STAGE3_PREFETCH
+from gpufleet.catalogue.model import ModelSpec
+from gpufleet.catalogue.parallelism import split_batch
+from gpufleet.catalogue.placement import Placement, worker_bundles
+from gpufleet.catalogue.planner import plan
+from gpufleet.catalogue.plans import layout_pins
+from gpufleet.jobs.spec import JobSpec
 
 CPU_DEFAULT_WORKERS = 2
 CPU_DEFAULT_ZERO = 2

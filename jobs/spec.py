@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from catalogue.config import Config
-from catalogue.errors import fix
-from catalogue.specfile import load_spec_file
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import fix
+from gpufleet.catalogue.specfile import load_spec_file
 
 
 class LoraSettings(Config):

@@ -1,6 +1,6 @@
 """Submit a fine-tune to the cluster through Ray's Job Submission SDK and follow it.
 
-``gpufleet train SPEC`` is ``ray job submit --working-dir . -- python -m jobs.finetune SPEC`` with
+``gpufleet train SPEC`` is ``ray job submit --working-dir . -- python -m gpufleet.jobs.finetune SPEC`` with
 the spec checked locally first, the head's auth applied, and a progress bar fed by the job's log.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from catalogue.errors import GpufleetError
-from cluster.head import HeadState
-from jobs.finetune import prepare
-from jobs.layout import TrainLayout
-from jobs.spec import JobSpec
+from gpufleet.catalogue.errors import GpufleetError
+from gpufleet.cluster.head import HeadState
+from gpufleet.jobs.finetune import prepare
+from gpufleet.jobs.layout import TrainLayout
+from gpufleet.jobs.spec import JobSpec
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
 
@@ -46,8 +46,8 @@ def submit(spec_path: str | Path, head: HeadState, working_dir: str | Path = "."
     resolved, spec, layout = resolved_spec(spec_path)
     client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers())
     wd = Path(working_dir).resolve()
-    sid = client.submit_job(entrypoint=f"python -m jobs.finetune {resolved}",
-                            # no env_vars: jobs.finetune's ray.init sets TRAIN_ENV, and Ray refuses
+    sid = client.submit_job(entrypoint=f"python -m gpufleet.jobs.finetune {resolved}",
+                            # no env_vars: gpufleet.jobs.finetune's ray.init sets TRAIN_ENV, and Ray refuses
                             # the same key set by both the job and its driver
                             runtime_env={"working_dir": str(wd)},
                             metadata={"gpufleet": "train", "name": spec.name, "workers": str(layout.workers)})
@@ -77,12 +77,12 @@ def follow(client: Any, sid: str, on_line=print, on_step=None, timeout_s: float 
 
 
 def kuberay_job(spec_path: str | Path, image: str) -> dict[str, Any]:
-    """A KubeRay RayJob running this fine-tune: ``python -m jobs.finetune SPEC`` on a cluster whose one
+    """A KubeRay RayJob running this fine-tune: ``python -m gpufleet.jobs.finetune SPEC`` on a cluster whose one
     worker group is the plan's placement (GPUs per pod up to a node's worth)."""
-    from catalogue.plans import DEFAULT_GPUS_PER_NODE
-    from cluster.kuberay import ray_job, worker_group
-    from jobs.finetune import prepare
+    from gpufleet.catalogue.plans import DEFAULT_GPUS_PER_NODE
+    from gpufleet.cluster.kuberay import ray_job, worker_group
+    from gpufleet.jobs.finetune import prepare
 
     spec, layout, _ = prepare(spec_path)
     group = worker_group(spec.name, layout.placement, spec.gpu or "CPU", DEFAULT_GPUS_PER_NODE, image)
-    return ray_job(spec.name, f"python -m jobs.finetune {spec_path}", group, image)
+    return ray_job(spec.name, f"python -m gpufleet.jobs.finetune {spec_path}", group, image)

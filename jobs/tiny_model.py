@@ -5,7 +5,7 @@ own source files, and the model is built from a small config. The result is a no
 model directory (config.json, safetensors, tokenizer files with a chat template), so every loader
 downstream uses the real ``from_pretrained`` path.
 
-    python -m jobs.tiny_model OUT_DIR [--vocab 8192] [--hidden 256] [--layers 4]
+    python -m gpufleet.jobs.tiny_model OUT_DIR [--vocab 8192] [--hidden 256] [--layers 4]
 """
 
 from __future__ import annotations

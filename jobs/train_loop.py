@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catalogue.flops import mfu
-from jobs.data import IGNORE
+from gpufleet.catalogue.flops import mfu
+from gpufleet.jobs.data import IGNORE
 
 if TYPE_CHECKING:
-    from jobs.layout import TrainLayout
-    from jobs.spec import JobSpec
+    from gpufleet.jobs.layout import TrainLayout
+    from gpufleet.jobs.spec import JobSpec
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "trainer_state.json"
@@ -123,9 +123,9 @@ def train_func(cfg: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from jobs.data import build_dataset
-    from jobs.layout import TrainLayout
-    from jobs.spec import JobSpec
+    from gpufleet.jobs.data import build_dataset
+    from gpufleet.jobs.layout import TrainLayout
+    from gpufleet.jobs.spec import JobSpec
 
     spec, layout = JobSpec(**cfg["spec"]), TrainLayout(**cfg["layout"])
     model_dir, dataset_path, out_dir = Path(cfg["model_dir"]), Path(cfg["dataset"]), Path(cfg["output_dir"])
@@ -193,7 +193,7 @@ def train_func(cfg: dict[str, Any]) -> None:
     metrics_file = out_dir / "metrics.jsonl"
     zero_run = 0
     peak_tflops = cfg.get("peak_tflops", 0.0)
-    flops_per_token = cfg.get("flops_per_token", 0.0)  # model FLOPs (catalogue.flops), no recompute
+    flops_per_token = cfg.get("flops_per_token", 0.0)  # model FLOPs (gpufleet.catalogue.flops), no recompute
     for step in range(start, total):
         t0 = time.perf_counter()
         losses, tokens, supervised = [], 0, 0

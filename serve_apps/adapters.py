@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from catalogue.errors import SpecError, fix
-from catalogue.sources import resolve
-from serve_apps.spec import ModelEntry
+from gpufleet.catalogue.errors import SpecError, fix
+from gpufleet.catalogue.sources import resolve
+from gpufleet.serve_apps.spec import ModelEntry
 
 ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"  # JSON: {"adapters": {name: dir}, "adapters_dir": dir | null}
 

@@ -1,6 +1,6 @@
 """Build a Ray Serve LLM app (vLLM replicas behind an OpenAI API) from a ServeSpec and its plans.
 
-The catalogue plans every model (``catalogue.planner``: engine arguments, placement, KV-based
+The catalogue plans every model (``gpufleet.catalogue.planner``: engine arguments, placement, KV-based
 autoscaling targets, on GPUs and on CPUs alike); this module only turns those plans into Ray Serve
 LLM's ``LLMConfig`` and the application around them.
 """
@@ -12,18 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from catalogue.errors import PlanError, fix
-from catalogue.gpus import CPU_DEVICE
-from catalogue.model import ModelSpec, spec_from_config
-from catalogue.placement import ACCELERATOR_PREFIX, check_feasible, sum_bundles
-from catalogue.planner import plan
-from catalogue.plans import ServePlan
-from catalogue.sources import model_source
-from serve_apps.adapters import ADAPTERS_ENV, adapters_table
-from serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress
+from gpufleet.catalogue.errors import PlanError, fix
+from gpufleet.catalogue.gpus import CPU_DEVICE
+from gpufleet.catalogue.model import ModelSpec, spec_from_config
+from gpufleet.catalogue.placement import ACCELERATOR_PREFIX, check_feasible, sum_bundles
+from gpufleet.catalogue.planner import plan
+from gpufleet.catalogue.plans import ServePlan
+from gpufleet.catalogue.sources import model_source
+from gpufleet.serve_apps.adapters import ADAPTERS_ENV, adapters_table
+from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress
 
-LORA_SERVER = "serve_apps.lora:LocalLoraServer"
-SERVER = "serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
+LORA_SERVER = "gpufleet.serve_apps.lora:LocalLoraServer"
+SERVER = "gpufleet.serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
 # Ray Serve runs a replica's code on a second event loop by default, so every streamed chunk crosses
 # threads (call_soon_threadsafe) on its way to the socket. vLLM's engine client is async and never
 # blocks the loop, so a GPU replica runs it on Ray's own loop, as Ray's throughput-optimized mode does.
@@ -141,7 +141,7 @@ def build_direct_app(config: Any, api_key: str | None) -> Any:
     from ray import serve
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
-    from serve_apps.server import GpufleetServer
+    from gpufleet.serve_apps.server import GpufleetServer
 
     return build_llm_deployment(config, bind_kwargs={"api_key": api_key},
                                 deployment_cls=serve.ingress()(config.server_cls or GpufleetServer))
@@ -161,8 +161,8 @@ def build_from_args(args: dict[str, Any]) -> Any:
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
     from ray.serve.llm import LLMConfig
 
-    from serve_apps.http_edge import BearerTokenMiddleware, add_openai_error_handlers
-    from serve_apps.lora import GpufleetIngress
+    from gpufleet.serve_apps.http_edge import BearerTokenMiddleware, add_openai_error_handlers
+    from gpufleet.serve_apps.lora import GpufleetIngress
 
     configs = [LLMConfig(**c) if isinstance(c, dict) else c for c in args["llm_configs"]]
     key = args.get("api_key") or (os.environ.get(args["api_key_env"]) if args.get("api_key_env") else None)
@@ -189,7 +189,7 @@ def check_app_fits(spec: ServeSpec, base: Path) -> None:
     """Refuse at once an app the connected cluster can never hold: every model's replica group
     (its plan's placement, times its initial replicas) and, in the router layout, the router's CPU.
     Without this Ray Serve waits forever in DEPLOYING for a deployment no node can schedule."""
-    from cluster.placement import autoscaler_node_types, cluster_nodes
+    from gpufleet.cluster.placement import autoscaler_node_types, cluster_nodes
 
     nodes, types = cluster_nodes(), autoscaler_node_types()
     bundles: list[dict[str, float]] = []
@@ -273,7 +273,7 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
     adapters = all_adapters(spec, base)
     return {
         "http_options": {"host": spec.host, "port": spec.port},
-        "applications": [{"name": spec.name, "route_prefix": "/", "import_path": "serve_apps.app:build_from_args",
+        "applications": [{"name": spec.name, "route_prefix": "/", "import_path": "gpufleet.serve_apps.app:build_from_args",
                           "args": {"llm_configs": configs, "adapters": adapters, "api_key_env": spec.api_key_env,
                                    "ingress": spec.ingress}}],
     }
@@ -282,7 +282,7 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
 def emit_kuberay(spec: ServeSpec, base: Path, image: str) -> dict[str, Any]:
     """A KubeRay RayService: ``emit_config``'s Serve config, and one worker group per model sized from
     its plan (GPUs per pod, pods per replica, replicas.min..max)."""
-    from cluster.kuberay import ray_service, worker_group
+    from gpufleet.cluster.kuberay import ray_service, worker_group
 
     groups = []
     for entry in spec.models:

@@ -15,8 +15,8 @@ import os
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
-from serve_apps.adapters import ADAPTERS_ENV, find_adapter, list_adapters, local_copy
-from serve_apps.server import GpufleetServer
+from gpufleet.serve_apps.adapters import ADAPTERS_ENV, find_adapter, list_adapters, local_copy
+from gpufleet.serve_apps.server import GpufleetServer
 
 
 class LocalLoraLoader(LoraModelLoader):

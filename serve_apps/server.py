@@ -6,7 +6,7 @@ per-chunk cost of the replica -> ingress -> proxy hops, but its batcher also wai
 before the *first* chunk, which adds the interval to every request's time to first token. Here
 the first chunk goes out as soon as the engine yields it; later chunks are batched as before.
 
-With ``ingress: direct`` (serve_apps.app) the replica serves vLLM's own OpenAI app and there is no
+With ``ingress: direct`` (gpufleet.serve_apps.app) the replica serves vLLM's own OpenAI app and there is no
 gpufleet ingress in front of it, so the bearer-token check is added to that app here.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
-from serve_apps.http_edge import BearerTokenMiddleware
+from gpufleet.serve_apps.http_edge import BearerTokenMiddleware
 
 T = TypeVar("T")
 

@@ -8,10 +8,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from catalogue.config import Config
-from catalogue.errors import SpecError, fix
-from catalogue.plans import DEFAULT_CPU_KV_CACHE_GIB, DType, PlanRequest
-from catalogue.specfile import load_spec_file
+from gpufleet.catalogue.config import Config
+from gpufleet.catalogue.errors import SpecError, fix
+from gpufleet.catalogue.plans import DEFAULT_CPU_KV_CACHE_GIB, DType, PlanRequest
+from gpufleet.catalogue.specfile import load_spec_file
 
 
 class Replicas(Config):

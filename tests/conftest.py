@@ -33,7 +33,7 @@ def isolated_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
-    from cluster.head import refresh_ray_auth
+    from gpufleet.cluster.head import refresh_ray_auth
 
     refresh_ray_auth()
 
@@ -92,7 +92,7 @@ def write_greeting_dataset(path: Path, n: int = 64) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(short_tmp):
-    from jobs.tiny_model import build_tiny_model
+    from gpufleet.jobs.tiny_model import build_tiny_model
 
     return build_tiny_model(short_tmp / "tiny-model")
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from catalogue.errors import SpecError
-from serve_apps.adapters import adapters_table, find_adapter, list_adapters, local_copy
-from serve_apps.spec import ModelEntry
+from gpufleet.catalogue.errors import SpecError
+from gpufleet.serve_apps.adapters import adapters_table, find_adapter, list_adapters, local_copy
+from gpufleet.serve_apps.spec import ModelEntry
 
 
 def adapter(d, rank=8):

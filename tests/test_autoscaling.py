@@ -7,10 +7,10 @@ import pytest
 import ray
 import yaml
 
-from catalogue.errors import PlanError
-from catalogue.placement import node_types_from_cluster_config
-from cluster.head import HeadConfig, connect, free_port, start_head, stop_head
-from cluster.placement import reserve
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.catalogue.placement import node_types_from_cluster_config
+from gpufleet.cluster.head import HeadConfig, connect, free_port, start_head, stop_head
+from gpufleet.cluster.placement import reserve
 
 A10G = {"GPU": 1.0, "accelerator_type:A10G": 0.001, "CPU": 1.0}
 

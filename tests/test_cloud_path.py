@@ -16,8 +16,8 @@ import pytest
 import ray
 import yaml
 
-from cluster.head import HeadConfig, connect, free_port, start_head, stop_head
-from jobs.finetune import TRAIN_ENV, run
+from gpufleet.cluster.head import HeadConfig, connect, free_port, start_head, stop_head
+from gpufleet.jobs.finetune import TRAIN_ENV, run
 from tests.conftest import write_spec
 
 pytestmark = pytest.mark.slow
@@ -107,8 +107,8 @@ def test_a_model_served_on_the_shipped_cluster_brings_up_a_node_and_answers(ship
     from openai import OpenAI
     from ray import serve
 
-    from serve_apps.app import deploy
-    from serve_apps.spec import ServeSpec
+    from gpufleet.serve_apps.app import deploy
+    from gpufleet.serve_apps.spec import ServeSpec
 
     while worker_nodes():  # start from a cluster with no worker (the test above waits for that)
         time.sleep(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.head import free_port
+from gpufleet.cluster.head import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]

@@ -1,7 +1,7 @@
 """Model FLOPs for MFU follow PaLM's convention."""
 
-from catalogue.flops import matmul_params, mfu, train_flops_per_token
-from catalogue.model import load_model
+from gpufleet.catalogue.flops import matmul_params, mfu, train_flops_per_token
+from gpufleet.catalogue.model import load_model
 
 
 def test_full_fine_tune_counts_six_flops_per_weight_plus_attention():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from catalogue.errors import SpecError
-from catalogue.gpus import GPU_TYPES, get_gpu
+from gpufleet.catalogue.errors import SpecError
+from gpufleet.catalogue.gpus import GPU_TYPES, get_gpu
 
 
 @pytest.mark.parametrize("name", ["P4", "T4", "V100-32GB"])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from catalogue.errors import GpufleetError
-from cluster.head import (
+from gpufleet.catalogue.errors import GpufleetError
+from gpufleet.cluster.head import (
     HeadConfig,
     free_port,
     head_processes,
@@ -20,7 +20,7 @@ from cluster.head import (
     start_head,
     stop_head,
 )
-from cluster.monitor import NO_GPU_MESSAGE, GpuSample, GpuSampler, NvmlBackend
+from gpufleet.cluster.monitor import NO_GPU_MESSAGE, GpuSample, GpuSampler, NvmlBackend
 from tests.conftest import has_nvidia_gpu
 
 GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
@@ -87,8 +87,8 @@ def test_status_json_shows_nodes_gpus_and_monitor(head):
 def test_gpu_gauges_reach_prometheus_export(head):
     import ray
 
-    from cluster.head import connect
-    from cluster.monitor import MONITOR_NAMESPACE, MONITOR_PREFIX, GpuMonitor
+    from gpufleet.cluster.head import connect
+    from gpufleet.cluster.monitor import MONITOR_NAMESPACE, MONITOR_PREFIX, GpuMonitor
 
     _, state = head
     connect(state)
@@ -150,18 +150,18 @@ def test_serve_proxy_ray_sets_no_serve_flags():
 
 
 def test_serve_proxy_auto_falls_back_to_ray_without_haproxy(monkeypatch):
-    monkeypatch.setattr("cluster.head.haproxy_binary", lambda: None)
+    monkeypatch.setattr("gpufleet.cluster.head.haproxy_binary", lambda: None)
     assert serve_proxy_env("auto") == {}
 
 
 def test_serve_proxy_haproxy_without_the_binary_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr("cluster.head.haproxy_binary", lambda: None)
+    monkeypatch.setattr("gpufleet.cluster.head.haproxy_binary", lambda: None)
     with pytest.raises(GpufleetError, match="no haproxy binary .* To fix: install it"):
         serve_proxy_env("haproxy")
 
 
 def test_serve_proxy_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
-    monkeypatch.setattr("cluster.head.haproxy_binary", lambda: "/usr/sbin/haproxy")
+    monkeypatch.setattr("gpufleet.cluster.head.haproxy_binary", lambda: "/usr/sbin/haproxy")
     env = serve_proxy_env("haproxy")
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/usr/sbin/haproxy"
     # Ray's fixed defaults (8404, 9101) would collide between two heads on one machine

@@ -4,12 +4,12 @@
 import pytest
 import ray
 
-from catalogue.errors import PlanError, SpecError
-from catalogue.model import load_model
-from jobs.data import load_conversations, tokenize
-from jobs.finetune import prepare, run
-from jobs.layout import deepspeed_config, resolve_layout
-from jobs.spec import JobSpec
+from gpufleet.catalogue.errors import PlanError, SpecError
+from gpufleet.catalogue.model import load_model
+from gpufleet.jobs.data import load_conversations, tokenize
+from gpufleet.jobs.finetune import prepare, run
+from gpufleet.jobs.layout import deepspeed_config, resolve_layout
+from gpufleet.jobs.spec import JobSpec
 from tests.conftest import write_spec
 
 

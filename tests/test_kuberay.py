@@ -10,8 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from catalogue.model import load_model
-from catalogue.planner import plan
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.planner import plan
 from gpufleet.cli import main
 from tests.conftest import write_spec
 
@@ -80,7 +80,7 @@ def test_rayjob_for_a_gpu_finetune_is_valid_and_sized_from_the_layout(tmp_path, 
     manifest = emitted("train", str(spec), "--emit-config", "--format", "kuberay")
     assert_valid(manifest, "rayjobs")
     job = manifest["spec"]
-    assert job["entrypoint"] == f"python -m jobs.finetune {spec}" and job["shutdownAfterJobFinishes"]
+    assert job["entrypoint"] == f"python -m gpufleet.jobs.finetune {spec}" and job["shutdownAfterJobFinishes"]
     (group,) = job["rayClusterSpec"]["workerGroupSpecs"]
     assert group["rayStartParams"]["num-gpus"] == "4" and group["replicas"] == 1
     assert group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A10G"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from catalogue.errors import SpecError
-from catalogue.placement import node_types_from_cluster_config
-from cluster.launcher import gpufleet_errors, ray_schema_errors, validate_cluster_config
+from gpufleet.catalogue.errors import SpecError
+from gpufleet.catalogue.placement import node_types_from_cluster_config
+from gpufleet.cluster.launcher import gpufleet_errors, ray_schema_errors, validate_cluster_config
 
 CLUSTER_YAML = Path(__file__).parents[1] / "cluster.yaml"
 
@@ -107,7 +107,7 @@ def test_every_node_starts_ray_in_haproxy_mode(config, kind):
 
 
 def test_up_cluster_creates_the_token_the_file_mounts_copy(tmp_path):
-    from cluster.head import ensure_token
+    from gpufleet.cluster.head import ensure_token
 
     token = ensure_token(tmp_path / "state")
     assert token.read_text() and oct(token.stat().st_mode & 0o777) == "0o600"

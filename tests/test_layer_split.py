@@ -10,9 +10,9 @@ from accelerate.utils import infer_auto_device_map
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from catalogue.errors import PlanError
-from catalogue.model import MODELS_DIR, load_model
-from catalogue.planner import plan
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.catalogue.model import MODELS_DIR, load_model
+from gpufleet.catalogue.planner import plan
 from gpufleet.cli import main
 
 # (model, GPU, GPUs): tied and untied heads, fp16-only GPUs, uneven layer counts

@@ -1,5 +1,8 @@
 """The house's layers: each package imports only the ones below it.
 
+Source folders install as one namespace (``catalogue/`` is ``gpufleet.catalogue``); ``gpufleet`` alone
+is the CLI's own folder.
+
     gpufleet (CLI, render, demo)
     jobs | serve_apps (siblings: training and serving, never importing each other)
     cluster (Ray operations: head, status, monitor, launcher, placement)
@@ -27,8 +30,16 @@ def project_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
             [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
-        found |= {n.split(".")[0] for n in names if n.split(".")[0] in MAY_IMPORT}
+        found |= {layer for n in names if (layer := layer_of(n))}
     return found
+
+
+def layer_of(module: str) -> str | None:
+    """The project package a module name belongs to (``gpufleet.jobs.spec`` -> jobs), None outside it."""
+    parts = module.split(".")
+    if parts[0] != "gpufleet":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in MAY_IMPORT else "gpufleet"
 
 
 @pytest.mark.parametrize("package", [p for p in MAY_IMPORT if p != "gpufleet"])

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from bench.memory.compare import compare
-from catalogue.memory import GIB, HOST_BASE, TrainSetup, estimate, fits, host_peak, layer_activation_bytes
-from catalogue.model import builtin_models, load_model
+from gpufleet.catalogue.memory import GIB, HOST_BASE, TrainSetup, estimate, fits, host_peak, layer_activation_bytes
+from gpufleet.catalogue.model import builtin_models, load_model
 
 RESULTS = Path(__file__).parents[1] / "bench" / "memory" / "results"
 TRAIN_RESULTS = RESULTS.parents[1] / "train" / "results"

@@ -9,7 +9,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.monitor import DASHBOARD_FILE, METRICS, ensure_monitoring, monitor_reports
+from gpufleet.cluster.monitor import DASHBOARD_FILE, METRICS, ensure_monitoring, monitor_reports
 from tests.test_head import FakeNvml
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import pytest
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from catalogue.errors import PlanError
-from catalogue.model import MODELS_DIR, load_model
-from catalogue.planner import plan
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.catalogue.model import MODELS_DIR, load_model
+from gpufleet.catalogue.planner import plan
 
 MULTIMODAL = ["llama-3.2-11b-vision", "qwen2-vl-7b", "llava-1.5-7b"]
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import ray
 
-from jobs.finetune import TRAIN_ENV, run
+from gpufleet.jobs.finetune import TRAIN_ENV, run
 from tests.conftest import wait_for_step
 from tests.test_cloud_path import fake_cloud, fake_config_from_shipped, fake_gcs_address, job
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from catalogue.errors import PlanError
-from catalogue.model import load_model
-from catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.parallelism import check_tp, legal_tp_sizes, split_batch
 
 
 def test_28_heads_4_kv_heads_on_8_gpus_allow_tp_1_2_4():

@@ -7,12 +7,12 @@ import pytest
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-from catalogue.errors import PlanError
-from catalogue.gpus import get_gpu
-from catalogue.model import load_model
-from catalogue.placement import NodeCapacity, check_feasible
-from catalogue.planner import plan
-from cluster.placement import (
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.placement import NodeCapacity, check_feasible
+from gpufleet.catalogue.planner import plan
+from gpufleet.cluster.placement import (
     autoscaler_node_types,
     check_placeable,
     record_node_types,
@@ -20,7 +20,7 @@ from cluster.placement import (
     reserve_placement,
     reserved,
 )
-from cluster.status import collect_status
+from gpufleet.cluster.status import collect_status
 
 H100 = {"GPU": 1.0, "accelerator_type:H100": 0.001, "CPU": 1.0}
 FOUR_GPU_NODE = NodeCapacity(name="n", resources={"CPU": 16, "GPU": 4, "accelerator_type:H100": 1})

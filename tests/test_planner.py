@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from catalogue.errors import PlanError
-from catalogue.gpus import get_gpu
-from catalogue.memory import TrainSetup, estimate, fits
-from catalogue.model import load_model
-from catalogue.planner import plan
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.memory import TrainSetup, estimate, fits
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.planner import plan
 
 
 def test_70b_serve_on_h100_uses_tensor_parallel_in_one_node():

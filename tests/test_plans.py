@@ -5,16 +5,16 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from catalogue.errors import PlanError, SpecError
-from catalogue.memory import generate_memory
-from catalogue.model import builtin_models, load_model, spec_from_config
-from catalogue.placement import NodeCapacity, check_feasible
-from catalogue.planner import plan
-from catalogue.plans import InferPlan, ServePlan, TrainPlan
+from gpufleet.catalogue.errors import PlanError, SpecError
+from gpufleet.catalogue.memory import generate_memory
+from gpufleet.catalogue.model import builtin_models, load_model, spec_from_config
+from gpufleet.catalogue.placement import NodeCapacity, check_feasible
+from gpufleet.catalogue.planner import plan
+from gpufleet.catalogue.plans import InferPlan, ServePlan, TrainPlan
 from gpufleet.cli import main
-from jobs.finetune import scaling_kwargs
-from jobs.layout import resolve_layout
-from jobs.spec import JobSpec
+from gpufleet.jobs.finetune import scaling_kwargs
+from gpufleet.jobs.layout import resolve_layout
+from gpufleet.jobs.spec import JobSpec
 
 LLAMA = json.loads(builtin_models()["llama-3.2-1b"].read_text())
 

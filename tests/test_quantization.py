@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from catalogue.errors import PlanError, SpecError
-from catalogue.memory import generate_memory
-from catalogue.model import MODELS_DIR, load_model, spec_from_config
-from catalogue.planner import plan
-from catalogue.quantization import bitsandbytes
+from gpufleet.catalogue.errors import PlanError, SpecError
+from gpufleet.catalogue.memory import generate_memory
+from gpufleet.catalogue.model import MODELS_DIR, load_model, spec_from_config
+from gpufleet.catalogue.planner import plan
+from gpufleet.catalogue.quantization import bitsandbytes
 
 MEASURED = Path(__file__).parents[1] / "bench" / "memory" / "results" / "h100-quantized.json"
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
@@ -112,7 +112,7 @@ def test_a_model_too_big_for_one_node_in_16_bits_is_pointed_at_nf4():
 
 def test_qlora_step_peaks_match_the_h100_within_2_percent():
     # regression guard: QLORA_LOGITS and the fp32 residual term were read off these 8 rows
-    from catalogue.memory import TrainSetup, estimate
+    from gpufleet.catalogue.memory import TrainSetup, estimate
 
     for r in json.loads(MEASURED.read_text())["qlora"]:
         m = estimate(load_model(r["model"]), TrainSetup(task="qlora", micro_batch=r["batch"], seq_len=r["seq"],

@@ -18,11 +18,11 @@ import yaml
 from openai import OpenAI
 from pydantic import ValidationError
 
-from catalogue.errors import PlanError, SpecError
-from catalogue.model import load_model
-from cluster.head import free_port
-from serve_apps.app import deploy, emit_config, entry_plan, llm_config_dict
-from serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
+from gpufleet.catalogue.errors import PlanError, SpecError
+from gpufleet.catalogue.model import load_model
+from gpufleet.cluster.head import free_port
+from gpufleet.serve_apps.app import deploy, emit_config, entry_plan, llm_config_dict
+from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
 from tests.conftest import placed_bundles, planned_bundles
 
 pytestmark = pytest.mark.slow
@@ -270,7 +270,7 @@ def test_emitted_config_passes_ray_serve_schema(tiny_model, tmp_path):
     assert json.dumps(cfg)  # plain data, no Python objects
     from ray.serve.llm import LLMConfig
 
-    from serve_apps.server import GpufleetServer
+    from gpufleet.serve_apps.server import GpufleetServer
 
     emitted = cfg["applications"][0]["args"]["llm_configs"][0]
     assert LLMConfig(**emitted).server_cls is GpufleetServer  # the replica class survives the round trip
@@ -290,7 +290,7 @@ def test_direct_ingress_with_adapters_is_refused(tiny_model, tmp_path):
 
 
 def test_emitted_direct_config_builds_the_replica_as_ingress(tiny_model, tmp_path):
-    from serve_apps.app import build_from_args
+    from gpufleet.serve_apps.app import build_from_args
 
     spec = ServeSpec(ingress="direct", models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
     args = emit_config(spec, tmp_path)["applications"][0]["args"]
@@ -300,7 +300,7 @@ def test_emitted_direct_config_builds_the_replica_as_ingress(tiny_model, tmp_pat
 
 
 def test_emitted_auto_config_is_resolved_by_the_cluster_that_builds_it(tiny_model, tmp_path):
-    from serve_apps.app import build_from_args
+    from gpufleet.serve_apps.app import build_from_args
 
     spec = ServeSpec(models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
     args = emit_config(spec, tmp_path)["applications"][0]["args"]

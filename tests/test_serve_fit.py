@@ -5,10 +5,10 @@ import time
 import pytest
 import ray
 
-from catalogue.errors import PlanError
-from cluster.head import free_port
-from serve_apps.app import deploy
-from serve_apps.spec import ModelEntry, ServeSpec
+from gpufleet.catalogue.errors import PlanError
+from gpufleet.cluster.head import free_port
+from gpufleet.serve_apps.app import deploy
+from gpufleet.serve_apps.spec import ModelEntry, ServeSpec
 
 pytestmark = pytest.mark.slow
 

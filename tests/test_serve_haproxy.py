@@ -10,7 +10,7 @@ import requests
 import yaml
 from openai import OpenAI
 
-from cluster.head import free_port, haproxy_binary, head_processes, load_state
+from gpufleet.cluster.head import free_port, haproxy_binary, head_processes, load_state
 from tests.test_head import cli
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import ray
 import yaml
 from openai import OpenAI
 
-from cluster.head import free_port
-from serve_apps.app import deploy, llm_config_dict
-from serve_apps.spec import ModelEntry, load_serve_spec
+from gpufleet.cluster.head import free_port
+from gpufleet.serve_apps.app import deploy, llm_config_dict
+from gpufleet.serve_apps.spec import ModelEntry, load_serve_spec
 
 pytestmark = pytest.mark.slow
 

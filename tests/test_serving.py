@@ -2,10 +2,10 @@
 
 import json
 
-from catalogue.gpus import get_gpu
-from catalogue.model import load_model
-from catalogue.planner import plan
-from catalogue.serving import (
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.planner import plan
+from gpufleet.catalogue.serving import (
     BLOCK_SIZE,
     decode_step_s,
     kv_bytes_for_sequence,

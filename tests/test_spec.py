@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from catalogue.errors import SpecError
-from catalogue.model import FAMILIES, builtin_models, load_model, spec_from_config
+from gpufleet.catalogue.errors import SpecError
+from gpufleet.catalogue.model import FAMILIES, builtin_models, load_model, spec_from_config
 
 ONE_PER_FAMILY = ["llama-3.2-1b", "mistral-7b-v0.3", "mixtral-8x7b", "qwen2.5-0.5b", "qwen1.5-moe-a2.7b",
                   "qwen3-8b", "qwen3-30b-a3b", "gemma-2-2b", "gemma-3-1b", "phi-3-mini-4k"]

@@ -7,8 +7,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from catalogue.errors import GpufleetError
-from jobs.finetune import TRAIN_ENV, run
+from gpufleet.catalogue.errors import GpufleetError
+from gpufleet.jobs.finetune import TRAIN_ENV, run
 from tests.conftest import write_spec
 
 pytestmark = pytest.mark.slow

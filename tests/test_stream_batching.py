@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from serve_apps.server import FirstChunkBatcher
+from gpufleet.serve_apps.server import FirstChunkBatcher
 
 
 async def _engine(n: int, gap_s: float, fail_after: int | None = None):

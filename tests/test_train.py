@@ -11,8 +11,8 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs.finetune import TRAIN_ENV, run
-from jobs.layout import TrainLayout
+from gpufleet.jobs.finetune import TRAIN_ENV, run
+from gpufleet.jobs.layout import TrainLayout
 from tests.conftest import placed_bundles, planned_bundles, wait_for_step, write_spec
 
 pytestmark = pytest.mark.slow
@@ -57,9 +57,9 @@ def test_ray_train_reserves_exactly_the_layouts_placement(local_ray, tmp_path, t
 @pytest.mark.parametrize("task", ["lora", "full"])
 @pytest.mark.parametrize("grad_ckpt", [True, False])
 def test_a_checkpointed_layout_recomputes_each_layer_in_backward(tmp_path, tiny_model, greeting_data, task, grad_ckpt):
-    from catalogue.placement import Placement
-    from jobs.spec import JobSpec
-    from jobs.train_loop import build_model
+    from gpufleet.catalogue.placement import Placement
+    from gpufleet.jobs.spec import JobSpec
+    from gpufleet.jobs.train_loop import build_model
 
     spec = JobSpec(name="t", model=str(tiny_model), dataset=str(greeting_data), task=task, output_dir=str(tmp_path),
                    max_steps=1)
@@ -141,7 +141,7 @@ def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(local_ray
 
 
 def test_optimizer_offload_trains_on_the_specs_schedule(local_ray, tmp_path, tiny_model, greeting_data):
-    from jobs.train_loop import lr_lambda
+    from gpufleet.jobs.train_loop import lr_lambda
 
     run(job(tmp_path, tiny_model, greeting_data, max_steps=6, checkpoint_every=3, warmup_steps=2, schedule="linear",
             plan={"workers": 2, "zero_stage": 2, "offload_optimizer": True}))
@@ -173,7 +173,7 @@ def poisoned_copy(model_dir, out_dir):
 
 
 def stopped_with(spec, capsys) -> str:
-    from jobs.finetune import main
+    from gpufleet.jobs.finetune import main
 
     assert main([str(spec)]) == 1
     return capsys.readouterr().err
@@ -199,7 +199,7 @@ def test_all_labels_masked_stops_the_run_and_keeps_its_checkpoints(local_ray, tm
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    from cluster.head import HeadConfig, free_port, start_head, stop_head
+    from gpufleet.cluster.head import HeadConfig, free_port, start_head, stop_head
 
     d = tmp_path_factory.mktemp("head")
     state = start_head(HeadConfig(state_dir=d, num_cpus=4, dashboard_port=free_port()))
@@ -213,7 +213,7 @@ def test_ray_job_submit_end_to_end(head, tmp_path, tiny_model, greeting_data):
     env = {**os.environ, **state.client_env()}
     p = subprocess.run([str(os.path.dirname(os.sys.executable)) + "/ray", "job", "submit", "--address",
                         state.dashboard_url, "--working-dir", os.getcwd(), "--", "python", "-m",
-                        "jobs.finetune", str(spec)], env=env, capture_output=True, text=True, timeout=400)
+                        "gpufleet.jobs.finetune", str(spec)], env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "done: step 6/6" in p.stdout
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()

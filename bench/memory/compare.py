@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from catalogue.memory import GIB, TrainSetup, estimate, fits
-from catalogue.model import load_model
+from gpufleet.catalogue.memory import GIB, TrainSetup, estimate, fits
+from gpufleet.catalogue.model import load_model
 
 HERE = Path(__file__).parent
 RECIPES = {  # measure.py recipe -> (task, precision)

@@ -115,14 +115,14 @@ def main() -> None:
 
 
 def compare(path: Path) -> None:
-    """Measured generate() peaks beside ``catalogue.memory.generate_memory``, in GiB."""
+    """Measured generate() peaks beside ``gpufleet.catalogue.memory.generate_memory``, in GiB."""
     import statistics
     import sys
 
     sys.path.insert(0, str(MODELS_DIR.parents[1]))
-    from catalogue.memory import generate_memory
-    from catalogue.model import load_model
-    from catalogue.quantization import bitsandbytes
+    from gpufleet.catalogue.memory import generate_memory
+    from gpufleet.catalogue.model import load_model
+    from gpufleet.catalogue.quantization import bitsandbytes
 
     errors = []
     data = json.loads(path.read_text())

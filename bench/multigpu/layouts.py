@@ -23,9 +23,9 @@ from pathlib import Path
 
 from bench.train.gpu_layouts import kept_layout, predict
 from bench.train.gpu_layouts import main as run_layouts
-from catalogue.model import load_model
-from jobs.layout import resolve_layout
-from jobs.spec import JobSpec
+from gpufleet.catalogue.model import load_model
+from gpufleet.jobs.layout import resolve_layout
+from gpufleet.jobs.spec import JobSpec
 
 
 def _weak(model: str, task: str, gpus: int, micro: int, seq: int = 2048, **layout: object) -> tuple:

@@ -138,7 +138,7 @@ def run_plain_vllm(model_dir: str, port: int, seconds: float, beside_idle_ray: b
         import ray
         from ray import serve
 
-        from cluster.head import free_port
+        from gpufleet.cluster.head import free_port
 
         ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
@@ -170,8 +170,8 @@ def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path, strea
     import ray
     from ray import serve
 
-    from serve_apps.app import deploy
-    from serve_apps.spec import load_serve_spec
+    from gpufleet.serve_apps.app import deploy
+    from gpufleet.serve_apps.spec import load_serve_spec
 
     spec_file = workdir / "bench-serve.yaml"
     spec_file.write_text(yaml.safe_dump({"name": "bench", "port": port, "ingress": ingress, "models": [
@@ -206,14 +206,14 @@ def main() -> None:
     # Ray's driver logging would print (and format) a line per client request at INFO: keep the
     # client's cost the same on both sides.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from cluster.head import free_port, serve_proxy_env
+    from gpufleet.cluster.head import free_port, serve_proxy_env
 
     if args.throughput_optimized:  # read by the proxy and replicas, which inherit this process's env
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     # Ray reads the proxy mode at import, in every process: set it before Ray starts, as `gpufleet up` does.
     proxy_env = serve_proxy_env(args.serve_proxy)
     os.environ.update(proxy_env)
-    from jobs.tiny_model import build_tiny_model
+    from gpufleet.jobs.tiny_model import build_tiny_model
 
     model_dir = str(build_tiny_model(args.model).resolve())
     plain = run_plain_vllm(model_dir, free_port(), args.seconds)
@@ -250,7 +250,7 @@ def main() -> None:
                                           "throughput_optimized": args.throughput_optimized,
                                           "ingress": args.ingress,
                                           "serve_proxy": "haproxy" if proxy_env else "ray",
-                                          "server": "serve_apps.server:GpufleetServer",
+                                          "server": "gpufleet.serve_apps.server:GpufleetServer",
                                           "rows": rows}, indent=1) + "\n")
     print("wrote", args.out)
 

@@ -3,7 +3,7 @@ median TPOT `vllm bench serve` measured at each concurrency (plain vLLM and gpuf
 
     python -m bench.serve.decode_speed [bench/serve/results/h100-serve.json] [--json]
 
-The overheads in ``catalogue.serving.decode_step_s`` were read off this same file (Llama-3.2-1B), so the
+The overheads in ``gpufleet.catalogue.serving.decode_step_s`` were read off this same file (Llama-3.2-1B), so the
 table shows a calibration, not a held-out check; at concurrency 256 vLLM queues and interleaves prefills,
 which a decode-only model does not count.
 """
@@ -14,10 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-from catalogue.gpus import get_gpu
-from catalogue.model import load_model
-from catalogue.quantization import FP8
-from catalogue.serving import decode_step_s, serving_memory
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.quantization import FP8
+from gpufleet.catalogue.serving import decode_step_s, serving_memory
 
 DEFAULT = Path(__file__).parent / "results" / "h100-serve.json"
 

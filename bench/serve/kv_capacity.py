@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from catalogue.gpus import GIB  # noqa: E402
-from catalogue.model import builtin_models, load_model  # noqa: E402
-from catalogue.planner import plan  # noqa: E402
+from gpufleet.catalogue.gpus import GIB  # noqa: E402
+from gpufleet.catalogue.model import builtin_models, load_model  # noqa: E402
+from gpufleet.catalogue.planner import plan  # noqa: E402
 
 PATTERNS = {  # vLLM 0.26's log lines (DEBUG for the memory profile)
     "kv_tokens": r"GPU KV cache size: ([\d,]+) tokens",

@@ -18,7 +18,7 @@ import time
 from typing import Any, TextIO
 
 from bench.serve.stall_log import WATCH_DIR, write_event
-from serve_apps.server import GpufleetServer
+from gpufleet.serve_apps.server import GpufleetServer
 
 HEARTBEAT_S = 0.001
 LATE_MS = 5.0

@@ -1,6 +1,6 @@
 """Measured DeepSpeed peaks (bench/train/results/*.json) beside the catalogue's plan; prints a table.
 
-MFU is recomputed from the measured tokens/s with ``catalogue.flops`` so every file uses one
+MFU is recomputed from the measured tokens/s with ``gpufleet.catalogue.flops`` so every file uses one
 convention (PaLM's), whatever the script version that wrote it.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from catalogue.flops import mfu, train_flops_per_token
-from catalogue.gpus import get_gpu
-from catalogue.memory import GIB, TrainSetup, estimate
-from catalogue.model import load_model
+from gpufleet.catalogue.flops import mfu, train_flops_per_token
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.memory import GIB, TrainSetup, estimate
+from gpufleet.catalogue.model import load_model
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,9 +1,9 @@
 """The planner's own training layouts through gpufleet's real path (Ray Train + DeepSpeed) on a GPU,
 measured against the plan: GPU peak, host RAM, tokens/s, MFU, loss.
 
-Each case writes a job spec and calls ``jobs.finetune.run`` (what `gpufleet train` runs), on a
+Each case writes a job spec and calls ``gpufleet.jobs.finetune.run`` (what `gpufleet train` runs), on a
 random-weight model built from a built-in config and a synthetic chat dataset long enough for
-``steps`` optimizer steps. The prediction is ``catalogue.memory.estimate`` for the layout the job
+``steps`` optimizer steps. The prediction is ``gpufleet.catalogue.memory.estimate`` for the layout the job
 actually ran (plan plus the spec's overrides), the host RAM the worker's peak RSS. A case the cluster
 cannot hold records the one-line refusal instead. ``resume`` kills the worker mid-run (as the CPU test
 does) and checks the step counter continues from the checkpoint.
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import yaml
 
-from catalogue.flops import mfu, train_flops_per_token
-from catalogue.gpus import GIB, get_gpu
-from catalogue.memory import TrainSetup, estimate, host_peak
-from catalogue.model import MODELS_DIR, load_model
-from catalogue.plans import LAYOUT_PINS
+from gpufleet.catalogue.flops import mfu, train_flops_per_token
+from gpufleet.catalogue.gpus import GIB, get_gpu
+from gpufleet.catalogue.memory import TrainSetup, estimate, host_peak
+from gpufleet.catalogue.model import MODELS_DIR, load_model
+from gpufleet.catalogue.plans import LAYOUT_PINS
 
 # name -> (built-in model, task, plan overrides, global batch, seq)
 CASES = {
@@ -179,7 +179,7 @@ def main(cases: dict = CASES, description: str = __doc__.splitlines()[0], result
         ap.error("--out, --tokenizer and --build are needed to measure")
     import ray
 
-    from jobs.finetune import TRAIN_ENV, run
+    from gpufleet.jobs.finetune import TRAIN_ENV, run
 
     a.out.mkdir(parents=True, exist_ok=True)
     data = Path("/var/tmp/chat.jsonl")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs gpufleet's real training path (jobs.finetune: Ray Train TorchTrainer + DeepSpeed, torch.compile)
+# Runs gpufleet's real training path (gpufleet.jobs.finetune: Ray Train TorchTrainer + DeepSpeed, torch.compile)
 # on the GPU machine, full and LoRA, on a tiny random model; prints each job's layout, first/last metrics
 # and the exported files. .whl/ must hold what the machine lacks (see ../shared/PLATFORM.md): Ray 2.60
 # cp312 without jars/rllib as ray-2.60.0-slim.tar.xz, jsonschema, jsonschema-specifications, referencing,
@@ -15,7 +15,7 @@ if [ ! -d $SITE/ray ]; then
 fi
 export PATH=$SITE/bin:$PATH PYTHONPATH=$SITE:$PWD RAY_AUTH_MODE=disabled TORCH_CUDA_ARCH_LIST=9.0 PYTHONWARNINGS=ignore
 echo install $(( $(date +%s)-t0 ))s
-python -m jobs.tiny_model /tmp/tiny >/dev/null
+python -m gpufleet.jobs.tiny_model /tmp/tiny >/dev/null
 for task in full lora; do
 cat > /tmp/gpu-$task.yaml <<Y
 name: gpu-$task
@@ -36,7 +36,7 @@ Y
 done
 python - <<'P'
 import json, os, ray
-from jobs.finetune import TRAIN_ENV, run
+from gpufleet.jobs.finetune import TRAIN_ENV, run
 env = {**TRAIN_ENV, **{k: os.environ[k] for k in ("PYTHONPATH", "TORCH_CUDA_ARCH_LIST", "PYTHONWARNINGS")}}
 ray.init(runtime_env={"env_vars": env}, include_dashboard=False, logging_level="ERROR")
 for task in ("full", "lora"):

@@ -1,10 +1,10 @@
 """Training throughput and memory on one GPU with DeepSpeed, beside the catalogue's prediction.
 
 Runs what a gpufleet training worker runs (transformers model, the DeepSpeed config that
-``jobs.layout.deepspeed_config`` generates, torch fused AdamW, bf16, ``engine.compile()`` where
+``gpufleet.jobs.layout.deepspeed_config`` generates, torch fused AdamW, bf16, ``engine.compile()`` where
 the case asks) in one process without Ray, on random weights and random tokens, and records
-tokens/s, MFU (``catalogue.flops``: PaLM's convention) against the GPU's bf16 peak, and
-``torch.cuda.max_memory_allocated()`` beside ``catalogue.memory.estimate`` for the same layout,
+tokens/s, MFU (``gpufleet.catalogue.flops``: PaLM's convention) against the GPU's bf16 peak, and
+``torch.cuda.max_memory_allocated()`` beside ``gpufleet.catalogue.memory.estimate`` for the same layout,
 plus the allocator peak of each phase (forward, backward, optimizer step) of one extra step and
 the predicted terms beside them. ``offload`` cases use the DeepSpeed config's CPU Adam (ZeRO-Offload)
 and also record the host side: the process's RSS after each stage and torch's pinned host
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from catalogue.flops import mfu, train_flops_per_token
-from catalogue.gpus import GIB, get_gpu
-from catalogue.memory import TrainSetup, estimate, host_peak
-from catalogue.model import builtin_models, load_model
-from catalogue.placement import Placement
-from jobs.layout import TrainLayout, deepspeed_config
-from jobs.spec import JobSpec
+from gpufleet.catalogue.flops import mfu, train_flops_per_token
+from gpufleet.catalogue.gpus import GIB, get_gpu
+from gpufleet.catalogue.memory import TrainSetup, estimate, host_peak
+from gpufleet.catalogue.model import builtin_models, load_model
+from gpufleet.catalogue.placement import Placement
+from gpufleet.jobs.layout import TrainLayout, deepspeed_config
+from gpufleet.jobs.spec import JobSpec
 
 # task, zero_stage, grad_ckpt, micro_batch, grad_accum, compile, offload_optimizer
 Case = tuple[str, int, bool, int, int, bool, bool]
