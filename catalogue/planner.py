@@ -14,7 +14,13 @@ from pydantic import ValidationError
 
 from gpufleet.catalogue.errors import PlanError, fix
 from gpufleet.catalogue.gpus import CPU_DEVICE, GIB, GPU_TYPES, GpuType, get_gpu
-from gpufleet.catalogue.layer_split import TL_DTYPES, LayerSplit, device_split, generate_runtime, transformerlens_split
+from gpufleet.catalogue.layer_split import (
+    TL_DTYPES,
+    LayerSplit,
+    device_split,
+    generate_runtime,
+    transformerlens_split,
+)
 from gpufleet.catalogue.memory import (
     CUDA_CONTEXT,
     MemoryBreakdown,

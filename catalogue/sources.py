@@ -1,5 +1,5 @@
 """Where a model comes from: a local model directory, a built-in name, a Hugging Face repo id or a
-cloud URI, and the config.json planning reads from it (never the weights, never the network).
+cloud URI, and the config.json planning reads from it (never the weights; of the Hub, only config.json).
 
 Training and serving both load a model directory with ``from_pretrained``; ``check_model_dir`` is the
 one check that a directory is loadable, made before anything is reserved.
@@ -57,8 +57,8 @@ def model_source(source: str, base: Path, field: str = "source", config: str | N
 
     * a local model directory (absolute, or relative to the spec): checked, loaded from;
     * a built-in catalogue name: its Hugging Face repository, planned from the shipped config;
-    * a Hugging Face repo id (``org/name``): planned from the ``config.json`` in the local Hugging
-      Face cache (``HF_HUB_CACHE``; fetch it first with ``huggingface-cli download``), loaded by id;
+    * a Hugging Face repo id (``org/name``): planned from its ``config.json`` (the local Hugging Face
+      cache's, else that one file from the Hub), loaded by id where the model runs;
     * ``s3://`` or ``gs://``: handed to Ray Serve LLM, which mirrors it on each replica; planned
       from ``config`` (a local copy of its config.json).
     """
@@ -81,14 +81,20 @@ def model_source(source: str, base: Path, field: str = "source", config: str | N
 
 
 def _cached_config(repo_id: str, field: str) -> dict[str, Any]:
-    """config.json of ``repo_id`` from the local Hugging Face cache (never the network)."""
-    from huggingface_hub import try_to_load_from_cache
+    """config.json of ``repo_id``: from the local Hugging Face cache, else that one file from the Hub
+    (unless ``HF_HUB_OFFLINE``); never the weights."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     found = try_to_load_from_cache(repo_id, "config.json")
     if not isinstance(found, str):
-        raise SpecError(fix(f"{field}: {repo_id} has no config.json in the Hugging Face cache",
-                            f"run `huggingface-cli download {repo_id}` (or set HF_HUB_CACHE), or point it at an "
-                            "existing model directory"))
+        try:
+            found = hf_hub_download(repo_id, "config.json")
+        except Exception as e:  # offline, unknown or gated repo, no network: one line, the cause first
+            raise SpecError(fix(f"{field}: {repo_id}: config.json is not in the Hugging Face cache and cannot be "
+                                f"fetched ({type(e).__name__})",
+                                f"check the repo id; for a gated repo export HF_TOKEN; offline, run "
+                                f"`huggingface-cli download {repo_id} config.json` where there is network "
+                                "(or set HF_HUB_CACHE)")) from None
     return _read_json(Path(found), field)
 
 

@@ -12,11 +12,12 @@ import math
 from typing import Any
 
 import yaml
+from pydantic import Field
 
+from gpufleet.catalogue.config import Config
 from gpufleet.catalogue.placement import MEMORY, Placement, sum_bundles
+from gpufleet.cluster.image import default_image, ray_version
 
-DEFAULT_IMAGE = "rayproject/ray-llm:2.60.0-py311-cu128"
-RAY_VERSION = "2.60.0"
 GIB = 2**30
 MEMORY_PER_GPU_GIB = 16  # host RAM per GPU when the plan reserves none (loading weights, the engine's host side)
 HEAD_CPUS, HEAD_MEMORY = "4", "16Gi"
@@ -70,21 +71,66 @@ def worker_group(name: str, placement: Placement, gpu: str, gpus_per_node: int, 
 
 
 def ray_service(name: str, serve_config: dict[str, Any], groups: list[dict[str, Any]],
-                image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+                image: str | None = None, secrets: PodSecrets | None = None) -> dict[str, Any]:
     """A ``ray.io/v1`` RayService running ``serve_config`` (the file ``gpufleet serve --emit-config`` prints)."""
+    head = head_group(image or default_image())
+    with_secrets([head, *groups], secrets or PodSecrets())
     return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": _k8s_name(name)}, "spec": {
         "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
-        "rayClusterConfig": {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": True,
-                             "headGroupSpec": head_group(image), "workerGroupSpecs": groups}}}
+        "rayClusterConfig": {"rayVersion": ray_version(), "enableInTreeAutoscaling": True,
+                             "headGroupSpec": head, "workerGroupSpecs": groups}}}
 
 
-def ray_job(name: str, entrypoint: str, group: dict[str, Any], image: str = DEFAULT_IMAGE) -> dict[str, Any]:
-    """A ``ray.io/v1`` RayJob: a cluster for one fine-tune, torn down when it ends (its output_dir should be
-    shared storage, since the pods go with the cluster)."""
-    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": _k8s_name(name)}, "spec": {
+def ray_job(name: str, entrypoint: str, group: dict[str, Any], image: str | None = None,
+            secrets: PodSecrets | None = None, files: JobFiles | None = None) -> list[dict[str, Any]]:
+    """A ``ray.io/v1`` RayJob: a cluster for one fine-tune, torn down when it ends (its results go to the spec's
+    storage, since the pods go with the cluster); with ``files``, the ConfigMap holding its spec and data,
+    mounted in every pod, before it."""
+    head = head_group(image or default_image())
+    with_secrets([head, group], secrets or PodSecrets())
+    job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": _k8s_name(name)}, "spec": {
         "entrypoint": entrypoint, "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 600,
-        "rayClusterSpec": {"rayVersion": RAY_VERSION, "headGroupSpec": head_group(image),
-                           "workerGroupSpecs": [group]}}}
+        "rayClusterSpec": {"rayVersion": ray_version(), "headGroupSpec": head, "workerGroupSpecs": [group]}}}
+    if not files:
+        return [job]
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": _k8s_name(f"{name}-files")},
+                  "data": dict(files.data)}
+    volume = {"name": "job-files", "configMap": {"name": config_map["metadata"]["name"], "items": [
+        {"key": key, "path": path} for key, path in files.paths.items()]}}
+    for g in (head, group):
+        g["template"]["spec"].setdefault("volumes", []).append(volume)
+        for c in g["template"]["spec"]["containers"]:
+            c.setdefault("volumeMounts", []).append({"name": "job-files", "mountPath": files.mount_path,
+                                                     "readOnly": True})
+    return [config_map, job]
+
+
+class PodSecrets(Config):
+    """Where the pods' credentials come from: Kubernetes Secrets, never the manifest."""
+
+    hf_token_secret: str = Field(default="hf-token", description=(
+        "Secret whose key HF_TOKEN becomes every pod's HF_TOKEN (gated Hub models); optional."))
+    storage_secret: str = Field(default="gpufleet-storage", description=(
+        "Secret whose keys become every pod's environment (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_REGION for s3:// storage); optional."))
+
+
+class JobFiles(Config):
+    """A job's files as ConfigMap data, mounted at ``mount_path`` in every pod."""
+
+    data: dict[str, str] = Field(description="ConfigMap key -> file content.")
+    paths: dict[str, str] = Field(description="ConfigMap key -> path under mount_path.")
+    mount_path: str = "/home/ray/gpufleet-job"
+
+
+def with_secrets(groups: list[dict[str, Any]], secrets: PodSecrets) -> None:
+    """Every container of ``groups`` gets HF_TOKEN and the storage settings from their Secrets (optional ones:
+    a manifest applies before they exist, and a public model needs neither)."""
+    for g in groups:
+        for c in g["template"]["spec"]["containers"]:
+            c["env"] = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": secrets.hf_token_secret, "key": "HF_TOKEN", "optional": True}}}]
+            c["envFrom"] = [{"secretRef": {"name": secrets.storage_secret, "optional": True}}]
 
 
 def _k8s_name(name: str) -> str:

@@ -19,11 +19,14 @@ from gpufleet.catalogue.model import load_model
 from gpufleet.catalogue.planner import plan_request
 from gpufleet.catalogue.plans import InferPlan, PlanRequest
 from gpufleet.catalogue.table import CATALOGUE_GPUS, CATALOGUE_TASKS, build_catalogue
+from gpufleet.cluster.endpoint import ADDRESS_HELP
 from gpufleet.cluster.head import HeadConfig
-from gpufleet.cluster.kuberay import DEFAULT_IMAGE as KUBERAY_IMAGE
+from gpufleet.cluster.image import default_image
+from gpufleet.cluster.kuberay import PodSecrets
 from gpufleet.demo import DemoOptions
+from gpufleet.jobs.submit import TERMINAL as TERMINAL_JOB_STATES
 from gpufleet.options import options_from, validated
-from gpufleet.render import breakdown_table, catalogue_table, plan_table, print_error
+from gpufleet.render import apps_table, breakdown_table, catalogue_table, jobs_table, plan_table, print_error
 from gpufleet.serve_apps.spec import ModelEntry
 
 out = Console()
@@ -216,86 +219,239 @@ def status_cmd(as_json: bool) -> None:
         out.print(t)
 
 
+address_option = click.option("--address", default=None, help=ADDRESS_HELP)
+image_option = click.option("--image", default=None, help=(
+    "With --format kuberay: the node image (default: the gpufleet image of this version, `make image`)."))
+
+
 @main.command("train")
 @click.argument("spec", type=click.Path())
-@click.option("--working-dir", default=".", show_default=True, help="Uploaded with the job (holds jobs/ and data).")
+@address_option
 @click.option("--no-follow", is_flag=True, help="Submit and return the submission id.")
-@click.option("--emit-config", is_flag=True, help="Print a KubeRay RayJob for this fine-tune instead of submitting.")
+@click.option("--quiet", is_flag=True, help="While following: only the progress bar, not the job's log lines.")
+@click.option("--emit-config", is_flag=True, help="Print a KubeRay RayJob (and its ConfigMap) instead of submitting.")
 @click.option("--format", "fmt", type=click.Choice(["kuberay"]), default="kuberay", show_default=True,
               help="With --emit-config: the manifest to print.")
-@click.option("--image", default=KUBERAY_IMAGE, show_default=True, help="With --format kuberay: the Ray image.")
+@image_option
+@options_from(PodSecrets, *PodSecrets.model_fields)
 @one_line_errors
-def train_cmd(spec: str, working_dir: str, no_follow: bool, emit_config: bool, fmt: str, image: str) -> None:
+def train_cmd(spec: str, address: str | None, no_follow: bool, quiet: bool, emit_config: bool, fmt: str,
+              image: str | None, **secrets: Any) -> None:
     """Submit a fine-tune (LoRA, QLoRA or full) to the cluster and follow its progress."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     if emit_config:
         import yaml
 
         from gpufleet.jobs.submit import kuberay_job
 
-        click.echo(yaml.safe_dump(kuberay_job(spec, image), sort_keys=False))
+        click.echo(yaml.safe_dump_all(kuberay_job(spec, image or default_image(), validated(PodSecrets, **secrets)),
+                                      sort_keys=False))
         return
+    from gpufleet.cluster.endpoint import resolve_endpoint
+    from gpufleet.jobs.submit import submit
 
-    from gpufleet.cluster.head import load_state
-    from gpufleet.jobs.submit import follow, submit
-
-    head = load_state()
-    if head is None:
-        from gpufleet.catalogue.errors import GpufleetError
-
-        raise GpufleetError("no gpufleet head is recorded. To fix: run `gpufleet up`")
-    client, sid = submit(spec, head, working_dir)
-    out.print(f"submitted [bold]{sid}[/]  (logs: ray job logs {sid} --address {head.dashboard_url})")
+    endpoint = resolve_endpoint(address)
+    client, sid, _ = submit(spec, endpoint)
+    out.print(f"submitted [bold]{sid}[/] to {endpoint.dashboard_url}")
     if no_follow:
+        out.print(f"  follow: gpufleet jobs follow {sid}   logs: gpufleet jobs logs {sid}   stop: gpufleet jobs stop {sid}")
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err) as bar:
-        task = bar.add_task("training", total=None, loss="-")
+    follow_job(client, sid, quiet)
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
 
-        status = follow(client, sid, on_line=lambda line: None, on_step=on_step)
-    logs = client.get_job_logs(sid).strip().splitlines()
-    out.print("\n".join(line for line in logs if line.startswith(("done:", "error:")) or "checkpoints" in line))
+def follow_job(client: Any, sid: str, quiet: bool) -> None:
+    """Stream a job's log lines under a progress bar fed by its step lines; exit 1 unless it succeeded.
+    Ctrl-C stops following, never the job."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from gpufleet.jobs.submit import follow
+
+    kept: list[str] = []
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task(sid, total=None, loss="-")
+
+            def on_line(line: str) -> None:
+                if line.startswith(("done:", "error:")):
+                    kept.append(line)
+                if not quiet:
+                    bar.console.print(line, markup=False, highlight=False)
+
+            def on_step(step: int, total: int, loss: float) -> None:
+                bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+            status = follow(client, sid, on_line=on_line, on_step=on_step)
+    except KeyboardInterrupt:
+        err.print(f"stopped following; job {sid} goes on (gpufleet jobs follow {sid} | gpufleet jobs stop {sid})")
+        sys.exit(130)
+    if quiet and kept:
+        out.print("\n".join(kept), markup=False, highlight=False)
     out.print(f"job {sid}: {status}")
     if status != "SUCCEEDED":
         sys.exit(1)
 
 
+@main.group("jobs")
+def jobs_group() -> None:
+    """List, follow, read and stop the cluster's jobs (Ray's Job Submission API)."""
+
+
+def job_call(address: str | None, what: str, sid: str | None = None) -> tuple[Any, Any]:
+    """(client, result of ``what`` on it): Ray's errors (an unknown id, an unreachable head) in one line."""
+    from gpufleet.cluster.endpoint import resolve_endpoint
+
+    client = resolve_endpoint(address).job_client()
+    try:
+        return client, getattr(client, what)(*([sid] if sid else []))
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise GpufleetError(fix(f"{what.replace('_', ' ')} {sid or ''}: {first}".replace("  ", " "),
+                                "see `gpufleet jobs list` for the submission ids")) from None
+
+
+@jobs_group.command("list")
+@address_option
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def jobs_list_cmd(address: str | None, as_json: bool) -> None:
+    """Every job the cluster knows, newest first."""
+    _, jobs = job_call(address, "list_jobs")
+    rows = sorted(({"submission_id": j.submission_id, "status": str(j.status.value), "name": (j.metadata or {}).get(
+        "name", ""), "kind": (j.metadata or {}).get("gpufleet", ""), "start_time": j.start_time,
+        "entrypoint": j.entrypoint} for j in jobs), key=lambda r: r["start_time"] or 0, reverse=True)
+    if as_json:
+        emit_json(rows)
+    else:
+        out.print(jobs_table(rows))
+
+
+@jobs_group.command("logs")
+@click.argument("submission_id")
+@address_option
+@one_line_errors
+def jobs_logs_cmd(submission_id: str, address: str | None) -> None:
+    """Print a job's whole log so far."""
+    click.echo(job_call(address, "get_job_logs", submission_id)[1], nl=False)
+
+
+@jobs_group.command("follow")
+@click.argument("submission_id")
+@address_option
+@click.option("--quiet", is_flag=True, help="Only the progress bar, not the job's log lines.")
+@one_line_errors
+def jobs_follow_cmd(submission_id: str, address: str | None, quiet: bool) -> None:
+    """Follow a job again (its log from the start, then live) until it ends."""
+    client, _ = job_call(address, "get_job_status", submission_id)
+    follow_job(client, submission_id, quiet)
+
+
+@jobs_group.command("stop")
+@click.argument("submission_id")
+@address_option
+@one_line_errors
+def jobs_stop_cmd(submission_id: str, address: str | None) -> None:
+    """Stop a running job (its checkpoints and logs stay where the job wrote them)."""
+    import time
+
+    client, stopped = job_call(address, "stop_job", submission_id)
+    deadline = time.monotonic() + 60
+    while (status := str(client.get_job_status(submission_id).value)) not in TERMINAL_JOB_STATES:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    out.print(f"job {submission_id}: {status}" + ("" if stopped else " (it had already ended)"))
+
+
+@main.group("apps")
+def apps_group() -> None:
+    """List and delete the cluster's Serve apps."""
+
+
+@apps_group.command("list")
+@address_option
+@click.option("--json", "as_json", is_flag=True)
+@one_line_errors
+def apps_list_cmd(address: str | None, as_json: bool) -> None:
+    """Serve apps, their status and deployments."""
+    from gpufleet.cluster.endpoint import resolve_endpoint, serve_applications
+
+    apps = serve_applications(resolve_endpoint(address))
+    rows = [{"name": name, "status": a.get("status", ""), "route_prefix": a.get("route_prefix"),
+             "deployments": {d: v.get("status", "") for d, v in (a.get("deployments") or {}).items()},
+             "message": a.get("message", "")} for name, a in apps.items()]
+    if as_json:
+        emit_json(rows)
+    else:
+        out.print(apps_table(rows))
+
+
+@apps_group.command("delete")
+@click.argument("name")
+@address_option
+@one_line_errors
+def apps_delete_cmd(name: str, address: str | None) -> None:
+    """Delete one Serve app (its replicas and their GPUs are released; other apps keep running)."""
+    from gpufleet.cluster.endpoint import resolve_endpoint, serve_applications
+    from gpufleet.jobs.submit import follow
+
+    endpoint = resolve_endpoint(address)
+    apps = serve_applications(endpoint)
+    if name not in apps:
+        raise GpufleetError(fix(f"no serve app named {name} on {endpoint.dashboard_url}",
+                                f"pick one of: {', '.join(apps) or '(none running)'}"))
+    client = endpoint.job_client()
+    sid = client.submit_job(entrypoint=f"python -m gpufleet.serve_apps.remote delete {name}",
+                            metadata={"gpufleet": "apps-delete", "name": name})
+    with out.status(f"deleting {name} ..."):
+        status = follow(client, sid, on_line=lambda line: None, timeout_s=600)
+    if status != "SUCCEEDED":
+        raise GpufleetError(fix(f"deleting {name} ended {status}: {client.get_job_logs(sid).strip()[-300:]}",
+                                f"see `gpufleet jobs logs {sid}`"))
+    out.print(f"deleted serve app {name}")
+
+
 @main.command("serve")
 @click.argument("spec_or_model")
 @options_from(ModelEntry, "gpu", "context", "concurrency", "target_output_tokens_per_s")
+@address_option
 @click.option("--emit-config", is_flag=True, help="Print a config instead of deploying (see --format).")
 @click.option("--format", "fmt", type=click.Choice(["serve", "kuberay"]), default="serve", show_default=True,
               help="With --emit-config: serve = a Ray Serve config (`serve deploy`); kuberay = a RayService manifest.")
-@click.option("--image", default=KUBERAY_IMAGE, show_default=True, help="With --format kuberay: the Ray image.")
+@image_option
+@options_from(PodSecrets, *PodSecrets.model_fields)
 @one_line_errors
-def serve_cmd(spec_or_model: str, emit_config: bool, fmt: str, image: str, **entry_fields: Any) -> None:
+def serve_cmd(spec_or_model: str, address: str | None, emit_config: bool, fmt: str, image: str | None,
+              hf_token_secret: str, storage_secret: str, **entry_fields: Any) -> None:
     """Deploy the models of a serve spec (or one model by name) behind an OpenAI API."""
     from pathlib import Path
 
     import yaml
 
-    from gpufleet.serve_apps.app import deploy, emit_kuberay
-    from gpufleet.serve_apps.app import emit_config as emit
     from gpufleet.serve_apps.spec import ServeSpec, load_serve_spec
 
     if spec_or_model.endswith((".yaml", ".yml")):
         spec, base = load_serve_spec(spec_or_model)
     else:
-        entry = validated(ModelEntry, id=spec_or_model.replace("/", "-"), source=spec_or_model, **entry_fields)
+        entry = validated(ModelEntry, id=spec_or_model.strip("/").replace("/", "-"), source=spec_or_model, **entry_fields)
         spec, base = ServeSpec(models=[entry]), Path.cwd()
     if emit_config:
-        manifest = emit_kuberay(spec, base, image) if fmt == "kuberay" else emit(spec, base)
+        from gpufleet.serve_apps.app import emit_config as emit
+        from gpufleet.serve_apps.app import emit_kuberay
+
+        secrets = validated(PodSecrets, hf_token_secret=hf_token_secret, storage_secret=storage_secret)
+        manifest = emit_kuberay(spec, base, image or default_image(), secrets) if fmt == "kuberay" else emit(spec, base)
         click.echo(yaml.safe_dump(manifest, sort_keys=False))
         return
+    from gpufleet.cluster.endpoint import resolve_endpoint
+
+    endpoint = resolve_endpoint(address)
+    if not endpoint.shares_disk:
+        serve_remote(spec, base, endpoint)
+        return
     from gpufleet.cluster.head import connect
+    from gpufleet.serve_apps.app import deploy, haproxy_fronts_serve
 
     connect()
-    from gpufleet.serve_apps.app import haproxy_fronts_serve
-
     with out.status("deploying (vLLM replicas load the model) ..."):
         url = deploy(spec, base, report=out.print)
     haproxy = haproxy_fronts_serve()
@@ -305,6 +461,28 @@ def serve_cmd(spec_or_model: str, emit_config: bool, fmt: str, image: str, **ent
     out.print(f"[bold green]serving[/] {', '.join(m.id for m in spec.models)} at {url} ({front}, {layout})")
     out.print(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' -d "
               f"'{{\"model\": \"{spec.models[0].id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'")
+
+
+def serve_remote(spec: Any, base: Any, endpoint: Any) -> None:
+    """Deploy through a job on a head that does not share this disk; its deploy log streams here."""
+    import tempfile
+    from pathlib import Path
+
+    from gpufleet.jobs.submit import follow
+    from gpufleet.serve_apps.remote import SPEC_FILE, stage_serve
+
+    client = endpoint.job_client()
+    with tempfile.TemporaryDirectory(prefix="gpufleet-serve-") as tmp:
+        env = stage_serve(spec, base, Path(tmp))
+        sid = client.submit_job(entrypoint=f"python -m gpufleet.serve_apps.remote deploy {SPEC_FILE}",
+                                runtime_env={"working_dir": tmp, "env_vars": env},
+                                metadata={"gpufleet": "serve", "name": spec.name})
+    out.print(f"deploying {spec.name} through job {sid} on {endpoint.dashboard_url} (vLLM replicas load the model)")
+    status = follow(client, sid, on_line=lambda line: err.print(line, markup=False, highlight=False))
+    if status != "SUCCEEDED":
+        raise GpufleetError(fix(f"serve app {spec.name} was not deployed (job {sid} {status})",
+                                f"the lines above say why; `gpufleet jobs logs {sid}` keeps them"))
+    out.print(f"[bold green]serving[/] {', '.join(m.id for m in spec.models)}: `gpufleet apps list` shows it")
 
 
 @main.command("demo")

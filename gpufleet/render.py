@@ -136,3 +136,29 @@ def status_tables(st) -> list[Table]:
                          f"{s['memory_used_bytes'] / GIB:.1f} / {s['memory_total_bytes'] / GIB:.1f}",
                          f"{s['power_watts']:.0f}", f"{s['temperature_celsius']:.0f}")
     return [nodes, groups, jobs, apps, gpus]
+
+
+def jobs_table(rows: list[dict]) -> Table:
+    """`gpufleet jobs list`: one row a job, newest first."""
+    import datetime
+
+    t = Table(title="jobs")
+    for c in ("submission id", "status", "kind", "name", "started", "entrypoint"):
+        t.add_column(c)
+    for r in rows:
+        started = datetime.datetime.fromtimestamp(r["start_time"] / 1000).strftime("%Y-%m-%d %H:%M") if r[
+            "start_time"] else "-"
+        t.add_row(r["submission_id"] or "-", r["status"], r["kind"] or "-", r["name"] or "-", started,
+                  (r["entrypoint"] or "")[:60])
+    return t
+
+
+def apps_table(rows: list[dict]) -> Table:
+    """`gpufleet apps list`: one row an app."""
+    t = Table(title="serve apps")
+    for c in ("app", "status", "route", "deployments"):
+        t.add_column(c)
+    for a in rows:
+        t.add_row(a["name"], str(a["status"]), str(a["route_prefix"]),
+                  ", ".join(f"{k}: {v}" for k, v in a["deployments"].items()))
+    return t

@@ -39,23 +39,42 @@ def _to_messages(rec: Any, where: str) -> Messages:
                         "use 'messages', 'prompt'+'completion', or 'instruction'+'input'+'output'"))
 
 
-def load_conversations(path: str | Path) -> list[Messages]:
-    """All records of a JSONL file as chat messages; errors name the file and line."""
+def is_uri(path: str | Path) -> bool:
+    """A dataset in a bucket (s3://, gs://) or named by URL (file://): read where the job runs."""
+    return "://" in str(path)
+
+
+def _read_lines(path: str | Path) -> list[str]:
+    """A dataset's lines, from a local file or through pyarrow's filesystems for a URI."""
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        try:
+            fs, where = pafs.FileSystem.from_uri(str(path))
+            with fs.open_input_stream(where) as f:
+                return f.read().decode().splitlines()
+        except (OSError, ValueError) as e:  # pyarrow: missing object, no credentials, unknown scheme
+            raise SpecError(fix(f"dataset {path} cannot be read here: {str(e).splitlines()[0]}",
+                                "check the URI and the cluster's credentials for it")) from None
     p = Path(path)
     if not p.is_file():
         raise SpecError(fix(f"dataset {p} not found", "point dataset at a JSONL file"))
+    return p.read_text().splitlines()
+
+
+def load_conversations(path: str | Path) -> list[Messages]:
+    """All records of a JSONL file (local, or a URI) as chat messages; errors name the file and line."""
     out = []
-    with p.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpecError(fix(f"{p}:{n}: malformed JSON ({e.msg})", "fix that line")) from None
-            out.append(_to_messages(rec, f"{p}:{n}"))
+    for n, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpecError(fix(f"{path}:{n}: malformed JSON ({e.msg})", "fix that line")) from None
+        out.append(_to_messages(rec, f"{path}:{n}"))
     if not out:
-        raise SpecError(fix(f"dataset {p} is empty", "add at least one record"))
+        raise SpecError(fix(f"dataset {path} is empty", "add at least one record"))
     return out
 
 

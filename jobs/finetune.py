@@ -15,32 +15,40 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpufleet.catalogue.errors import GpufleetError, fix
+from gpufleet.catalogue.errors import GpufleetError, SpecError, fix
 from gpufleet.catalogue.flops import train_flops_per_token
 from gpufleet.catalogue.gpus import get_gpu
 from gpufleet.catalogue.model import spec_from_config
 from gpufleet.catalogue.placement import Placement
-from gpufleet.catalogue.sources import check_model_dir, resolve
-from gpufleet.jobs.data import load_conversations
+from gpufleet.catalogue.sources import REMOTE_SCHEMES, model_source, resolve
+from gpufleet.jobs.data import is_uri, load_conversations
 from gpufleet.jobs.layout import TrainLayout, deepspeed_config, resolve_layout
 from gpufleet.jobs.spec import JobSpec, load_job_spec
 
 # Ray Train's report() waits for the controller's poll (2 s by default) on every call.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+# Set in the runtime env of a job whose files travelled with it (gpufleet.jobs.upload).
+UPLOADED_JOB_ENV = "GPUFLEET_UPLOADED_JOB"
 
 
 def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]]:
-    """Validate everything that needs no cluster; return the spec, layout and worker config."""
+    """Validate everything that needs no cluster; return the spec, layout and worker config.
+
+    A dataset named by URI is read where the job runs (``run`` checks it before any worker starts)."""
     spec, base = load_job_spec(spec_path)
-    model_dir = resolve(base, spec.model)
-    model = spec_from_config(check_model_dir(model_dir), name=spec.model)
-    dataset = resolve(base, spec.dataset)
-    load_conversations(dataset)  # format errors now, with line numbers, not inside a worker
-    layout = resolve_layout(spec, model)
+    model, model_config = model_source(spec.model, base, "model")
+    if model.startswith(REMOTE_SCHEMES):
+        raise SpecError(fix(f"model: {spec.model} is a bucket URI, which only serving loads",
+                            "train from a model directory, a built-in name or a Hugging Face repo id"))
+    model_spec = spec_from_config(model_config, name=spec.model)
+    dataset = spec.dataset if is_uri(spec.dataset) else str(resolve(base, spec.dataset))
+    if not is_uri(dataset):
+        load_conversations(dataset)  # format errors now, with line numbers, not inside a worker
+    layout = resolve_layout(spec, model_spec)
     out = resolve(base, spec.output_dir)
     cfg: dict[str, Any] = {
         "spec": spec.model_dump(), "layout": layout.model_dump(), "deepspeed": deepspeed_config(layout, spec),
-        "model_dir": str(model_dir), "dataset": str(dataset), "output_dir": str(out),
+        "model": _job_path(model), "dataset": _job_path(dataset), "output_dir": _job_path(str(out)),
         "storage_path": str(out / "ray"), "upload_to": None,
     }
     if spec.storage and "://" in spec.storage:  # a bucket: results are written locally, then uploaded
@@ -50,8 +58,16 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
         cfg.update(storage_path=str(shared), output_dir=str(shared / spec.name))
     if spec.use_gpu:
         cfg["peak_tflops"] = get_gpu(spec.gpu).peak_tflops
-        cfg["flops_per_token"] = train_flops_per_token(model, spec.seq_len, spec.task)
+        cfg["flops_per_token"] = train_flops_per_token(model_spec, spec.seq_len, spec.task)
     return spec, layout, cfg
+
+
+def _job_path(path: str) -> str:
+    """A path as the workers open it. In an uploaded job (``gpufleet.jobs.upload``) its files are named
+    relative to the working directory, which Ray unpacks on every node and makes each worker's cwd."""
+    if os.environ.get(UPLOADED_JOB_ENV) and not is_uri(path) and Path(path).is_relative_to(Path.cwd()):
+        return str(Path(path).relative_to(Path.cwd()))
+    return path
 
 
 def scaling_kwargs(placement: Placement) -> dict[str, Any]:
@@ -72,6 +88,8 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     from gpufleet.jobs.train_loop import train_func
 
     spec, layout, cfg = prepare(spec_path)
+    if is_uri(cfg["dataset"]):
+        load_conversations(cfg["dataset"])  # read where the job runs: errors before any worker starts
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": TRAIN_ENV}, logging_level="ERROR")
     waiting = check_placeable(layout.placement)

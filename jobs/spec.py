@@ -39,9 +39,15 @@ class JobSpec(Config):
     """A LoRA or full fine-tune. Paths are relative to the spec file's folder."""
 
     name: str = Field(default="finetune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: str = Field(description="Model directory (config.json, weights, tokenizer).")
-    dataset: str = Field(description="JSONL: chat `messages`, `prompt`/`completion`, or alpaca "
-                                     "`instruction`/`input`/`output` records.")
+    model: str = Field(description=(
+        "Model directory (config.json, weights, tokenizer), built-in name or Hugging Face repo id (downloaded "
+        "once per node into its Hugging Face cache; export HF_TOKEN for a gated repo)."))
+    dataset: str = Field(description=(
+        "JSONL: chat `messages`, `prompt`/`completion`, or alpaca `instruction`/`input`/`output` records. A local "
+        "file (uploaded with the job to a remote cluster) or s3:// / gs:// / file:// (read where the job runs)."))
+    env: list[str] = Field(default_factory=list, description=(
+        "Names of environment variables copied from the submitting machine into the job (HF_TOKEN always is, "
+        "when set): their values travel in the job's runtime env, never in an uploaded file."))
     task: Literal["lora", "qlora", "full"] = Field(default="lora", description=(
         "lora: adapters on the 16-bit model; qlora: adapters on a bitsandbytes nf4 base (needs bitsandbytes); "
         "full: every weight."))

@@ -1,57 +1,39 @@
-"""Submit a fine-tune to the cluster through Ray's Job Submission SDK and follow it.
+"""Submit a fine-tune to a cluster through Ray's Job Submission SDK, and follow, list, stop it.
 
-``gpufleet train SPEC`` is ``ray job submit --working-dir . -- python -m gpufleet.jobs.finetune SPEC`` with
-the spec checked locally first, the head's auth applied, and a progress bar fed by the job's log.
+``gpufleet train SPEC`` is ``ray job submit`` of ``python -m gpufleet.jobs.finetune spec.yaml`` with the spec
+checked here first, a working directory holding only what the job needs (``gpufleet.jobs.upload``), the
+head's auth applied, and a progress bar fed by the job's log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gpufleet.catalogue.errors import GpufleetError
-from gpufleet.cluster.head import HeadState
-from gpufleet.jobs.finetune import prepare
-from gpufleet.jobs.layout import TrainLayout
-from gpufleet.jobs.spec import JobSpec
+from gpufleet.catalogue.errors import GpufleetError, fix
+from gpufleet.cluster.endpoint import Endpoint
+from gpufleet.cluster.kuberay import PodSecrets
+from gpufleet.jobs.upload import StagedJob, stage_job
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def resolved_spec(spec_path: str | Path) -> tuple[Path, JobSpec, TrainLayout]:
-    """Validate a spec and write a copy with absolute paths next to its outputs.
-
-    A job runs in a copy of the working directory, where the spec's relative paths would point
-    elsewhere and its outputs would vanish with the copy: resolve them where the user submits.
-    """
-    spec, layout, cfg = prepare(spec_path)  # bad specs fail here, before anything is reserved
-    out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    data = spec.model_dump(exclude_defaults=True)
-    data.update(model=cfg["model_dir"], dataset=cfg["dataset"], output_dir=str(out))
-    target = out / "submitted-spec.yaml"
-    target.write_text(yaml.safe_dump(data, sort_keys=False))
-    return target, spec, layout
-
-
-def submit(spec_path: str | Path, head: HeadState, working_dir: str | Path = ".") -> tuple[Any, str]:
-    """Validate locally, then submit; returns (client, submission_id)."""
-    from ray.job_submission import JobSubmissionClient
-
-    resolved, spec, layout = resolved_spec(spec_path)
-    client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers())
-    wd = Path(working_dir).resolve()
-    sid = client.submit_job(entrypoint=f"python -m gpufleet.jobs.finetune {resolved}",
-                            # no env_vars: gpufleet.jobs.finetune's ray.init sets TRAIN_ENV, and Ray refuses
-                            # the same key set by both the job and its driver
-                            runtime_env={"working_dir": str(wd)},
-                            metadata={"gpufleet": "train", "name": spec.name, "workers": str(layout.workers)})
-    return client, sid
+def submit(spec_path: str | Path, endpoint: Endpoint) -> tuple[Any, str, StagedJob]:
+    """Validate locally, stage the working directory, submit; returns (client, submission_id, staged job).
+    The working directory is uploaded during the submission and removed here afterwards."""
+    client = endpoint.job_client()
+    with tempfile.TemporaryDirectory(prefix="gpufleet-job-") as tmp:
+        job = stage_job(spec_path, Path(tmp) / "job", endpoint.shares_disk)
+        # jobs.finetune's own ray.init adds TRAIN_ENV: Ray refuses a key set by both it and the job
+        sid = client.submit_job(entrypoint=job.entrypoint, runtime_env=job.runtime_env(),
+                                metadata={"gpufleet": "train", "name": job.spec.name,
+                                          "workers": str(job.layout.workers)})
+    return client, sid, job
 
 
 def follow(client: Any, sid: str, on_line=print, on_step=None, timeout_s: float = 24 * 3600) -> str:
@@ -69,20 +51,41 @@ def follow(client: Any, sid: str, on_line=print, on_step=None, timeout_s: float 
     except TimeoutError:
         raise GpufleetError(f"job {sid} still running after {timeout_s:g}s") from None
     deadline = time.monotonic() + 30
-    while (status := str(client.get_job_status(sid).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    while (status := str(client.get_job_status(sid).value)) not in TERMINAL:
         if time.monotonic() > deadline:
             break
         time.sleep(0.5)
     return status
 
 
-def kuberay_job(spec_path: str | Path, image: str) -> dict[str, Any]:
-    """A KubeRay RayJob running this fine-tune: ``python -m gpufleet.jobs.finetune SPEC`` on a cluster whose one
-    worker group is the plan's placement (GPUs per pod up to a node's worth)."""
-    from gpufleet.catalogue.plans import DEFAULT_GPUS_PER_NODE
-    from gpufleet.cluster.kuberay import ray_job, worker_group
-    from gpufleet.jobs.finetune import prepare
 
-    spec, layout, _ = prepare(spec_path)
-    group = worker_group(spec.name, layout.placement, spec.gpu or "CPU", DEFAULT_GPUS_PER_NODE, image)
-    return ray_job(spec.name, f"python -m gpufleet.jobs.finetune {spec_path}", group, image)
+CONFIGMAP_LIMIT = 900 * 2**10  # Kubernetes caps a ConfigMap at 1 MiB, metadata included
+POD_OUTPUT_DIR = "/home/ray/gpufleet-outputs"  # pod-local and writable; results are copied to storage:
+
+
+def kuberay_job(spec_path: str | Path, image: str, secrets: PodSecrets) -> list[dict[str, Any]]:
+    """A ConfigMap with the job's spec (and its local dataset) and a KubeRay RayJob running it on a cluster
+    whose one worker group is the plan's placement, in the gpufleet node image. Nothing in them names a
+    path of this machine: the model comes by built-in name or repo id, outputs go to ``storage:``."""
+    from gpufleet.catalogue.plans import DEFAULT_GPUS_PER_NODE
+    from gpufleet.cluster.kuberay import JobFiles, ray_job, worker_group
+    from gpufleet.jobs.upload import SPEC_FILE
+
+    with tempfile.TemporaryDirectory(prefix="gpufleet-job-") as tmp:
+        job = stage_job(spec_path, Path(tmp), shares_disk=False, output_dir=POD_OUTPUT_DIR)
+        if (Path(tmp) / "model").exists():
+            raise GpufleetError(fix(f"model: {job.spec.model} is a directory on this machine, which a KubeRay "
+                                    "manifest cannot carry", "use a built-in name or a Hugging Face repo id"))
+        files = sorted(f for f in Path(tmp).rglob("*") if f.is_file())
+        size = sum(f.stat().st_size for f in files)
+        if size > CONFIGMAP_LIMIT:
+            raise GpufleetError(fix(f"the job's spec and dataset hold {size / 2**10:.0f} KiB, more than a ConfigMap "
+                                    f"carries ({CONFIGMAP_LIMIT // 2**10} KiB)",
+                                    "put the dataset in a bucket: dataset: s3://bucket/data.jsonl"))
+        keys = {f.relative_to(tmp).as_posix().replace("/", "--"): f for f in files}
+        job_files = JobFiles(data={k: f.read_text() for k, f in keys.items()},
+                             paths={k: f.relative_to(tmp).as_posix() for k, f in keys.items()})
+    group = worker_group(job.spec.name, job.layout.placement, job.spec.gpu or "CPU", DEFAULT_GPUS_PER_NODE, image)
+    # Relative paths in the spec are resolved against its folder, the mount every pod has.
+    entrypoint = f"python -m gpufleet.jobs.finetune {job_files.mount_path}/{SPEC_FILE}"
+    return ray_job(job.spec.name, entrypoint, group, image, secrets, job_files)

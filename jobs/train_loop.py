@@ -124,11 +124,12 @@ def train_func(cfg: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from gpufleet.jobs.data import build_dataset
+    from gpufleet.jobs.hub import local_model_dir
     from gpufleet.jobs.layout import TrainLayout
     from gpufleet.jobs.spec import JobSpec
 
     spec, layout = JobSpec(**cfg["spec"]), TrainLayout(**cfg["layout"])
-    model_dir, dataset_path, out_dir = Path(cfg["model_dir"]), Path(cfg["dataset"]), Path(cfg["output_dir"])
+    model_dir, dataset_path, out_dir = local_model_dir(cfg["model"]), cfg["dataset"], Path(cfg["output_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     (out_dir / "pids").mkdir(parents=True, exist_ok=True)

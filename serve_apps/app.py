@@ -104,8 +104,13 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
     return conf
 
 
-def llm_configs(spec: ServeSpec, base: Path) -> list[dict[str, Any]]:
-    return [llm_config_dict(m, base) for m in spec.models]
+def llm_configs(spec: ServeSpec, base: Path, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every model's LLMConfig; ``env`` joins each replica's environment (secrets a remote client
+    forwarded: never part of an emitted config)."""
+    configs = [llm_config_dict(m, base) for m in spec.models]
+    for c in configs:
+        c["runtime_env"]["env_vars"].update(env or {})
+    return configs
 
 
 def all_adapters(spec: ServeSpec, base: Path) -> dict[str, dict[str, Any]]:
@@ -113,9 +118,9 @@ def all_adapters(spec: ServeSpec, base: Path) -> dict[str, dict[str, Any]]:
     return {m.id: t for m in spec.models if (t := adapters_table(m, base))}
 
 
-def build_app(spec: ServeSpec, base: Path) -> Any:
+def build_app(spec: ServeSpec, base: Path, env: dict[str, str] | None = None) -> Any:
     """The Ray Serve application for ``spec`` (see ``build_from_args``)."""
-    return build_from_args({"llm_configs": llm_configs(spec, base), "adapters": all_adapters(spec, base),
+    return build_from_args({"llm_configs": llm_configs(spec, base, env), "adapters": all_adapters(spec, base),
                             "api_key": spec.api_key(), "ingress": spec.ingress})
 
 
@@ -215,7 +220,7 @@ STALL_REPORT_S = 60.0  # how long a deployment may sit unplaced before `deploy` 
 
 
 def deploy(spec: ServeSpec, base: Path, blocking: bool = False, report=print,
-           stall_s: float = STALL_REPORT_S, timeout_s: float | None = None) -> str:
+           stall_s: float = STALL_REPORT_S, timeout_s: float | None = None, env: dict[str, str] | None = None) -> str:
     """Run the app on the connected cluster (refused at once if it can never fit); returns the base
     URL of the OpenAI API once it is RUNNING. While it deploys, every ``stall_s`` seconds ``report``
     gets a line naming what each waiting deployment waits for (Ray Serve's own account: the replica's
@@ -227,7 +232,7 @@ def deploy(spec: ServeSpec, base: Path, blocking: bool = False, report=print,
 
     check_app_fits(spec, base)
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run_many([serve.RunTarget(build_app(spec, base), name=spec.name, route_prefix="/")],
+    serve.run_many([serve.RunTarget(build_app(spec, base, env), name=spec.name, route_prefix="/")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     start, next_report = time.monotonic(), stall_s
     while True:
@@ -279,11 +284,15 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
     }
 
 
-def emit_kuberay(spec: ServeSpec, base: Path, image: str) -> dict[str, Any]:
+def emit_kuberay(spec: ServeSpec, base: Path, image: str, secrets: Any = None) -> dict[str, Any]:
     """A KubeRay RayService: ``emit_config``'s Serve config, and one worker group per model sized from
-    its plan (GPUs per pod, pods per replica, replicas.min..max)."""
+    its plan (GPUs per pod, pods per replica, replicas.min..max), in the gpufleet node image, with
+    HF_TOKEN and the storage settings from Secrets. Models and adapters on this machine are refused:
+    the pods could not read them."""
     from gpufleet.cluster.kuberay import ray_service, worker_group
+    from gpufleet.serve_apps.remote import check_reachable
 
+    check_reachable(spec, base)
     groups = []
     for entry in spec.models:
         p = sourced_plan(entry, base)[1]
@@ -292,4 +301,4 @@ def emit_kuberay(spec: ServeSpec, base: Path, image: str) -> dict[str, Any]:
                                    min_groups=max(1, low), max_groups=high))
     config = emit_config(spec, base)
     config["http_options"]["host"] = "0.0.0.0"  # reached through the head pod's Service, not loopback
-    return ray_service(spec.name, config, groups, image)
+    return ray_service(spec.name, config, groups, image, secrets)

@@ -91,6 +91,9 @@ class ServeSpec(Config):
         "router: gpufleet's OpenAI router in front of the replicas (several models, LoRA adapters). "
         "auto: direct where the cluster fronts Serve with HAProxy and the spec allows it, else router."))
     models: list[ModelEntry] = Field(min_length=1)
+    env: list[str] = Field(default_factory=list, description=(
+        "Names of environment variables copied from the deploying machine into every replica (HF_TOKEN and "
+        "api_key_env always are, when set); they travel in the runtime env, never in an emitted config."))
 
     @model_validator(mode="after")
     def _unique(self) -> ServeSpec:

@@ -129,3 +129,17 @@ def wait_for_step(metrics: Path, step: int, timeout_s: float, poll_s: float = 0.
                 return last
         time.sleep(poll_s)
     return None
+
+
+def hf_cache_with(cache: Path, repo_id: str, files: dict[str, str | bytes] | Path) -> Path:
+    """A Hugging Face hub cache holding one repository (its files given, or those of a model directory),
+    laid out as huggingface_hub writes it; returns the cache folder (HF_HUB_CACHE)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    items = {f.name: f.read_bytes() for f in files.iterdir() if f.is_file()} if isinstance(files, Path) else files
+    for name, data in items.items():
+        (snap / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return cache

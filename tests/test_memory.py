@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from bench.memory.compare import compare
-from gpufleet.catalogue.memory import GIB, HOST_BASE, TrainSetup, estimate, fits, host_peak, layer_activation_bytes
+from gpufleet.catalogue.memory import (
+    GIB,
+    HOST_BASE,
+    TrainSetup,
+    estimate,
+    fits,
+    host_peak,
+    layer_activation_bytes,
+)
 from gpufleet.catalogue.model import builtin_models, load_model
 
 RESULTS = Path(__file__).parents[1] / "bench" / "memory" / "results"

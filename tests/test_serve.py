@@ -23,7 +23,7 @@ from gpufleet.catalogue.model import load_model
 from gpufleet.cluster.head import free_port
 from gpufleet.serve_apps.app import deploy, emit_config, entry_plan, llm_config_dict
 from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
-from tests.conftest import placed_bundles, planned_bundles
+from tests.conftest import hf_cache_with, placed_bundles, planned_bundles
 
 pytestmark = pytest.mark.slow
 KEY_ENV, KEY = "GPUFLEET_TEST_API_KEY", "test-key-123"
@@ -327,20 +327,9 @@ def test_a_gpu_replica_keeps_vllms_engine_metrics_out_of_rays_unless_asked(tiny_
     assert (gpu["log_engine_metrics"], asked["log_engine_metrics"], cpu["log_engine_metrics"]) == (False, True, True)
 
 
-def hf_cache_with(tmp_path, repo_id, config):
-    """A Hugging Face cache holding one repository's config.json, laid out as huggingface_hub writes it."""
-    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    (snap / "config.json").write_text(json.dumps(config))
-    return tmp_path / "hub"
-
-
 def test_repo_id_is_planned_from_the_offline_hugging_face_cache(tmp_path, monkeypatch, tiny_model):
     config = json.loads((tiny_model / "config.json").read_text())
-    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache_with(tmp_path, "acme/tiny-chat", config)))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache_with(tmp_path / "hub", "acme/tiny-chat", {"config.json": json.dumps(config)})))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hf
 
@@ -348,7 +337,7 @@ def test_repo_id_is_planned_from_the_offline_hugging_face_cache(tmp_path, monkey
     conf = llm_config_dict(ModelEntry(id="t", source="acme/tiny-chat", context=256), tmp_path)
     assert conf["model_loading_config"]["model_source"] == "acme/tiny-chat"
     assert conf["engine_kwargs"]["max_model_len"] == 256
-    with pytest.raises(SpecError, match="acme/absent has no config.json in the Hugging Face cache"):
+    with pytest.raises(SpecError, match="acme/absent: config.json is not in the Hugging Face cache and cannot be fetched"):
         llm_config_dict(ModelEntry(id="t", source="acme/absent"), tmp_path)
 
 
