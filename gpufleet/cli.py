@@ -170,7 +170,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
     out.print(f"  serve proxy: {'HAProxy' if state.serve_env else 'Ray Serve proxy'}")
     if state.token_path:
         out.print(f"  token: {state.token_path}  (clients: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={state.token_path})")
-    out.print(f"  submit: ray job submit --address {state.dashboard_url} --working-dir . -- python -m gpufleet.jobs.finetune SPEC")
+    out.print(f"  submit: gpufleet train SPEC   (or RAY_ADDRESS={state.dashboard_url} gpufleet train SPEC elsewhere)")
 
 
 @main.command("proxy-env")
@@ -275,7 +275,7 @@ def follow_job(client: Any, sid: str, quiet: bool) -> None:
                 if line.startswith(("done:", "error:")):
                     kept.append(line)
                 if not quiet:
-                    bar.console.print(line, markup=False, highlight=False)
+                    bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
             def on_step(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
@@ -284,7 +284,7 @@ def follow_job(client: Any, sid: str, quiet: bool) -> None:
     except KeyboardInterrupt:
         err.print(f"stopped following; job {sid} goes on (gpufleet jobs follow {sid} | gpufleet jobs stop {sid})")
         sys.exit(130)
-    if quiet and kept:
+    if kept:  # the job's last word, also where its log went to stderr
         out.print("\n".join(kept), markup=False, highlight=False)
     out.print(f"job {sid}: {status}")
     if status != "SUCCEEDED":
@@ -478,7 +478,7 @@ def serve_remote(spec: Any, base: Any, endpoint: Any) -> None:
                                 runtime_env={"working_dir": tmp, "env_vars": env},
                                 metadata={"gpufleet": "serve", "name": spec.name})
     out.print(f"deploying {spec.name} through job {sid} on {endpoint.dashboard_url} (vLLM replicas load the model)")
-    status = follow(client, sid, on_line=lambda line: err.print(line, markup=False, highlight=False))
+    status = follow(client, sid, on_line=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
     if status != "SUCCEEDED":
         raise GpufleetError(fix(f"serve app {spec.name} was not deployed (job {sid} {status})",
                                 f"the lines above say why; `gpufleet jobs logs {sid}` keeps them"))

@@ -93,7 +93,7 @@ def run_demo(args: DemoOptions) -> int:
             job = derived_spec(root / "examples" / "lora-tiny.yaml", demo / "lora-tiny.yaml", model=str(model_dir),
                                dataset=str(root / "examples" / "data" / "greetings.jsonl"),
                                output_dir=str(demo / "lora-tiny"))
-            _train(job, state, root)
+            _train(job, state)
 
         stage(5, "serve base and adapter: Ray Serve + vLLM, OpenAI API")
         from gpufleet.serve_apps.app import deploy
@@ -157,11 +157,12 @@ def _print_plans(model_dir: Path) -> None:
         console.print(plan_table(plan(load_model(model), task, get_gpu(gpu), **kw)))
 
 
-def _train(spec_path: Path, state, root: Path) -> None:
+def _train(spec_path: Path, state) -> None:
     """Submit the fine-tune as `gpufleet train` does (Ray's job API) and show its progress lines."""
+    from gpufleet.cluster.endpoint import from_head
     from gpufleet.jobs.submit import follow, submit
 
-    client, sid = submit(spec_path, state, root)
+    client, sid, _ = submit(spec_path, from_head(state))
     console.print(f"submitted {sid}: python -m gpufleet.jobs.finetune (ray job logs {sid} --address {state.dashboard_url})")
     seen = set()
 

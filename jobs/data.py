@@ -115,9 +115,11 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int)
     return out
 
 
-def build_dataset(path: str | Path, tokenizer: Any, seq_len: int) -> list[dict[str, list[int]]]:
-    """Read, tokenise and pack a dataset file (deterministic: every worker builds the same)."""
-    examples = [tokenize(m, tokenizer) for m in load_conversations(path)]
+def build_dataset(source: str | Path | list[Messages], tokenizer: Any, seq_len: int) -> list[dict[str, list[int]]]:
+    """Read (a dataset file or URI, unless given its records), tokenise and pack (deterministic: every worker
+    builds the same)."""
+    path = "the dataset" if isinstance(source, list) else source
+    examples = [tokenize(m, tokenizer) for m in (source if isinstance(source, list) else load_conversations(source))]
     if not any(label != IGNORE for _, labels in examples for label in labels):
         raise SpecError(fix(f"dataset {path}: no assistant tokens survive tokenisation", "check the records"))
     return pack(examples, seq_len, tokenizer.pad_token_id or 0)

@@ -48,7 +48,7 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
     out = resolve(base, spec.output_dir)
     cfg: dict[str, Any] = {
         "spec": spec.model_dump(), "layout": layout.model_dump(), "deepspeed": deepspeed_config(layout, spec),
-        "model": _job_path(model), "dataset": _job_path(dataset), "output_dir": _job_path(str(out)),
+        "model": model, "dataset": dataset, "output_dir": str(out),
         "storage_path": str(out / "ray"), "upload_to": None,
     }
     if spec.storage and "://" in spec.storage:  # a bucket: results are written locally, then uploaded
@@ -60,14 +60,6 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
         cfg["peak_tflops"] = get_gpu(spec.gpu).peak_tflops
         cfg["flops_per_token"] = train_flops_per_token(model_spec, spec.seq_len, spec.task)
     return spec, layout, cfg
-
-
-def _job_path(path: str) -> str:
-    """A path as the workers open it. In an uploaded job (``gpufleet.jobs.upload``) its files are named
-    relative to the working directory, which Ray unpacks on every node and makes each worker's cwd."""
-    if os.environ.get(UPLOADED_JOB_ENV) and not is_uri(path) and Path(path).is_relative_to(Path.cwd()):
-        return str(Path(path).relative_to(Path.cwd()))
-    return path
 
 
 def scaling_kwargs(placement: Placement) -> dict[str, Any]:
@@ -90,6 +82,10 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     spec, layout, cfg = prepare(spec_path)
     if is_uri(cfg["dataset"]):
         load_conversations(cfg["dataset"])  # read where the job runs: errors before any worker starts
+    elif os.environ.get(UPLOADED_JOB_ENV):
+        # The dataset came in the job's working directory, which Ray Train's workers do not run in:
+        # they get its records instead (bounded by the upload limit).
+        cfg["conversations"] = load_conversations(cfg["dataset"])
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": TRAIN_ENV}, logging_level="ERROR")
     waiting = check_placeable(layout.placement)

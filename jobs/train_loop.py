@@ -148,7 +148,7 @@ def train_func(cfg: dict[str, Any]) -> None:
     model = build_model(spec, layout, model_dir, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    data = build_dataset(dataset_path, tokenizer, spec.seq_len)
+    data = build_dataset(cfg.get("conversations") or dataset_path, tokenizer, spec.seq_len)
     per_epoch = steps_per_epoch(len(data), world, layout.micro_batch, layout.grad_accum)
     if per_epoch == 0:
         raise ValueError(f"the dataset packs into {len(data)} sequences of {spec.seq_len} tokens, fewer than one "

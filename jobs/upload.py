@@ -4,7 +4,9 @@ Each submission gets a fresh working directory holding ``spec.yaml``. For a head
 machine's disk (one `gpufleet up` started here) the spec names the local files by absolute path. For any
 other head, the local dataset (and a local model directory, if small) are copied in, up to
 ``MAX_UPLOAD_BYTES``; models by built-in name or Hub repo id and datasets in buckets are fetched where the
-job runs, and the results must go to ``storage:``. Secrets never enter the directory: ``HF_TOKEN`` and the
+job runs, and the results must go to ``storage:``. (Ray unpacks the working directory on each node under
+its session folder; an uploaded model directory is read there, so it suits workers on nodes that share
+Ray's temp-dir setting. Larger or multi-node inputs belong in a bucket or on the Hub.) Secrets never enter the directory: ``HF_TOKEN`` and the
 variables the spec lists travel in the job's runtime env.
 """
 
@@ -63,7 +65,7 @@ def stage_job(spec_path: str | Path, into: Path, shares_disk: bool, output_dir: 
     if output_dir:
         data["output_dir"] = output_dir
     (into / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
-    env = {**forwarded_env(spec.env), UPLOADED_JOB_ENV: "1"}
+    env = {**forwarded_env(spec.env), **({} if shares_disk else {UPLOADED_JOB_ENV: "1"})}
     return StagedJob(spec=spec, layout=layout, working_dir=into, env_vars=env)
 
 
