@@ -102,7 +102,7 @@ def test_a_fine_tune_submitted_to_a_remote_head_finishes_with_its_result_in_stor
     followed = remote.gpufleet("jobs", "follow", sid)
     assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
     assert "done: step 4/4" in followed.stdout and f"job {sid}: SUCCEEDED" in followed.stdout
-    assert "step 2/4 loss" in followed.stderr  # the job's own log lines stream under the bar
+    assert "step 4/4 loss" in followed.stderr, followed.stderr  # the job's own log lines stream under the bar
     final = remote.storage / "remote-lora" / "final"
     assert (final / "adapter_model.safetensors").exists()
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 8
