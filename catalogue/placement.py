@@ -136,6 +136,8 @@ def check_feasible(bundles: Sequence[Bundle], strategy: Strategy, nodes: Sequenc
                                 "use SPREAD or PACK, or allow more nodes"))
     else:
         for key, amount in sum_bundles(bundles).items():
+            if key == MEMORY and any(MEMORY not in c.resources for c in candidates):
+                continue  # unknown where a node (type) does not declare it, as in ``NodeCapacity.holds``
             have = sum(c.resources.get(key, 0) * c.max_count for c in candidates)
             if have < amount:
                 raise PlanError(fix(f"{asked} needs {amount:g} {key} in all; the cluster can offer {have:g}",

@@ -64,10 +64,21 @@ def main() -> None:
 @click.option("--emit", type=click.Choice(["device-map", "transformerlens"]), help=(
     "generate: print only what to paste: device-map = {device_map, max_memory} for from_pretrained; "
     "transformerlens = n_devices and memory per GPU for HookedTransformer (float32 and bfloat16)."))
+@click.option("--cluster", "cluster_yaml", type=click.Path(), help=(
+    "A Ray cluster-launcher file (cluster.yaml): refuse the plan unless one of its node types can hold it, "
+    "as submission does."))
 @one_line_errors
-def plan_cmd(model: str, as_json: bool, emit: str | None, **request: Any) -> None:
+def plan_cmd(model: str, as_json: bool, emit: str | None, cluster_yaml: str | None, **request: Any) -> None:
     """Plan MODEL (a built-in name or a config.json path) for TASK on a GPU type."""
     p = plan_request(load_model(model), validated(PlanRequest, **request))
+    if cluster_yaml:
+        from gpufleet.catalogue.placement import check_feasible, node_types_from_cluster_config
+        from gpufleet.cluster.launcher import validate_cluster_config
+
+        types = node_types_from_cluster_config(validate_cluster_config(cluster_yaml))
+        check_feasible(p.placement.bundles, p.placement.strategy, [], types)
+        err.print(f"{cluster_yaml}: node types {', '.join(t.name for t in types if any(t.holds(b) for b in p.placement.bundles))} "
+                  "can hold this plan's bundles", markup=False, highlight=False)
     if emit:
         emit_json(emitted(p, emit))
     elif as_json:
