@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 # torch.compile's cache stays with the venv, not in a growing /tmp dir.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/$(VENV)/torchinductor
 
-.PHONY: install haproxy demo demo-clean test lint clean
+.PHONY: install haproxy demo demo-clean test lint clean image
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
+
+# The node image for cluster.yaml's nodes and KubeRay pods, tagged with gpufleet's version (needs a Docker engine).
+image: install
+	docker build --build-arg RAY_VERSION=$$($(PY) -c "from gpufleet.cluster.image import ray_version; print(ray_version())") \
+	  -t $$($(PY) -c "from gpufleet.cluster.image import default_image; print(default_image())") .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
