@@ -6,8 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from gpufleet.catalogue.errors import GpufleetError, fix
 from gpufleet.catalogue.placement import sum_bundles
-from gpufleet.cluster.head import HeadState
+from gpufleet.cluster.endpoint import Endpoint, serve_applications
 
 
 class NodeStatus(BaseModel):
@@ -45,8 +46,9 @@ def _accelerator(resources: dict[str, float]) -> str | None:
     return next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None)
 
 
-def collect_status(head: HeadState | None = None) -> ClusterStatus:
-    """Snapshot of the connected cluster (``ray.init`` must have been called)."""
+def collect_status(endpoint: Endpoint | None = None, address: str | None = None) -> ClusterStatus:
+    """Snapshot of the connected cluster (``ray.init`` must have been called); jobs and Serve apps come from
+    ``endpoint``'s APIs, when given."""
     import ray
     from ray._private.state import state
 
@@ -58,11 +60,11 @@ def collect_status(head: HeadState | None = None) -> ClusterStatus:
             node_id=n["NodeID"], address=n["NodeManagerAddress"], alive=n["Alive"],
             accelerator_type=_accelerator(res), gpus_total=res.get("GPU", 0), gpus_free=avail.get("GPU", 0),
             cpus_total=res.get("CPU", 0), cpus_free=avail.get("CPU", 0)))
-    jobs = _jobs(head)
+    jobs = _jobs(endpoint)
     return ClusterStatus(
-        address=head.address if head else ray.get_runtime_context().gcs_address,
-        dashboard_url=head.dashboard_url if head else None, nodes=nodes,
-        placement_groups=_groups(jobs), jobs=jobs, serve_apps=_serve_apps(head), gpu_metrics=_metrics())
+        address=address or ray.get_runtime_context().gcs_address,
+        dashboard_url=endpoint.dashboard_url if endpoint else None, nodes=nodes,
+        placement_groups=_groups(jobs), jobs=jobs, serve_apps=_serve_apps(endpoint), gpu_metrics=_metrics())
 
 
 def _groups(jobs: list[dict[str, Any]]) -> list[GroupStatus]:
@@ -87,33 +89,55 @@ def _groups(jobs: list[dict[str, Any]]) -> list[GroupStatus]:
     return out
 
 
-def _jobs(head: HeadState | None) -> list[dict[str, Any]]:
-    if head is None:
+def _jobs(endpoint: Endpoint | None) -> list[dict[str, Any]]:
+    if endpoint is None:
         return []
-    from ray.job_submission import JobSubmissionClient
-
     try:
-        client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers())
         return [{"submission_id": j.submission_id, "job_id": j.job_id, "status": str(j.status.value),
                  "entrypoint": j.entrypoint, "message": j.message or ""}
-                for j in client.list_jobs() if j.submission_id]  # drivers (this CLI too) are not jobs
+                for j in endpoint.job_client().list_jobs() if j.submission_id]  # drivers (this CLI too) are not jobs
     except Exception as e:  # dashboard down: report, keep the rest of the status
         return [{"error": f"job API unreachable: {e}"}]
 
 
-def _serve_apps(head: HeadState | None) -> list[dict[str, Any]]:
-    if head is None:
+def _serve_apps(endpoint: Endpoint | None) -> list[dict[str, Any]]:
+    if endpoint is None:
         return []
-    import requests
-
     try:
-        r = requests.get(f"{head.dashboard_url}/api/serve/applications/", headers=head.auth_headers(), timeout=5)
-        apps = r.json().get("applications", {}) if r.ok else {}
+        apps = serve_applications(endpoint)
     except Exception:
         return []
     return [{"name": name, "status": a.get("status"), "route_prefix": a.get("route_prefix"),
-             "deployments": {d: v.get("status") for d, v in a.get("deployments", {}).items()}}
+             "deployments": {d: v.get("status") for d, v in (a.get("deployments") or {}).items()}}
             for name, a in apps.items()]
+
+
+STATUS_MARK = "gpufleet-status: "  # the line of the status job's log that holds its JSON
+
+
+def remote_status(endpoint: Endpoint, timeout_s: float = 120) -> ClusterStatus:
+    """The status of a cluster this machine has no driver connection to: collected by a short job on it
+    (``python -m gpufleet.cluster.status``), its jobs and Serve apps read here through ``endpoint``."""
+    import time
+
+    client = endpoint.job_client()
+    sid = client.submit_job(entrypoint="python -m gpufleet.cluster.status", metadata={"gpufleet": "status"})
+    deadline = time.monotonic() + timeout_s
+    while str(client.get_job_status(sid).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if time.monotonic() > deadline:
+            client.stop_job(sid)
+            raise GpufleetError(fix(f"the status job {sid} did not finish within {timeout_s:g}s",
+                                    f"see `gpufleet jobs logs {sid}` (the cluster may have no CPU free)"))
+        time.sleep(0.3)
+    logs = client.get_job_logs(sid)
+    line = next((x for x in logs.splitlines() if x.startswith(STATUS_MARK)), None)
+    if line is None:
+        raise GpufleetError(fix(f"the status job {sid} printed no status: {logs.strip()[-300:]}",
+                                "check that gpufleet is installed on the cluster's nodes (the node image)"))
+    st = ClusterStatus.model_validate_json(line.removeprefix(STATUS_MARK))
+    jobs = [j for j in _jobs(endpoint) if j.get("submission_id") != sid]
+    return st.model_copy(update={"dashboard_url": endpoint.dashboard_url, "jobs": jobs,
+                                 "serve_apps": _serve_apps(endpoint)})
 
 
 def _metrics() -> list[dict[str, Any]]:
@@ -123,3 +147,18 @@ def _metrics() -> list[dict[str, Any]]:
         return monitor_reports()
     except Exception as e:
         return [{"error": f"GPU monitors unreachable: {e}"}]
+
+
+def main() -> int:
+    """On the cluster: print the status of the cluster this job runs in (for ``remote_status``)."""
+    import ray
+
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    print(STATUS_MARK + collect_status().model_dump_json(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

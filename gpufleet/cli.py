@@ -47,6 +47,11 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+address_option = click.option("--address", default=None, help=ADDRESS_HELP)
+image_option = click.option("--image", default=None, help=(
+    "With --format kuberay: the node image (default: the gpufleet image of this version, `make image`)."))
+
+
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
 
@@ -214,25 +219,28 @@ def down_cmd() -> None:
 
 
 @main.command("status")
+@address_option
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
-def status_cmd(as_json: bool) -> None:
+def status_cmd(address: str | None, as_json: bool) -> None:
     """Nodes, GPUs, placement groups, jobs, Serve apps and GPU metrics of the cluster."""
+    from gpufleet.cluster.endpoint import from_head, resolve_endpoint
     from gpufleet.cluster.head import connect
-    from gpufleet.cluster.status import collect_status
+    from gpufleet.cluster.status import collect_status, remote_status
     from gpufleet.render import status_tables
 
-    st = collect_status(connect())
+    endpoint = resolve_endpoint(address)
+    if endpoint.shares_disk:
+        head = connect()
+        st = collect_status(from_head(head), head.address)
+    else:
+        with err.status("collecting the cluster's status through a job ..."):
+            st = remote_status(endpoint)
     if as_json:
         emit_json(st.model_dump())
         return
     for t in status_tables(st):
         out.print(t)
-
-
-address_option = click.option("--address", default=None, help=ADDRESS_HELP)
-image_option = click.option("--image", default=None, help=(
-    "With --format kuberay: the node image (default: the gpufleet image of this version, `make image`)."))
 
 
 @main.command("train")

@@ -123,10 +123,11 @@ def run_demo(args: DemoOptions) -> int:
                       else "[red]the adapter did not learn the answer format[/]")
 
         stage(7, "gpufleet status, then gpufleet down")
+        from gpufleet.cluster.endpoint import from_head
         from gpufleet.cluster.status import collect_status
         from gpufleet.render import status_tables
 
-        for table in status_tables(collect_status(state)):
+        for table in status_tables(collect_status(from_head(state), state.address)):
             console.print(table)
         from ray import serve
 

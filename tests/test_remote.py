@@ -144,6 +144,16 @@ def test_a_model_served_on_a_remote_head_answers_and_its_app_can_be_deleted(remo
     assert "remote-app" not in {a["name"] for a in json.loads(remote.gpufleet("apps", "list", "--json").stdout)}
 
 
+def test_status_of_a_remote_head_lists_its_nodes_jobs_and_apps_through_ray_address(remote):
+    env = {**remote.env, "RAY_ADDRESS": remote.address}
+    r = subprocess.run([GPUFLEET, "status", "--json"], cwd=remote.client, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = json.loads(r.stdout)
+    assert [n["cpus_total"] for n in st["nodes"]] == [6.0] and st["dashboard_url"] == remote.address
+    assert all(j.get("status") for j in st["jobs"]) and "gpu_metrics" in st
+
+
 def test_a_model_directory_of_the_client_is_refused_for_a_remote_head(remote, tiny_model):
     (remote.client / "local.yaml").write_text(json.dumps({"models": [{"id": "t", "source": str(tiny_model)}]}))
     r = remote.gpufleet("serve", "local.yaml")
