@@ -27,7 +27,9 @@ SHIPPED = Path(__file__).parents[1] / "cluster.yaml"
 def fake_config_from_shipped(gcs_address: str) -> dict:
     """cluster.yaml's head and worker types (resources, min/max workers) on the fake provider."""
     shipped = yaml.safe_load(SHIPPED.read_text())
-    types = {name: {"resources": t["resources"], "node_config": {}, "min_workers": t.get("min_workers", 0),
+    # Ray's fake provider hands every declared resource to RayParams, which refuses `memory` (a real node
+    # takes it from RAY_OVERRIDE_RESOURCES): the fake nodes leave it out, and plan checks treat it as unknown.
+    types = {name: {"resources": {k: v for k, v in t["resources"].items() if k != "memory"}, "node_config": {}, "min_workers": t.get("min_workers", 0),
                     "max_workers": t.get("max_workers", 0)}
              for name, t in shipped["available_node_types"].items()}
     empty: list = []
