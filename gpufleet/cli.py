@@ -56,6 +56,14 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
 
 
+def show_rows(rows: list[dict[str, Any]], as_json: bool, table: Callable[[list[dict[str, Any]]], Any]) -> None:
+    """A listing: the rows as JSON for scripts, else the table drawn from them."""
+    if as_json:
+        emit_json(rows)
+    else:
+        out.print(table(rows))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gpufleet")
 def main() -> None:
@@ -132,10 +140,7 @@ def catalogue_cmd(as_json: bool, gpu_names: tuple[str, ...]) -> None:
     """Built-in models x tasks x common GPUs -> GPU count, TP size, ZeRO stage."""
     gpus = [get_gpu(g).name for g in gpu_names] or list(CATALOGUE_GPUS)
     rows = build_catalogue(gpus)
-    if as_json:
-        emit_json(rows)
-    else:
-        out.print(catalogue_table(rows, gpus, list(CATALOGUE_TASKS)))
+    show_rows(rows, as_json, lambda r: catalogue_table(r, gpus, list(CATALOGUE_TASKS)))
 
 
 @main.command("up")
@@ -338,10 +343,7 @@ def jobs_list_cmd(address: str | None, as_json: bool) -> None:
     rows = sorted(({"submission_id": j.submission_id, "status": str(j.status.value), "name": (j.metadata or {}).get(
         "name", ""), "kind": (j.metadata or {}).get("gpufleet", ""), "start_time": j.start_time,
         "entrypoint": j.entrypoint} for j in jobs), key=lambda r: r["start_time"] or 0, reverse=True)
-    if as_json:
-        emit_json(rows)
-    else:
-        out.print(jobs_table(rows))
+    show_rows(rows, as_json, jobs_table)
 
 
 @jobs_group.command("logs")
@@ -398,10 +400,7 @@ def apps_list_cmd(address: str | None, as_json: bool) -> None:
     rows = [{"name": name, "status": a.get("status", ""), "route_prefix": a.get("route_prefix"),
              "deployments": {d: v.get("status", "") for d, v in (a.get("deployments") or {}).items()},
              "message": a.get("message", "")} for name, a in apps.items()]
-    if as_json:
-        emit_json(rows)
-    else:
-        out.print(apps_table(rows))
+    show_rows(rows, as_json, apps_table)
 
 
 @apps_group.command("delete")

@@ -114,6 +114,16 @@ def test_a_fine_tune_submitted_to_a_remote_head_finishes_with_its_result_in_stor
     assert "done: step 4/4" in logs and "hf_not_a_real_token" not in logs
 
 
+def test_a_dataset_named_by_uri_is_read_where_the_job_runs_and_quiet_keeps_only_the_bar(remote):
+    data = write_greeting_dataset(remote.storage / "shared-greetings.jsonl")  # in storage the nodes mount
+    write_spec(remote.client / "uri.yaml", name="uri-lora", model=REPO, dataset=data.as_uri(), max_steps=2,
+               global_batch=8, seq_len=64, storage=str(remote.storage))
+    r = remote.gpufleet("train", "uri.yaml", "--quiet")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "done: step 2/2" in r.stdout and "RayTrainWorker" not in r.stdout + r.stderr
+    assert (remote.storage / "uri-lora" / "final" / "adapter_model.safetensors").exists()
+
+
 def test_a_job_can_be_stopped_and_an_unknown_one_is_named_in_one_line(remote):
     write_greeting_dataset(remote.client / "greetings.jsonl")
     write_spec(remote.client / "long.yaml", name="long", model=REPO, dataset="greetings.jsonl", max_steps=100000,
