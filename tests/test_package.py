@@ -114,3 +114,32 @@ def test_each_gpu_example_is_planned(example, tmp_path, monkeypatch):
 
     layout = resolve_layout(spec, spec_from_config(model_source(spec.model, base, "model")[1], name=spec.model))
     assert layout.use_gpu and layout.workers >= 1
+
+
+def quickstart_commands() -> list[str]:
+    """The `gpufleet ...` lines of the README's GPU quickstart that need no cluster (plans and manifests)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## GPU quickstart"):]
+    section = section[:section.index("\n## ", 4)]
+    lines = [line.split("#")[0].split("|")[0].strip() for line in section.splitlines()]
+    return [line for line in lines if line.startswith("gpufleet ") and ("--emit-config" in line or " plan " in line)]
+
+
+@pytest.mark.parametrize("command", quickstart_commands())
+def test_the_readme_quickstart_commands_that_need_no_cluster_run(command, tmp_path, monkeypatch):
+    import shlex
+
+    from gpufleet.catalogue.model import builtin_models
+    from tests.conftest import hf_cache_with
+
+    hf_cache_with(tmp_path, "Qwen/Qwen2.5-7B", {"config.json": builtin_models()["qwen2.5-7b"].read_text()})
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)
+    r = CliRunner().invoke(main, shlex.split(command)[1:])
+    assert r.exit_code == 0, r.output
+    if "--emit-config" in command:
+        docs = list(yaml.safe_load_all(r.stdout))  # stdout is the manifest alone: it is piped to kubectl
+        assert docs[-1]["kind"] in ("RayJob", "RayService") and str(ROOT) not in r.stdout
