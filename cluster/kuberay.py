@@ -8,6 +8,7 @@ those of the node's bundles. Pure: plans in, dicts out; tests check them against
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -98,7 +99,7 @@ def ray_job(name: str, entrypoint: str, group: dict[str, Any], image: str | None
     volume = {"name": "job-files", "configMap": {"name": config_map["metadata"]["name"], "items": [
         {"key": key, "path": path} for key, path in files.paths.items()]}}
     for g in (head, group):
-        g["template"]["spec"].setdefault("volumes", []).append(volume)
+        g["template"]["spec"].setdefault("volumes", []).append(copy.deepcopy(volume))  # no YAML anchors
         for c in g["template"]["spec"]["containers"]:
             c.setdefault("volumeMounts", []).append({"name": "job-files", "mountPath": files.mount_path,
                                                      "readOnly": True})

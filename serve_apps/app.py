@@ -268,13 +268,16 @@ def waiting_for(app: Any) -> str:
 def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
     """A Ray Serve config file (``serve deploy`` / KubeRay RayService) equivalent to ``deploy``.
     The API key is never written into it: set it on the cluster instead."""
-    from ray.serve.llm import LLMConfig
-
     # What Ray would refuse, refused now; the plain dicts are what gets written (copied through
     # JSON so shared sub-dicts do not turn into YAML anchors).
     configs = json.loads(json.dumps(llm_configs(spec, base)))
+    try:
+        from ray.serve.llm import LLMConfig
+    except ImportError:  # a client installed without ray[serve]: the cluster that builds the app checks it
+        LLMConfig = None
     for c in configs:
-        LLMConfig(**c)
+        if LLMConfig:
+            LLMConfig(**c)
     adapters = all_adapters(spec, base)
     return {
         "http_options": {"host": spec.host, "port": spec.port},
