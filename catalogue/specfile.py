@@ -18,11 +18,44 @@ def validation_message(e: ValidationError, cls: type[BaseModel], source: str) ->
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "spec"
     if err["type"] == "extra_forbidden":
-        return fix(f"{source}: unknown key '{where}'", f"remove it or use one of: {', '.join(cls.model_fields)}")
+        return fix(f"{source}: unknown key '{where}'",
+                   f"remove it or use one of: {', '.join(_section(cls, err['loc'][:-1]).model_fields)}")
     msg = err["msg"].removeprefix("Value error, ")
     if not err["loc"]:  # a rule across fields: its message names them
         return f"{source}: {msg}"
     return f"{source}: {where}={err.get('input')!r}: {msg}"
+
+
+def _section(cls: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The model of the section ``loc`` names (``lora`` in ``lora.rr``; list items and dict values included)."""
+    for part in loc:
+        if isinstance(part, int) or part not in getattr(cls, "model_fields", {}):
+            continue  # a list index or dict key: the item's model is the field's
+        inner = _models_in(cls.model_fields[part].annotation)
+        if not inner:
+            break
+        cls = inner[0]
+    return cls
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``X``, ``list[X]``, ``X | None``, ``dict[str, X]``)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data; a syntax error is one line with the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(fix(f"{where}: not valid YAML ({problem})", "correct the YAML syntax there")) from None
 
 
 def load_spec_file(path: str | Path, cls: type[M], example: str) -> tuple[M, Path]:
@@ -30,10 +63,7 @@ def load_spec_file(path: str | Path, cls: type[M], example: str) -> tuple[M, Pat
     p = Path(path)
     if not p.is_file():
         raise SpecError(fix(f"spec {p} not found", f"pass the path of a YAML spec like {example}"))
-    try:
-        raw: Any = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise SpecError(fix(f"{p}: expected a mapping of keys", f"see {example}"))
     try:

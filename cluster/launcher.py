@@ -11,9 +11,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpufleet.catalogue.errors import SpecError, fix
+from gpufleet.catalogue.specfile import read_yaml
 
 # AWS instance type -> (GPUs, gpufleet GPU type). Source: AWS instance type pages.
 AWS_GPU_INSTANCES: dict[str, tuple[int, str]] = {
@@ -75,10 +74,7 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SpecError(fix(f"cluster config {p} not found", "pass the path of cluster.yaml"))
-    try:
-        config = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(fix(f"{p}: not valid YAML ({str(e).splitlines()[0]})", "correct the YAML syntax")) from None
+    config = read_yaml(p)
     if not isinstance(config, dict):
         raise SpecError(fix(f"{p}: expected a mapping of keys", "see the cluster.yaml gpufleet ships"))
     return config

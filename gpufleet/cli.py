@@ -271,8 +271,10 @@ def train_cmd(spec: str, address: str | None, no_follow: bool, quiet: bool, emit
                                       sort_keys=False))
         return
     from gpufleet.cluster.endpoint import resolve_endpoint
+    from gpufleet.jobs.spec import load_job_spec
     from gpufleet.jobs.submit import submit
 
+    load_job_spec(spec)  # a bad spec is named before a missing cluster is
     endpoint = resolve_endpoint(address)
     client, sid, _ = submit(spec, endpoint)
     out.print(f"submitted [bold]{sid}[/] to {endpoint.dashboard_url}")

@@ -38,11 +38,14 @@ def options_from(model: type[BaseModel], *fields: str, names: dict[str, str] | N
             info = model.model_fields[field]
             flag = names.get(field, "--" + field.replace("_", "-"))
             kind, is_flag = _click_type(info.annotation)
-            default = None if info.default is PydanticUndefined else info.default
             decl = f"{flag}/--no-{flag[2:]}" if is_flag else flag
-            fn = click.option(decl, field, type=None if is_flag else kind, default=default,
-                              required=info.is_required(), show_default=default is not None,
-                              help=info.description)(fn)
+            # click 8.3+ counts an explicit default=None as a value: a required field gets no default at all,
+            # so a missing option is click's own one line ("Missing option '--gpu'").
+            extra: dict[str, Any] = {} if info.is_required() else {
+                "default": None if info.default is PydanticUndefined else info.default,
+                "show_default": info.default not in (None, PydanticUndefined)}
+            fn = click.option(decl, field, type=None if is_flag else kind, required=info.is_required(),
+                              help=info.description, **extra)(fn)
         return fn
 
     return decorate

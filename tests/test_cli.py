@@ -48,3 +48,8 @@ def test_errors_are_one_line_on_stderr_with_nonzero_exit():
 def test_bad_estimate_value_names_the_field():
     r = runner.invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "full", "--batch", "0"])
     assert r.exit_code == 1 and "micro_batch" in r.output
+
+
+def test_a_missing_required_option_is_named_by_its_flag_not_a_class():
+    r = CliRunner().invoke(main, ["plan", "llama-3.1-8b", "--task", "lora"])
+    assert r.exit_code == 2 and "Missing option '--gpu'" in r.output and "PlanRequest" not in r.output

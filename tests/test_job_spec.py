@@ -9,7 +9,7 @@ from gpufleet.catalogue.model import load_model
 from gpufleet.jobs.data import load_conversations, tokenize
 from gpufleet.jobs.finetune import prepare, run
 from gpufleet.jobs.layout import deepspeed_config, resolve_layout
-from gpufleet.jobs.spec import JobSpec
+from gpufleet.jobs.spec import JobSpec, load_job_spec
 from tests.conftest import write_spec
 
 
@@ -149,3 +149,19 @@ def test_a_float32_job_on_gpus_is_refused_before_anything_is_reserved():
     spec = JobSpec(model="m", dataset="d", task="lora", max_steps=1, gpu="H100-80GB", plan={"dtype": "float32"})
     with pytest.raises(PlanError, match="training in float32 on GPUs is not planned.*train on CPU workers"):
         resolve_layout(spec, load_model("llama-3.2-1b"))
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(SpecError) as e:
+        load_job_spec(bad)
+    assert str(e.value).startswith(f"{bad}:3:1: not valid YAML (") and "\n" not in str(e.value)
+
+
+def test_an_unknown_nested_key_is_answered_with_its_own_sections_fields(tmp_path, tiny_model, greeting_data):
+    spec = write_spec(tmp_path / "job.yaml", model=str(tiny_model), dataset=str(greeting_data), max_steps=1,
+                      lora={"rr": 8})
+    with pytest.raises(SpecError, match=r"unknown key 'lora.rr'. To fix: remove it or use one of: r, alpha, dropout, "
+                                        r"target_modules$"):
+        load_job_spec(spec)
