@@ -44,6 +44,20 @@ class GpuType(Config):
         return self.compute_capability >= (6, 0)
 
     @property
+    def supports_triton(self) -> bool:
+        """torch.compile's inductor emits Triton kernels, which need compute capability 7.0 (Volta) or newer."""
+        return self.compute_capability >= (7, 0)
+
+    @property
+    def runs_vllm(self) -> bool:
+        """The CUDA vLLM build gpufleet pins is compiled for compute capability 7.0 and newer."""
+        return self.compute_capability >= (7, 0)
+
+    @property
+    def cc(self) -> str:
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+    @property
     def train_dtype(self) -> str:
         return "bfloat16" if self.supports_bf16 else "float16"
 
@@ -59,6 +73,8 @@ class GpuType(Config):
 GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
     GpuType(name="H200", memory_gib=139.8, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
             bandwidth_gbs=4800, ray_accelerator_type="H200", aliases=("H200-141GB",)),
+    GpuType(name="B200", memory_gib=178.4, compute_capability=(10, 0), bf16_tflops=2250, fp16_tflops=2250,
+            bandwidth_gbs=8000, ray_accelerator_type="B200", aliases=("B200-192GB",)),
     GpuType(name="H100-80GB", memory_gib=79.18, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
             bandwidth_gbs=3350, ray_accelerator_type="H100", aliases=("H100",)),
     GpuType(name="A100-80GB", memory_gib=79.1, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
@@ -67,12 +83,16 @@ GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
             bandwidth_gbs=1555, ray_accelerator_type="A100", aliases=("A100", "A100-40G")),
     GpuType(name="L40S", memory_gib=44.4, compute_capability=(8, 9), bf16_tflops=362, fp16_tflops=362,
             bandwidth_gbs=864, ray_accelerator_type="L40S"),
+    GpuType(name="L40", memory_gib=44.4, compute_capability=(8, 9), bf16_tflops=181, fp16_tflops=181,
+            bandwidth_gbs=864, ray_accelerator_type="L40"),
     GpuType(name="L4", memory_gib=22.0, compute_capability=(8, 9), bf16_tflops=121, fp16_tflops=121,
             bandwidth_gbs=300, ray_accelerator_type="L4"),
     GpuType(name="A10G", memory_gib=22.0, compute_capability=(8, 6), bf16_tflops=70, fp16_tflops=70,
             bandwidth_gbs=600, ray_accelerator_type="A10G"),
     GpuType(name="RTX-4090", memory_gib=23.6, compute_capability=(8, 9), bf16_tflops=165, fp16_tflops=165,
             bandwidth_gbs=1008, ray_accelerator_type="GeForce-RTX-4090", aliases=("4090", "RTX4090")),
+    GpuType(name="RTX-3090", memory_gib=23.6, compute_capability=(8, 6), bf16_tflops=71, fp16_tflops=71,
+            bandwidth_gbs=936, ray_accelerator_type="GeForce-RTX-3090", aliases=("3090", "RTX3090")),
     GpuType(name="V100-32GB", memory_gib=31.7, compute_capability=(7, 0), bf16_tflops=0, fp16_tflops=125,
             bandwidth_gbs=900, ray_accelerator_type="V100", aliases=("V100",)),
     GpuType(name="T4", memory_gib=14.6, compute_capability=(7, 5), bf16_tflops=0, fp16_tflops=65,
@@ -85,10 +105,18 @@ GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
 ]}
 
 
+# GPUs users ask about that this build cannot plan for, and why.
+UNSUPPORTED_GPUS = {"mi300x": "AMD's ROCm", "mi250x": "AMD's ROCm", "mi210": "AMD's ROCm",
+                    "gaudi2": "Intel Gaudi (HPU)", "gaudi3": "Intel Gaudi (HPU)"}
+
+
 def get_gpu(name: str) -> GpuType:
     """Look a GPU type up by name or alias, case-insensitively."""
     key = name.strip().lower()
     for g in GPU_TYPES.values():
         if key == g.name.lower() or key in (a.lower() for a in g.aliases):
             return g
+    if key in UNSUPPORTED_GPUS:
+        raise SpecError(fix(f"{name} runs on {UNSUPPORTED_GPUS[key]}, which this build of gpufleet (CUDA torch, vLLM "
+                            "and DeepSpeed) does not support", f"plan for an NVIDIA GPU type: {', '.join(GPU_TYPES)}"))
     raise SpecError(fix(f"unknown GPU type {name!r}", f"use one of: {', '.join(GPU_TYPES)} (or {CPU_DEVICE} to serve on CPUs)"))

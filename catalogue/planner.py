@@ -88,6 +88,11 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
             raise PlanError(fix(f"task {req.task!r} has no CPU plan", "pass a GPU type with --gpu (CPU serves only)"))
         return _plan_serve_cpu(spec, req)
     gpu = get_gpu(req.gpu)
+    if req.task == "serve" and not gpu.runs_vllm:
+        served = [g.name for g in GPU_TYPES.values() if g.runs_vllm and g.memory_gib <= 48]
+        raise PlanError(fix(f"vLLM's CUDA build does not run on {gpu.name} (compute capability {gpu.cc}; it needs 7.0+)",
+                            f"plan --task generate (transformers with device_map) on {gpu.name}, or serve on "
+                            f"{', '.join(served)} or larger"))
     seq = _seq_len(spec, req)
     batch = req.batch or DEFAULT_GLOBAL_BATCH
     if req.task in ("lora", "qlora", "full") and req.gpus and batch % req.gpus:
@@ -466,6 +471,7 @@ def _pinned_micro_batches(req: PlanRequest, per_rank: int) -> list[int]:
 def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
     global_batch = req.batch or DEFAULT_GLOBAL_BATCH
     dtype = _gpu_dtype(req, gpu)
+    compile_ = req.compile and gpu.supports_triton  # inductor's Triton kernels need compute capability 7.0+
     for n in counts:
         if global_batch % n:
             continue
@@ -474,18 +480,25 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                 micro_b, accum = split_batch(global_batch, n, micro)
                 setup = TrainSetup(task=req.task, precision="bf16" if dtype == "bfloat16" else "fp16",
                                    micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
-                                   engine="deepspeed", compile=req.compile, data_parallel=n, zero_stage=stage,
+                                   engine="deepspeed", compile=compile_, data_parallel=n, zero_stage=stage,
                                    offload_optimizer=off_opt, offload_params=off_par)
                 mem = estimate(spec, setup)
                 if fits(mem.peak, gpu.memory_bytes, req.headroom):
                     return TrainPlan(task=req.task, data_parallel=n, zero_stage=stage, grad_ckpt=ckpt,
-                                     compile=req.compile, offload_optimizer=off_opt, offload_params=off_par,
+                                     compile=compile_, offload_optimizer=off_opt, offload_params=off_par,
                                      micro_batch=micro_b, grad_accum=accum, global_batch=global_batch, memory=mem,
-                                     peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT, notes=_train_notes(mem, off_opt),
+                                     peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
+                                     notes=_train_notes(mem, off_opt) + _compile_notes(req, gpu),
                                      host_bytes_per_gpu=mem.cpu_offload,
                                      host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
                                      **_common(spec, req, gpu, n, seq, "PACK", mem.cpu_offload, dtype))
     return None
+
+
+def _compile_notes(req: PlanRequest, gpu: GpuType) -> tuple[str, ...]:
+    if req.compile and not gpu.supports_triton:
+        return (f"torch.compile off: inductor's Triton kernels need compute capability 7.0, {gpu.name} has {gpu.cc}",)
+    return ()
 
 
 # QLoRA micro-batches stay within the tokens the memory model was measured at on an H100 (4096 per
@@ -505,6 +518,7 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                             "16-bit checkpoint to nf4", "use the 16-bit checkpoint"))
     global_batch = req.batch or DEFAULT_GLOBAL_BATCH
     dtype = _gpu_dtype(req, gpu)
+    compile_ = req.compile and gpu.supports_triton  # inductor's Triton kernels need compute capability 7.0+
     for n in counts:
         if global_batch % n:
             continue

@@ -24,9 +24,9 @@ MEMORY_PER_GPU_GIB = 16  # host RAM per GPU when the plan reserves none (loading
 HEAD_CPUS, HEAD_MEMORY = "4", "16Gi"
 # gpufleet GPU type -> NVIDIA GPU feature discovery's nvidia.com/gpu.product label (the usual SKU).
 GPU_PRODUCT = {
-    "H200": "NVIDIA-H200", "H100-80GB": "NVIDIA-H100-80GB-HBM3", "A100-80GB": "NVIDIA-A100-SXM4-80GB",
-    "A100-40GB": "NVIDIA-A100-SXM4-40GB", "L40S": "NVIDIA-L40S", "L4": "NVIDIA-L4", "A10G": "NVIDIA-A10G",
-    "RTX-4090": "NVIDIA-GeForce-RTX-4090", "V100-32GB": "Tesla-V100-SXM2-32GB", "T4": "Tesla-T4", "P4": "Tesla-P4",
+    "B200": "NVIDIA-B200", "H200": "NVIDIA-H200", "H100-80GB": "NVIDIA-H100-80GB-HBM3", "A100-80GB": "NVIDIA-A100-SXM4-80GB",
+    "A100-40GB": "NVIDIA-A100-SXM4-40GB", "L40S": "NVIDIA-L40S", "L40": "NVIDIA-L40", "L4": "NVIDIA-L4", "A10G": "NVIDIA-A10G",
+    "RTX-4090": "NVIDIA-GeForce-RTX-4090", "RTX-3090": "NVIDIA-GeForce-RTX-3090", "V100-32GB": "Tesla-V100-SXM2-32GB", "T4": "Tesla-T4", "P4": "Tesla-P4",
     "M60": "Tesla-M60",
 }
 

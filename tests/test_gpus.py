@@ -28,3 +28,34 @@ def test_lookup_by_alias_is_case_insensitive():
 def test_unknown_gpu_lists_known_ones():
     with pytest.raises(SpecError, match="unknown GPU type 'K9000'.*H100-80GB"):
         get_gpu("K9000")
+
+
+def test_the_gpus_users_ask_about_are_in_the_table():
+    assert {"B200", "L40", "RTX-3090"} <= set(GPU_TYPES)
+    assert get_gpu("3090").name == "RTX-3090" and get_gpu("B200").supports_fp8
+
+
+def test_an_amd_gpu_is_refused_as_unsupported_by_this_build_in_one_line():
+    with pytest.raises(SpecError, match=r"^MI300X runs on AMD's ROCm, which this build .* does not support\. To fix"):
+        get_gpu("MI300X")
+
+
+@pytest.mark.parametrize("name", ["P4", "M60"])
+def test_vllm_is_not_planned_below_compute_capability_7(name):
+    from gpufleet.catalogue.errors import PlanError
+    from gpufleet.catalogue.model import load_model
+    from gpufleet.catalogue.planner import plan
+
+    with pytest.raises(PlanError, match=rf"vLLM's CUDA build does not run on {name} \(compute capability "
+                                        r"\d\.\d; it needs 7\.0\+\)\. To fix: plan --task generate"):
+        plan(load_model("llama-3.2-1b"), "serve", name)
+    assert plan(load_model("llama-3.2-1b"), "generate", name).gpus >= 1
+
+
+def test_training_below_compute_capability_7_plans_without_torch_compile():
+    from gpufleet.catalogue.model import load_model
+    from gpufleet.catalogue.planner import plan
+
+    p4, t4 = (plan(load_model("llama-3.2-1b"), "lora", g) for g in ("P4", "T4"))
+    assert not p4.compile and any("torch.compile off" in n for n in p4.notes)
+    assert t4.compile and not any("torch.compile off" in n for n in t4.notes)
