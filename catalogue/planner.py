@@ -518,7 +518,6 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                             "16-bit checkpoint to nf4", "use the 16-bit checkpoint"))
     global_batch = req.batch or DEFAULT_GLOBAL_BATCH
     dtype = _gpu_dtype(req, gpu)
-    compile_ = req.compile and gpu.supports_triton  # inductor's Triton kernels need compute capability 7.0+
     for n in counts:
         if global_batch % n:
             continue
