@@ -65,6 +65,10 @@ CPU_MAX_BATCHED_TOKENS = 2048
 Finder = Callable[[ModelSpec, PlanRequest, GpuType, int, list[int]], "Plan | None"]
 
 
+# Model types vLLM no longer serves (its model registry says so), and since when.
+VLLM_DROPPED = {"mllama": "vLLM removed Mllama (Llama 3.2 Vision) after 0.10.2"}
+
+
 def plan(spec: ModelSpec, task: str, gpu: GpuType | str, **options: Any) -> Plan:
     """The cheapest legal layout (fewest GPUs) for ``spec`` doing ``task`` on ``gpu``.
 
@@ -88,6 +92,9 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
             raise PlanError(fix(f"task {req.task!r} has no CPU plan", "pass a GPU type with --gpu (CPU serves only)"))
         return _plan_serve_cpu(spec, req)
     gpu = get_gpu(req.gpu)
+    if req.task == "serve" and spec.multimodal in VLLM_DROPPED:
+        raise PlanError(fix(f"{spec.name}: {VLLM_DROPPED[spec.multimodal]}, and gpufleet runs a newer vLLM",
+                            "serve a vision-language model vLLM supports, e.g. qwen2-vl-7b or llava-1.5-7b"))
     if req.task == "serve" and not gpu.runs_vllm:
         served = [g.name for g in GPU_TYPES.values() if g.runs_vllm and g.memory_gib <= 48]
         raise PlanError(fix(f"vLLM's CUDA build does not run on {gpu.name} (compute capability {gpu.cc}; it needs 7.0+)",

@@ -46,6 +46,8 @@ HF_REPOS: dict[str, str] = {
     "qwen2.5-3b": "Qwen/Qwen2.5-3B", "qwen2.5-7b": "Qwen/Qwen2.5-7B", "qwen2.5-14b": "Qwen/Qwen2.5-14B",
     "qwen2.5-32b": "Qwen/Qwen2.5-32B", "qwen2.5-72b": "Qwen/Qwen2.5-72B", "qwen3-8b": "Qwen/Qwen3-8B",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "llama-3.2-11b-vision": "meta-llama/Llama-3.2-11B-Vision", "llama-3.2-90b-vision": "meta-llama/Llama-3.2-90B-Vision",
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf", "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
 }
 REMOTE_SCHEMES = ("s3://", "gs://")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -1,5 +1,5 @@
 """Vision-language checkpoints (Llama-3.2-Vision, Qwen2-VL, LLaVA): counted as transformers builds them,
-planned for serving with TP legality from the text model's heads."""
+planned for serving with TP legality from the text model's heads, where vLLM still serves them."""
 
 import json
 
@@ -23,10 +23,17 @@ def test_parameter_count_equals_what_transformers_builds(name):
     assert load_model(name).num_params == sum(p.numel() for p in model.parameters())
 
 
-def test_llama_90b_vision_on_a100s_needs_tp4_and_says_why_not_fewer():
-    p = plan(load_model("llama-3.2-90b-vision"), "serve", "A100-80GB")
-    assert (p.tensor_parallel, p.gpus, p.nodes) == (4, 4, 1)
-    assert "TP=1:" in p.notes[0] and "TP=2:" in p.notes[0]
+@pytest.mark.parametrize("name", ["llama-3.2-11b-vision", "llama-3.2-90b-vision"])
+def test_mllama_is_refused_for_serving_in_one_line_naming_vllm_and_an_alternative(name):
+    with pytest.raises(PlanError, match=r"vLLM removed Mllama .* after 0\.10\.2.*To fix: serve .* qwen2-vl-7b") as e:
+        plan(load_model(name), "serve", "A100-80GB")
+    assert "\n" not in str(e.value)
+
+
+def test_a_vision_model_vllm_serves_on_t4s_needs_tp2_and_says_why_not_fewer():
+    p = plan(load_model("qwen2-vl-7b"), "serve", "T4")
+    assert (p.tensor_parallel, p.gpus, p.nodes) == (2, 2, 1)
+    assert "TP=1:" in p.notes[0]
 
 
 def test_tp_legality_comes_from_the_text_models_heads():
