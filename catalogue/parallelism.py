@@ -8,10 +8,33 @@ from gpufleet.catalogue.model import ModelSpec
 
 def tp_is_legal(spec: ModelSpec, tp: int) -> bool:
     """vLLM's rule: TP divides the attention heads, and either divides the KV heads or is a
-    multiple of them (KV heads are then replicated)."""
+    multiple of them (KV heads are then replicated); a group-quantized checkpoint also needs
+    whole quantization groups in every rank's shard."""
     if tp < 1 or spec.num_heads % tp:
         return False
-    return spec.num_kv_heads % tp == 0 or tp % spec.num_kv_heads == 0
+    if not (spec.num_kv_heads % tp == 0 or tp % spec.num_kv_heads == 0):
+        return False
+    return _split_group_width(spec, tp) is None
+
+
+# Checkpoints whose scales come per group of input features: vLLM shards a row-parallel layer's inputs
+# (o_proj, down_proj) across TP ranks and refuses a shard that cuts a group ("not aligned with the
+# quantized weight shape").
+GROUPED_METHODS = ("awq", "gptq", "compressed-tensors")
+
+
+def _split_group_width(spec: ModelSpec, tp: int) -> int | None:
+    """The row-parallel input width whose TP shards would cut a quantization group, if any."""
+    q = spec.quantization
+    if not q or q.method not in GROUPED_METHODS or not q.group_size:
+        return None
+    widths = [spec.num_heads * spec.head_dim]  # o_proj's inputs
+    if not spec.num_experts or len(spec.moe_layers) < spec.num_layers:
+        widths.append(spec.intermediate_size)  # a dense down_proj's
+    if spec.num_experts:
+        widths += [spec.moe_intermediate_size, spec.shared_expert_intermediate_size]  # the experts'
+
+    return next((w for w in widths if w and (w % tp or (w // tp) % q.group_size)), None)
 
 
 def legal_tp_sizes(spec: ModelSpec, gpus_per_node: int) -> list[int]:
@@ -27,10 +50,15 @@ def check_tp(spec: ModelSpec, tp: int, gpus_per_node: int, needed_by: str | None
         raise PlanError(fix(f"tensor_parallel_size={tp} exceeds the {gpus_per_node} GPUs of one node",
                             f"use one of {legal} and add pipeline stages across nodes"))
     if tp not in legal:
-        heads = f"split {spec.name}'s {spec.num_heads} attention heads / {spec.num_kv_heads} KV heads evenly"
+        width = _split_group_width(spec, tp) if tp >= 1 and spec.num_heads % tp == 0 else None
+        if width and spec.quantization:
+            why = (f"split {spec.name}'s width {width} into whole {spec.quantization.method} groups of "
+                   f"{spec.quantization.group_size} per rank ({width / spec.quantization.group_size:g} groups)")
+        else:
+            why = f"split {spec.name}'s {spec.num_heads} attention heads / {spec.num_kv_heads} KV heads evenly"
         if needed_by:
-            raise PlanError(fix(f"{needed_by} tensor_parallel_size={tp}, which does not {heads}", f"pin one of {legal}"))
-        raise PlanError(fix(f"tensor_parallel_size={tp} does not {heads}", f"use one of {legal}"))
+            raise PlanError(fix(f"{needed_by} tensor_parallel_size={tp}, which does not {why}", f"pin one of {legal}"))
+        raise PlanError(fix(f"tensor_parallel_size={tp} does not {why}", f"use one of {legal}"))
 
 
 def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:

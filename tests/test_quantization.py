@@ -136,3 +136,20 @@ def test_qlora_on_a_gpu_without_bitsandbytes_kernels_is_refused():
 def test_qlora_micro_batches_stay_within_the_measured_tokens():
     p = plan(load_model("llama-3.1-8b"), "qlora", "H100", seq_len=2048, batch=16)
     assert p.micro_batch * p.seq_len <= 4096 and p.micro_batch * p.grad_accum == 16
+
+
+def test_awq_tp_needs_whole_quantization_groups_in_every_ranks_shard():
+    """Qwen2.5-72B's MLP width 29568 is 231 groups of 128: no TP>1 splits it, and vLLM refuses such a load.
+    Qwen's own AWQ release pads it to 29696 (232 groups), which TP 2, 4 and 8 split."""
+    unpadded = quantized("qwen2.5-72b", AWQ)
+    with pytest.raises(PlanError, match=r"tensor_parallel_size=2 does not split .*width 29568 into whole awq groups "
+                                        r"of 128 per rank \(231 groups\)\. To fix: use one of \[1\]"):
+        plan(unpadded, "serve", "H100", gpus=2)
+    cfg = json.loads((MODELS_DIR / "qwen2.5-72b.json").read_text())
+    padded = spec_from_config({**cfg, "intermediate_size": 29696, "quantization_config": AWQ}, name="qwen2.5-72b-awq")
+    assert [plan(padded, "serve", "H100", gpus=n).tensor_parallel for n in (2, 4, 8)] == [2, 4, 8]
+
+
+def test_gptq_per_channel_checkpoints_are_not_held_to_a_group_width():
+    per_channel = quantized("qwen2.5-72b", {**GPTQ, "group_size": -1})
+    assert plan(per_channel, "serve", "H100", gpus=4).tensor_parallel == 4
