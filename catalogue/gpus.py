@@ -22,6 +22,9 @@ class GpuType(Config):
     fp16_tflops: float = Field(gt=0, description="Dense fp16 tensor TFLOP/s.")
     bandwidth_gbs: float = Field(gt=0, description="Memory bandwidth, GB/s.")
     ray_accelerator_type: str = Field(description="Ray's accelerator_type label (ray.util.accelerators).")
+    ray_detects_label: bool = Field(default=True, description=(
+        "Whether Ray adds the label to a node by itself. Ray labels both A100 sizes 'A100'; its 'A100-40G' and "
+        "'A100-80G' must be declared on the node (cluster.yaml, KubeRay, `gpufleet up` do)."))
     aliases: tuple[str, ...] = ()
 
     @property
@@ -69,7 +72,8 @@ class GpuType(Config):
 # Usable memory is what torch sees (slightly below the marketing GB; the H100's 79.18 GiB was read
 # by vLLM there). Throughputs are the
 # vendors' dense (non-sparse) tensor-core numbers. ray_accelerator_type is what Ray 2.60's own
-# NVML detection derives from the device name (both A100 sizes report "A100"; memory tells them apart).
+# NVML detection derives from the device name, except for the A100s: Ray labels both sizes "A100", so
+# plans pin Ray's size labels "A100-40G" / "A100-80G", which nodes declare (ray_detects_label=False).
 GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
     GpuType(name="H200", memory_gib=139.8, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
             bandwidth_gbs=4800, ray_accelerator_type="H200", aliases=("H200-141GB",)),
@@ -78,9 +82,9 @@ GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
     GpuType(name="H100-80GB", memory_gib=79.18, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
             bandwidth_gbs=3350, ray_accelerator_type="H100", aliases=("H100",)),
     GpuType(name="A100-80GB", memory_gib=79.1, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
-            bandwidth_gbs=2039, ray_accelerator_type="A100", aliases=("A100-80G",)),
+            bandwidth_gbs=2039, ray_accelerator_type="A100-80G", ray_detects_label=False, aliases=("A100-80G",)),
     GpuType(name="A100-40GB", memory_gib=39.4, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
-            bandwidth_gbs=1555, ray_accelerator_type="A100", aliases=("A100", "A100-40G")),
+            bandwidth_gbs=1555, ray_accelerator_type="A100-40G", ray_detects_label=False, aliases=("A100", "A100-40G")),
     GpuType(name="L40S", memory_gib=44.4, compute_capability=(8, 9), bf16_tflops=362, fp16_tflops=362,
             bandwidth_gbs=864, ray_accelerator_type="L40S"),
     GpuType(name="L40", memory_gib=44.4, compute_capability=(8, 9), bf16_tflops=181, fp16_tflops=181,
@@ -120,3 +124,12 @@ def get_gpu(name: str) -> GpuType:
         raise SpecError(fix(f"{name} runs on {UNSUPPORTED_GPUS[key]}, which this build of gpufleet (CUDA torch, vLLM "
                             "and DeepSpeed) does not support", f"plan for an NVIDIA GPU type: {', '.join(GPU_TYPES)}"))
     raise SpecError(fix(f"unknown GPU type {name!r}", f"use one of: {', '.join(GPU_TYPES)} (or {CPU_DEVICE} to serve on CPUs)"))
+
+
+def declared_labels(device_name: str, memory_bytes: int) -> dict[str, float]:
+    """The accelerator_type resources a node with this NVML device must declare itself (Ray does not add
+    them): {"accelerator_type:A100-80G": 1} for an 80 GB A100, {} for a GPU Ray labels by itself."""
+    if "A100" not in device_name:
+        return {}
+    gpu = GPU_TYPES["A100-80GB" if memory_bytes > 60 * GIB else "A100-40GB"]
+    return {f"accelerator_type:{gpu.ray_accelerator_type}": 1.0}

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from gpufleet.catalogue.config import Config
 from gpufleet.catalogue.errors import GpufleetError, fix
+from gpufleet.catalogue.gpus import declared_labels
 
 HEAD_MARKER = "GPUFLEET_HEAD_ID"
 
@@ -195,8 +196,9 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
         cmd.append(f"--num-cpus={cfg.num_cpus}")
     if cfg.num_gpus is not None:
         cmd.append(f"--num-gpus={cfg.num_gpus}")
-    if cfg.resources:
-        cmd.append(f"--resources={json.dumps(cfg.resources)}")
+    resources = {**(node_gpu_labels() if cfg.num_gpus != 0 else {}), **cfg.resources}
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
     if cfg.autoscaling_config:
         cmd.append(f"--autoscaling-config={cfg.autoscaling_config}")
     try:
@@ -222,6 +224,22 @@ def start_head(cfg: HeadConfig, timeout_s: float = 120) -> HeadState:
         _state_file(state_dir).unlink(missing_ok=True)
         raise
     return state
+
+
+def node_gpu_labels() -> dict[str, float]:
+    """The accelerator_type labels this machine's GPUs need declared (Ray labels both A100 sizes "A100";
+    plans pin "A100-40G" / "A100-80G"); {} without an NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        if not pynvml.nvmlDeviceGetCount():
+            return {}
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name, memory = pynvml.nvmlDeviceGetName(handle), pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    except Exception:  # no driver, no library: Ray's own detection is all there is
+        return {}
+    return declared_labels(name if isinstance(name, str) else name.decode(), memory)
 
 
 def wait_until_ready(state: HeadState, timeout_s: float = 120) -> None:

@@ -9,6 +9,7 @@ those of the node's bundles. Pure: plans in, dicts out; tests check them against
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any
 
@@ -16,7 +17,8 @@ import yaml
 from pydantic import Field
 
 from gpufleet.catalogue.config import Config
-from gpufleet.catalogue.placement import MEMORY, Placement, sum_bundles
+from gpufleet.catalogue.gpus import GPU_TYPES
+from gpufleet.catalogue.placement import ACCELERATOR_PREFIX, MEMORY, Placement, sum_bundles
 from gpufleet.cluster.image import default_image, ray_version
 
 GIB = 2**30
@@ -65,10 +67,15 @@ def worker_group(name: str, placement: Placement, gpu: str, gpus_per_node: int, 
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         if gpu in GPU_PRODUCT:
             spec["nodeSelector"] = {"nvidia.com/gpu.product": GPU_PRODUCT[gpu]}
+    start = {"num-gpus": str(gpus), "num-cpus": str(math.ceil(cpus))}
+    declared = {k: 1 for k in placement.bundles[0] if k.startswith(ACCELERATOR_PREFIX)}
+    if gpus and gpu in GPU_TYPES and not GPU_TYPES[gpu].ray_detects_label:
+        # the size label Ray does not add itself (A100-40G / A100-80G); KubeRay pastes the value into a
+        # shell command line, hence the quoted JSON, as in KubeRay's own examples
+        start["resources"] = '"' + json.dumps(declared).replace('"', '\\"') + '"'
     return {"groupName": _k8s_name(name), "replicas": min_groups * pods_per_group,
             "minReplicas": min_groups * pods_per_group, "maxReplicas": max_groups * pods_per_group,
-            "rayStartParams": {"num-gpus": str(gpus), "num-cpus": str(math.ceil(cpus))},
-            "template": {"spec": spec}}
+            "rayStartParams": start, "template": {"spec": spec}}
 
 
 def ray_service(name: str, serve_config: dict[str, Any], groups: list[dict[str, Any]],

@@ -43,6 +43,16 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
                 enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s)
 
 
+def serve_llm_knows(accelerator_type: str) -> bool:
+    """Whether Ray Serve LLM's LLMConfig accepts this accelerator_type (its AcceleratorType list); a client
+    without Ray Serve cannot tell and keeps it."""
+    try:
+        from ray.llm._internal.serve.core.configs.llm_config import AcceleratorType
+    except ImportError:
+        return True
+    return accelerator_type in {t.value for t in AcceleratorType}
+
+
 def replica_bounds(entry: ModelEntry, p: ServePlan) -> tuple[int, int]:
     """(min, max) replicas: the spec's, raised to what the plan needs for its target load."""
     low = max(entry.replicas.min, p.replicas if entry.target_output_tokens_per_s else 0)
@@ -68,7 +78,10 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
         "placement_group_config": {"bundles": p.placement.bundles, "strategy": p.placement.strategy},
     }
     if p.accelerator_type:
-        conf["accelerator_type"] = p.accelerator_type
+        if serve_llm_knows(p.accelerator_type):
+            conf["accelerator_type"] = p.accelerator_type
+        # else the GPU type stays pinned by the bundles' accelerator_type resource alone: Ray Serve LLM
+        # refuses a name outside its own list (RTX-4090, L40), though Ray schedules on the label.
         env = {**GPU_REPLICA_ENV, **env}
     else:
         conf["accelerator_config"] = {"kind": "cpu"}
@@ -277,7 +290,13 @@ def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:
         LLMConfig = None
     for c in configs:
         if LLMConfig:
-            LLMConfig(**c)
+            try:
+                LLMConfig(**c)
+            except ValueError as e:  # pydantic's ValidationError: Ray Serve LLM's own words, in one line
+                first = str(e).strip().splitlines()
+                raise PlanError(fix(f"Ray Serve LLM refuses the config of {c['model_loading_config']['model_id']}: "
+                                    f"{' '.join(first[1:3]) if len(first) > 2 else first[0]}",
+                                    "report it: gpufleet planned a config its Ray cannot take")) from None
     adapters = all_adapters(spec, base)
     return {
         "http_options": {"host": spec.host, "port": spec.port},

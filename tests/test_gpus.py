@@ -59,3 +59,30 @@ def test_training_below_compute_capability_7_plans_without_torch_compile():
     p4, t4 = (plan(load_model("llama-3.2-1b"), "lora", g) for g in ("P4", "T4"))
     assert not p4.compile and any("torch.compile off" in n for n in p4.notes)
     assert t4.compile and not any("torch.compile off" in n for n in t4.notes)
+
+
+def test_a100_sizes_are_pinned_by_rays_size_labels_which_nodes_declare():
+    from gpufleet.catalogue.gpus import GIB, declared_labels
+
+    assert (get_gpu("A100-80GB").ray_accelerator_type, get_gpu("A100-40GB").ray_accelerator_type) == (
+        "A100-80G", "A100-40G")
+    assert declared_labels("NVIDIA A100-SXM4-80GB", 80 * GIB) == {"accelerator_type:A100-80G": 1.0}
+    assert declared_labels("NVIDIA A100-PCIE-40GB", 40 * GIB) == {"accelerator_type:A100-40G": 1.0}
+    assert declared_labels("NVIDIA H100 80GB HBM3", 80 * GIB) == {}  # Ray labels it H100 itself
+
+
+def test_an_a100_40gb_plan_is_not_placed_on_the_shipped_80gb_nodes():
+    from pathlib import Path
+
+    import yaml
+
+    from gpufleet.catalogue.errors import PlanError
+    from gpufleet.catalogue.model import load_model
+    from gpufleet.catalogue.placement import check_feasible, node_types_from_cluster_config
+    from gpufleet.catalogue.planner import plan
+
+    types = node_types_from_cluster_config(yaml.safe_load((Path(__file__).parents[1] / "cluster.yaml").read_text()))
+    big, small = (plan(load_model("llama-3.1-8b"), "serve", g) for g in ("A100-80GB", "A100-40GB"))
+    check_feasible(big.placement.bundles, big.placement.strategy, [], types)
+    with pytest.raises(PlanError, match="can never be placed: no node has .*A100-40G"):
+        check_feasible(small.placement.bundles, small.placement.strategy, [], types)

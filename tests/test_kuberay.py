@@ -171,3 +171,12 @@ def test_a_target_load_sets_the_replicas_the_app_and_the_worker_group_start_with
     assert llm["engine_kwargs"]["tensor_parallel_size"] == 4 and scaling["min_replicas"] == scaling["max_replicas"] == 3
     (group,) = emitted(*args, "--format", "kuberay")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert group["minReplicas"] == group["replicas"] == 3 and group["rayStartParams"]["num-gpus"] == "4"
+
+
+def test_an_a100_80gb_worker_group_declares_the_size_label_ray_does_not_add():
+    manifest = emitted("serve", "llama-3.1-70b", "--gpu", "A100-80GB", "--emit-config", "--format", "kuberay")
+    assert_valid(manifest, "rayservices")
+    (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["rayStartParams"]["resources"] == '"{\\"accelerator_type:A100-80G\\": 1}"'
+    h100 = emitted("serve", "llama-3.1-70b", "--gpu", "H100", "--emit-config", "--format", "kuberay")
+    assert "resources" not in h100["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"]

@@ -27,7 +27,7 @@ def test_shipped_cluster_yaml_is_valid():
 def test_shipped_cluster_yaml_covers_catalogue_gpus_and_scales_from_zero(config):
     types = config["available_node_types"]
     labels = {k for t in types.values() for k in t["resources"] if k.startswith("accelerator_type:")}
-    assert {"accelerator_type:A10G", "accelerator_type:A100", "accelerator_type:H100"} <= labels
+    assert {"accelerator_type:A10G", "accelerator_type:A100-80G", "accelerator_type:H100"} <= labels
     assert all(t.get("min_workers", 0) == 0 for t in types.values())
 
 

@@ -348,3 +348,10 @@ def test_remote_source_needs_a_local_config(tmp_path, tiny_model):
                                       context=256), tmp_path)
     assert conf["model_loading_config"]["model_source"] == "s3://bucket/m"
 
+
+
+def test_a_gpu_type_ray_serve_llm_does_not_list_stays_pinned_by_its_bundles():
+    conf = llm_config_dict(ModelEntry(id="m", source="llama-3.2-1b", gpu="RTX-4090"), "/")
+    assert "accelerator_type" not in conf
+    assert conf["placement_group_config"]["bundles"][0]["accelerator_type:GeForce-RTX-4090"] == 0.001
+    assert llm_config_dict(ModelEntry(id="m", source="llama-3.2-1b", gpu="A10G"), "/")["accelerator_type"] == "A10G"
