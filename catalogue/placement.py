@@ -150,3 +150,9 @@ def node_types_from_cluster_config(config: dict[str, Any]) -> list[NodeCapacity]
     return [NodeCapacity(name=name, resources={k: float(v) for k, v in t.get("resources", {}).items()},
                          max_count=int(t.get("max_workers", 0)))
             for name, t in config.get("available_node_types", {}).items() if name != head]
+
+
+def largest_node_gpus(accelerator_type: str, candidates: Sequence[NodeCapacity]) -> int | None:
+    """GPUs of the largest node (or launchable node type) carrying ``accelerator_type``; None if none does."""
+    label = ACCELERATOR_PREFIX + accelerator_type
+    return max((int(c.gpus) for c in candidates if c.resources.get(label) and c.max_count > 0 and c.gpus), default=None)

@@ -83,12 +83,21 @@ def main() -> None:
 @one_line_errors
 def plan_cmd(model: str, as_json: bool, emit: str | None, cluster_yaml: str | None, **request: Any) -> None:
     """Plan MODEL (a built-in name or a config.json path) for TASK on a GPU type."""
-    p = plan_request(load_model(model), validated(PlanRequest, **request))
+    types = None
     if cluster_yaml:
-        from gpufleet.catalogue.placement import check_feasible, node_types_from_cluster_config
+        from gpufleet.catalogue.placement import largest_node_gpus, node_types_from_cluster_config
         from gpufleet.cluster.launcher import validate_cluster_config
 
         types = node_types_from_cluster_config(validate_cluster_config(cluster_yaml))
+        gpu = request["gpu"]
+        if request["gpus_per_node"] == PlanRequest.model_fields["gpus_per_node"].default and gpu.upper() != "CPU":
+            # the file's node shape for this GPU type, unless --gpus-per-node says otherwise
+            request["gpus_per_node"] = largest_node_gpus(get_gpu(gpu).ray_accelerator_type, types) or \
+                request["gpus_per_node"]
+    p = plan_request(load_model(model), validated(PlanRequest, **request))
+    if types is not None:
+        from gpufleet.catalogue.placement import check_feasible
+
         check_feasible(p.placement.bundles, p.placement.strategy, [], types)
         err.print(f"{cluster_yaml}: node types {', '.join(t.name for t in types if any(t.holds(b) for b in p.placement.bundles))} "
                   "can hold this plan's bundles", markup=False, highlight=False)

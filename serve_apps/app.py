@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.catalogue.errors import PlanError, fix
-from gpufleet.catalogue.gpus import CPU_DEVICE
+from gpufleet.catalogue.gpus import CPU_DEVICE, get_gpu
 from gpufleet.catalogue.model import ModelSpec, spec_from_config
-from gpufleet.catalogue.placement import ACCELERATOR_PREFIX, check_feasible, sum_bundles
+from gpufleet.catalogue.placement import (
+    ACCELERATOR_PREFIX,
+    NodeCapacity,
+    check_feasible,
+    largest_node_gpus,
+    sum_bundles,
+)
 from gpufleet.catalogue.planner import plan
 from gpufleet.catalogue.plans import ServePlan
 from gpufleet.catalogue.sources import model_source
@@ -40,7 +46,19 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
     return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.context,
                 batch=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
                 quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
-                enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s)
+                enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s,
+                **({"gpus_per_node": entry.gpus_per_node} if entry.gpus_per_node else {}))
+
+
+def with_node_shapes(spec: ServeSpec, candidates: list[NodeCapacity]) -> ServeSpec:
+    """``spec`` with each GPU model's gpus_per_node, where unset, taken from the cluster's nodes and node
+    types of its GPU type (a 4-GPU node type makes a TP 4 x PP 2 replica, not a TP 8 one no node holds)."""
+    models = []
+    for m in spec.models:
+        shape = largest_node_gpus(get_gpu(m.gpu).ray_accelerator_type, candidates) if m.gpu and not m.gpus_per_node \
+            else None
+        models.append(m.model_copy(update={"gpus_per_node": shape}) if shape else m)
+    return spec.model_copy(update={"models": models})
 
 
 def serve_llm_knows(accelerator_type: str) -> bool:
@@ -243,6 +261,9 @@ def deploy(spec: ServeSpec, base: Path, blocking: bool = False, report=print,
 
     from ray import serve
 
+    from gpufleet.cluster.placement import autoscaler_node_types, cluster_nodes
+
+    spec = with_node_shapes(spec, [*cluster_nodes(), *autoscaler_node_types()])
     check_app_fits(spec, base)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run_many([serve.RunTarget(build_app(spec, base, env), name=spec.name, route_prefix="/")],

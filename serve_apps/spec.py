@@ -49,6 +49,9 @@ class ModelEntry(Config):
         default=None, gt=0, description=PlanRequest.model_fields["target_output_tokens_per_s"].description
         + " The replicas it needs become replicas.min (raising replicas.max to match).")
     tensor_parallel: int | None = Field(default=None, ge=1, description="Override the planned TP size.")
+    gpus_per_node: int | None = Field(default=None, ge=1, description=(
+        "GPUs per node of the cluster that serves it (TP stays within a node, pipeline stages span nodes). "
+        "Default: the largest node of this GPU type the cluster has, live or launchable, else 8."))
     dtype: DType = Field(default="auto", description=PlanRequest.model_fields["dtype"].description)
     max_lora_rank: int = Field(default=16, ge=1)
     quantization: Literal["none", "fp8"] = Field(default="none",

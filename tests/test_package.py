@@ -143,3 +143,12 @@ def test_the_readme_quickstart_commands_that_need_no_cluster_run(command, tmp_pa
     if "--emit-config" in command:
         docs = list(yaml.safe_load_all(r.stdout))  # stdout is the manifest alone: it is piped to kubectl
         assert docs[-1]["kind"] in ("RayJob", "RayService") and str(ROOT) not in r.stdout
+
+
+def test_a_plan_against_the_cluster_file_takes_its_node_shape():
+    args = ["plan", "llama-3.1-70b", "--task", "serve", "--gpu", "A10G", "--json"]
+    on_file = CliRunner().invoke(main, [*args, "--cluster", str(ROOT / "cluster.yaml")])
+    assert on_file.exit_code == 0, on_file.output
+    shaped = yaml.safe_load(on_file.stdout)
+    assert (shaped["tensor_parallel"], shaped["pipeline_parallel"], shaped["gpus_per_node"]) == (4, 2, 4)
+    assert yaml.safe_load(CliRunner().invoke(main, args).stdout)["tensor_parallel"] == 8  # no file: 8-GPU nodes

@@ -153,3 +153,24 @@ def test_node_types_recorded_by_up_cluster_are_read_back(tmp_path, monkeypatch):
     record_node_types(yaml.safe_load(SHIPPED.read_text()), tmp_path)
     types = {t.name: t for t in autoscaler_node_types(tmp_path)}
     assert "head" not in types and types["h100x8"].resources["GPU"] == 8 and types["h100x8"].max_count == 2
+
+
+def test_a_serve_replica_takes_the_clusters_node_shape_and_its_bundles_are_placed(gpu_cluster):
+    """Two nodes of 4 H100s: a replica pinned to 8 GPUs is TP 4 x PP 2 across them, not a TP 8 group no node
+    holds, and Ray places exactly those bundles."""
+    from gpufleet.cluster.placement import autoscaler_node_types, cluster_nodes
+    from gpufleet.serve_apps.app import check_app_fits, sourced_plan, with_node_shapes
+    from gpufleet.serve_apps.spec import ModelEntry, ServeSpec
+
+    spec = ServeSpec(ingress="direct", models=[ModelEntry(id="m", source="llama-3.1-70b", gpu="H100",
+                                                          tensor_parallel=8)])
+    with pytest.raises(PlanError, match="needs .* on one node"):
+        check_app_fits(spec, Path("/"))
+    shaped = with_node_shapes(spec, [*cluster_nodes(), *autoscaler_node_types()])
+    assert shaped.models[0].gpus_per_node == 4
+    check_app_fits(shaped, Path("/"))
+    p = sourced_plan(shaped.models[0], Path("/"))[1]
+    assert (p.tensor_parallel, p.pipeline_parallel, p.nodes) == (4, 2, 2)
+    with reserved(p.placement.bundles, p.placement.strategy, timeout_s=30) as pg:
+        nodes = set(ray.util.placement_group_table(pg)["bundles_to_node_id"].values())
+    assert len(nodes) == 2
