@@ -35,6 +35,15 @@ def layout_pins(settings: object) -> dict[str, object]:
     return {k: v for k in LAYOUT_PINS if (v := getattr(settings, k)) is not None}
 
 
+# Options that mean something for some tasks only: set on another task, they are refused rather than ignored.
+ONLY_FOR_TASKS: dict[str, tuple[str, ...]] = {
+    "new_tokens": ("generate",),
+    "expected_tokens": ("serve",), "quantization": ("serve",), "kv_cache_dtype": ("serve",),
+    "cpu_kv_cache_gib": ("serve",), "target_output_tokens_per_s": ("serve",), "enforce_eager": ("serve",),
+    "compile": ("lora", "full"),
+}
+
+
 class PlanRequest(Config):
     """What to plan. Every option of ``gpufleet plan`` is a field here, its help the description."""
 
@@ -102,6 +111,12 @@ class PlanRequest(Config):
         if self.dtype != "auto" and self.task in ("generate", "infer"):
             raise ValueError(fix(f"dtype={self.dtype} is not planned for task {self.task!r}: it loads in the GPU's "
                                  "half precision (bf16, or fp16 without it)", "drop dtype"))
+        wrong = [f for f, tasks in ONLY_FOR_TASKS.items()
+                 if self.task not in tasks and getattr(self, f) != PlanRequest.model_fields[f].default]
+        if wrong:
+            f = wrong[0]
+            raise ValueError(fix(f"{f} (--{f.replace('_', '-')}) applies to task {' / '.join(ONLY_FOR_TASKS[f])}, "
+                                 f"not to {self.task!r}", "drop it, or plan that task"))
         pins = self.layout_pins()
         if pins and self.task not in ("lora", "full", "qlora"):
             raise ValueError(fix(f"layout pins ({', '.join(pins)}) apply to training, not to task {self.task!r}",

@@ -13,7 +13,6 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 from gpufleet.catalogue.errors import SpecError
-from gpufleet.catalogue.specfile import validation_message
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:
@@ -52,8 +51,14 @@ def options_from(model: type[BaseModel], *fields: str, names: dict[str, str] | N
 
 
 def validated(cls: type[BaseModel], **kwargs: Any) -> Any:
-    """Build a pydantic config, turning a validation error into a one-line SpecError."""
+    """Build a pydantic config from command-line options, turning a validation error into one SpecError line
+    that names the option (never the class)."""
     try:
         return cls(**kwargs)
     except ValidationError as e:
-        raise SpecError(validation_message(e, cls, cls.__name__)) from None
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across options: its message names them
+            raise SpecError(msg) from None
+        flag = "--" + str(err["loc"][0]).replace("_", "-")
+        raise SpecError(f"{flag}={err.get('input')!r}: {msg}") from None

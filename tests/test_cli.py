@@ -53,3 +53,12 @@ def test_bad_estimate_value_names_the_field():
 def test_a_missing_required_option_is_named_by_its_flag_not_a_class():
     r = CliRunner().invoke(main, ["plan", "llama-3.1-8b", "--task", "lora"])
     assert r.exit_code == 2 and "Missing option '--gpu'" in r.output and "PlanRequest" not in r.output
+
+
+def test_an_option_that_does_not_apply_to_the_task_is_refused_by_its_flag():
+    r = CliRunner().invoke(main, ["plan", "llama-3.1-8b", "--task", "lora", "--gpu", "A10G", "--new-tokens", "64"])
+    assert r.exit_code == 1
+    assert r.output.strip() == ("error: new_tokens (--new-tokens) applies to task generate, not to 'lora'. "
+                                "To fix: drop it, or plan that task")
+    bad = CliRunner().invoke(main, ["plan", "llama-3.1-8b", "--task", "lora", "--gpu", "A10G", "--headroom", "2"])
+    assert bad.exit_code == 1 and bad.output.startswith("error: --headroom=2.0:") and "PlanRequest" not in bad.output
