@@ -47,6 +47,9 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# Options whose flag is not the field's name.
+PLAN_FLAGS = {"seq_len": "--seq"}
+ESTIMATE_FLAGS = {"micro_batch": "--batch", "seq_len": "--seq"}
 address_option = click.option("--address", default=None, help=ADDRESS_HELP)
 image_option = click.option("--image", default=None, help=(
     "With --format kuberay: the node image (default: the gpufleet image of this version, `make image`)."))
@@ -72,7 +75,7 @@ def main() -> None:
 
 @main.command("plan")
 @click.argument("model")
-@options_from(PlanRequest, *(f for f in PlanRequest.model_fields if f != "enforce_eager"), names={"seq_len": "--seq"})
+@options_from(PlanRequest, *(f for f in PlanRequest.model_fields if f != "enforce_eager"), names=PLAN_FLAGS)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--emit", type=click.Choice(["device-map", "transformerlens"]), help=(
     "generate: print only what to paste: device-map = {device_map, max_memory} for from_pretrained; "
@@ -94,7 +97,7 @@ def plan_cmd(model: str, as_json: bool, emit: str | None, cluster_yaml: str | No
             # the file's node shape for this GPU type, unless --gpus-per-node says otherwise
             request["gpus_per_node"] = largest_node_gpus(get_gpu(gpu).ray_accelerator_type, types) or \
                 request["gpus_per_node"]
-    p = plan_request(load_model(model), validated(PlanRequest, **request))
+    p = plan_request(load_model(model), validated(PlanRequest, PLAN_FLAGS, **request))
     if types is not None:
         from gpufleet.catalogue.placement import check_feasible
 
@@ -123,14 +126,14 @@ def emitted(p: Any, what: str) -> Any:
 @main.command("estimate")
 @click.option("--config", "config", required=True, help="config.json path, model directory or built-in name.")
 @options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "new_tokens", "quant", "grad_ckpt", "lora_rank",
-              names={"micro_batch": "--batch", "seq_len": "--seq"})
+              names=ESTIMATE_FLAGS)
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
 def estimate_cmd(config: str, as_json: bool, **setup_fields: Any) -> None:
     """Peak GPU memory of one GPU running transformers: generate(), a labelled forward, or a
     fine-tuning step (torch AdamW)."""
     spec = load_model(config)
-    setup = validated(TrainSetup, **setup_fields)
+    setup = validated(TrainSetup, ESTIMATE_FLAGS, **setup_fields)
     mem = estimate(spec, setup)
     if as_json:
         emit_json({"model": spec.name, "params": spec.num_params, **setup.model_dump(), **mem.as_gib(),

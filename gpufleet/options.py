@@ -50,9 +50,9 @@ def options_from(model: type[BaseModel], *fields: str, names: dict[str, str] | N
     return decorate
 
 
-def validated(cls: type[BaseModel], **kwargs: Any) -> Any:
+def validated(cls: type[BaseModel], names: dict[str, str] | None = None, **kwargs: Any) -> Any:
     """Build a pydantic config from command-line options, turning a validation error into one SpecError line
-    that names the option (never the class)."""
+    that names the option (``names``: the flags ``options_from`` renamed), never the class."""
     try:
         return cls(**kwargs)
     except ValidationError as e:
@@ -60,5 +60,6 @@ def validated(cls: type[BaseModel], **kwargs: Any) -> Any:
         msg = err["msg"].removeprefix("Value error, ")
         if not err["loc"]:  # a rule across options: its message names them
             raise SpecError(msg) from None
-        flag = "--" + str(err["loc"][0]).replace("_", "-")
+        field = str(err["loc"][0])
+        flag = (names or {}).get(field, "--" + field.replace("_", "-"))
         raise SpecError(f"{flag}={err.get('input')!r}: {msg}") from None

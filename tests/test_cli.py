@@ -47,7 +47,7 @@ def test_errors_are_one_line_on_stderr_with_nonzero_exit():
 
 def test_bad_estimate_value_names_the_field():
     r = runner.invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "full", "--batch", "0"])
-    assert r.exit_code == 1 and "micro_batch" in r.output
+    assert r.exit_code == 1 and "--batch=0" in r.output
 
 
 def test_a_missing_required_option_is_named_by_its_flag_not_a_class():
