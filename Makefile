@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 # torch.compile's cache stays with the venv, not in a growing /tmp dir.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/$(VENV)/torchinductor
 
-.PHONY: install haproxy demo demo-clean test lint clean image
+.PHONY: install haproxy demo demo-clean test lint clean image docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
+
+# docs/reference from the code (the CLI, the spec models, the GPU table); a test fails when it is stale.
+docs: install
+	$(PY) -m gpufleet.reference docs/reference
 
 # The node image for cluster.yaml's nodes and KubeRay pods, tagged with gpufleet's version (needs a Docker engine).
 image: install

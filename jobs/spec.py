@@ -69,7 +69,7 @@ class JobSpec(Config):
     storage: str | None = Field(default=None, description=(
         "Shared storage for checkpoints and results, under <storage>/<name>/: a path every node mounts, or "
         "s3://bucket/prefix, gs://bucket/prefix or file:///path (Ray Train's storage_path). Needed when the workers "
-        "span nodes."))
+        "span nodes, and on a cluster whose head does not share the submitting machine's disk."))
     checkpoint_every: int = Field(default=50, ge=1, description="Optimizer steps between checkpoints.")
     final_checkpoint: bool = Field(default=True, description=(
         "Also checkpoint the last step (resumable state: optimizer included; the exported model in "
