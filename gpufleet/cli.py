@@ -520,7 +520,7 @@ def serve_remote(spec: Any, base: Any, endpoint: Any) -> None:
 @main.command("demo")
 @options_from(DemoOptions, *DemoOptions.model_fields)
 def demo_cmd(**options: Any) -> None:
-    """The whole story on a local cluster: plan, fine-tune, serve, answer (see README)."""
+    """The whole story on a local cluster: plan, fine-tune, serve, answer (docs/getting-started.md)."""
     from gpufleet.demo import run_demo
 
     sys.exit(run_demo(validated(DemoOptions, **options)))

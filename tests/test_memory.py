@@ -197,7 +197,7 @@ def test_host_peak_adds_the_loaded_model_and_the_process_to_what_zero_offloads()
 
 
 def test_the_h100_runs_the_offload_terms_were_read_from_stay_within_the_targets():
-    # calibration guard, recomputed from today's model: the held-out rows (README) are not asserted
+    # calibration guard, recomputed from today's model: the held-out rows (docs/accuracy.md) are not asserted
     from bench.train.gpu_layouts import compare
 
     rows = compare(json.loads((TRAIN_RESULTS / "h100-train-mode-layouts.json").read_text()))
