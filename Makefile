@@ -63,9 +63,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
 
-# docs/reference from the code (the CLI, the spec models, the GPU table); a test fails when it is stale.
+# docs/reference from the code (the CLI, the spec models, the GPU table) and the outputs of the pages'
+# `$ gpufleet ...` examples; tests fail when either is stale.
 docs: install
 	$(PY) -m gpufleet.reference docs/reference
+	$(PY) -m gpufleet.doc_examples
 
 # The node image for cluster.yaml's nodes and KubeRay pods, tagged with gpufleet's version (needs a Docker engine).
 image: install
