@@ -368,16 +368,25 @@ def builtin_models() -> dict[str, Path]:
     return {p.stem: p for p in sorted(MODELS_DIR.glob("*.json"))}
 
 
+def builtin_name(name: str) -> str | None:
+    """The built-in model ``name`` spells, in any case (``Llama-3.1-8B`` is ``llama-3.1-8b``), or None."""
+    return name if name in builtin_models() else next((b for b in builtin_models() if b == name.lower()), None)
+
+
 def load_config(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     """Resolve a built-in name, a config.json path or a model directory to (name, config dict)."""
     key = str(name_or_path)
-    if key in builtin_models():
-        return key, json.loads(builtin_models()[key].read_text())
+    if builtin := builtin_name(key):
+        return builtin, json.loads(builtin_models()[builtin].read_text())
     path = Path(key)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
+        import difflib
+
+        near = difflib.get_close_matches(key.lower(), list(builtin_models()), n=1, cutoff=0.6)
         raise SpecError(fix(f"model {key!r} is neither a built-in name nor a config.json path",
+                            f"did you mean {near[0]}?" if near else
                             f"pass a path to config.json or one of: {', '.join(builtin_models())}"))
     try:
         return key, json.loads(path.read_text())

@@ -166,8 +166,9 @@ class BasePlan(Config):
         return f"{self.model} {self.task} on {self.gpus} x {self.gpu} ({self.layout()}), {mem}"
 
     def to_dict(self) -> dict[str, Any]:
-        """Stable, diffable form: defaults and empty sections left out, memory in GiB."""
-        d = self.model_dump(exclude_defaults=True, exclude_none=True)
+        """Stable, diffable form for scripts: every field (a default or an empty one too, so `jq .grad_ckpt`
+        never reads a missing key), memory in GiB."""
+        d = self.model_dump()
         d["placement"] = self.placement.model_dump()
         if isinstance(getattr(self, "memory", None), MemoryBreakdown):
             d["memory_gib"] = self.memory.as_gib()

@@ -64,7 +64,7 @@ def model_source(source: str, base: Path, field: str = "source", config: str | N
     * ``s3://`` or ``gs://``: handed to Ray Serve LLM, which mirrors it on each replica; planned
       from ``config`` (a local copy of its config.json).
     """
-    from gpufleet.catalogue.model import builtin_models
+    from gpufleet.catalogue.model import builtin_models, builtin_name
 
     if source.startswith(REMOTE_SCHEMES):
         if not config:
@@ -74,8 +74,8 @@ def model_source(source: str, base: Path, field: str = "source", config: str | N
     model_dir = resolve(base, source)
     if model_dir.exists() or source.startswith(("/", ".", "~")):
         return str(model_dir), check_model_dir(model_dir, field)
-    if source in builtin_models():
-        return HF_REPOS[source], json.loads(builtin_models()[source].read_text())
+    if builtin := builtin_name(source):
+        return HF_REPOS[builtin], json.loads(builtin_models()[builtin].read_text())
     if REPO_ID.match(source):
         return source, _cached_config(source, field)
     raise SpecError(fix(f"{field}: {source!r} is neither a model directory, a built-in name, a Hugging Face "

@@ -90,10 +90,12 @@ def test_zero_or_negative_sizes_are_rejected(field):
         plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("A10G"), **{field: 0})
 
 
-def test_plan_dict_is_stable_and_leaves_out_defaults():
+def test_plan_dict_is_stable_and_carries_every_field():
     d = plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("L4")).to_dict()
     assert json.dumps(d) == json.dumps(plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("L4")).to_dict())
-    assert "offload_params" not in d and d["placement"]["strategy"] == "PACK"
+    assert d["placement"]["strategy"] == "PACK"
+    train = plan(load_model("qwen2.5-0.5b"), "lora", get_gpu("L4")).to_dict()
+    assert {"grad_ckpt", "offload_params", "offload_optimizer", "compile", "notes"} <= set(train)
 
 
 @pytest.mark.parametrize("task", ["serve", "full", "qlora"])
