@@ -34,6 +34,22 @@ class Endpoint(Config):
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
+    def run_short_job(self, entrypoint: str, metadata: dict[str, str], timeout_s: float = 300) -> tuple[str, str, str]:
+        """Run a short job on the cluster (an operation this machine has no driver connection for) and wait
+        for it: (submission id, final status, its log)."""
+        import time
+
+        client = self.job_client()
+        sid = client.submit_job(entrypoint=entrypoint, metadata=metadata)
+        deadline = time.monotonic() + timeout_s
+        while (status := str(client.get_job_status(sid).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if time.monotonic() > deadline:
+                client.stop_job(sid)
+                raise GpufleetError(fix(f"job {sid} ({entrypoint}) did not finish within {timeout_s:g}s",
+                                        f"see `gpufleet jobs logs {sid}` (the cluster may be busy)"))
+            time.sleep(0.3)
+        return sid, status, client.get_job_logs(sid)
+
     def job_client(self) -> Any:
         """Ray's Job Submission client for this cluster; unreachable heads fail in one line."""
         from ray.job_submission import JobSubmissionClient

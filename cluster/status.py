@@ -118,18 +118,7 @@ STATUS_MARK = "gpufleet-status: "  # the line of the status job's log that holds
 def remote_status(endpoint: Endpoint, timeout_s: float = 120) -> ClusterStatus:
     """The status of a cluster this machine has no driver connection to: collected by a short job on it
     (``python -m gpufleet.cluster.status``), its jobs and Serve apps read here through ``endpoint``."""
-    import time
-
-    client = endpoint.job_client()
-    sid = client.submit_job(entrypoint="python -m gpufleet.cluster.status", metadata={"gpufleet": "status"})
-    deadline = time.monotonic() + timeout_s
-    while str(client.get_job_status(sid).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        if time.monotonic() > deadline:
-            client.stop_job(sid)
-            raise GpufleetError(fix(f"the status job {sid} did not finish within {timeout_s:g}s",
-                                    f"see `gpufleet jobs logs {sid}` (the cluster may have no CPU free)"))
-        time.sleep(0.3)
-    logs = client.get_job_logs(sid)
+    sid, _, logs = endpoint.run_short_job("python -m gpufleet.cluster.status", {"gpufleet": "status"}, timeout_s)
     line = next((x for x in logs.splitlines() if x.startswith(STATUS_MARK)), None)
     if line is None:
         raise GpufleetError(fix(f"the status job {sid} printed no status: {logs.strip()[-300:]}",

@@ -424,20 +424,17 @@ def apps_list_cmd(address: str | None, as_json: bool) -> None:
 def apps_delete_cmd(name: str, address: str | None) -> None:
     """Delete one Serve app (its replicas and their GPUs are released; other apps keep running)."""
     from gpufleet.cluster.endpoint import resolve_endpoint, serve_applications
-    from gpufleet.jobs.submit import follow
 
     endpoint = resolve_endpoint(address)
     apps = serve_applications(endpoint)
     if name not in apps:
         raise GpufleetError(fix(f"no serve app named {name} on {endpoint.dashboard_url}",
                                 f"pick one of: {', '.join(apps) or '(none running)'}"))
-    client = endpoint.job_client()
-    sid = client.submit_job(entrypoint=f"python -m gpufleet.serve_apps.remote delete {name}",
-                            metadata={"gpufleet": "apps-delete", "name": name})
     with out.status(f"deleting {name} ..."):
-        status = follow(client, sid, on_line=lambda line: None, timeout_s=600)
+        sid, status, logs = endpoint.run_short_job(f"python -m gpufleet.serve_apps.remote delete {name}",
+                                                   {"gpufleet": "apps-delete", "name": name}, timeout_s=600)
     if status != "SUCCEEDED":
-        raise GpufleetError(fix(f"deleting {name} ended {status}: {client.get_job_logs(sid).strip()[-300:]}",
+        raise GpufleetError(fix(f"deleting {name} ended {status}: {logs.strip()[-300:]}",
                                 f"see `gpufleet jobs logs {sid}`"))
     out.print(f"deleted serve app {name}")
 

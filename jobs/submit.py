@@ -1,4 +1,4 @@
-"""Submit a fine-tune to a cluster through Ray's Job Submission SDK, and follow, list, stop it.
+"""Submit a fine-tune to a cluster through Ray's Job Submission SDK and follow it; or print it as a KubeRay RayJob.
 
 ``gpufleet train SPEC`` is ``ray job submit`` of ``python -m gpufleet.jobs.finetune spec.yaml`` with the spec
 checked here first, a working directory holding only what the job needs (``gpufleet.jobs.upload``), the
