@@ -61,7 +61,7 @@ class PlanRequest(Config):
     expected_tokens: int | None = Field(default=None, ge=1, description=(
         "Serve: prompt + output tokens of a typical request; sizes max_num_seqs and autoscaling "
         "(default: 2048, or the context if shorter)."))
-    new_tokens: int = Field(default=256, ge=0, description="Generate: tokens generated after the prompt (--seq).")
+    new_tokens: int = Field(default=256, ge=0, description="Generate: tokens generated after the prompt (--seq-len).")
     quant: OnTheFly = Field(default="none", description=(
         "Generate: load a 16-bit checkpoint quantized by bitsandbytes (int8: LLM.int8; nf4: 4-bit NormalFloat, "
         "bf16 compute)."))

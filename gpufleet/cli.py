@@ -25,7 +25,7 @@ from gpufleet.cluster.image import default_image
 from gpufleet.cluster.kuberay import PodSecrets
 from gpufleet.demo import DemoOptions
 from gpufleet.jobs.submit import TERMINAL as TERMINAL_JOB_STATES
-from gpufleet.options import options_from, validated
+from gpufleet.options import options_from, renamed, validated, with_renamed
 from gpufleet.render import apps_table, breakdown_table, catalogue_table, jobs_table, plan_table, print_error
 from gpufleet.serve_apps.spec import ModelEntry
 
@@ -48,8 +48,8 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # Options whose flag is not the field's name.
-PLAN_FLAGS = {"seq_len": "--seq"}
-ESTIMATE_FLAGS = {"micro_batch": "--batch", "seq_len": "--seq"}
+PLAN_FLAGS: dict[str, str] = {}
+ESTIMATE_FLAGS = {"micro_batch": "--batch"}
 address_option = click.option("--address", default=None, help=ADDRESS_HELP)
 image_option = click.option("--image", default=None, help=(
     "With --format kuberay: the node image (default: the gpufleet image of this version, `make image`)."))
@@ -76,6 +76,7 @@ def main() -> None:
 @main.command("plan")
 @click.argument("model")
 @options_from(PlanRequest, *(f for f in PlanRequest.model_fields if f != "enforce_eager"), names=PLAN_FLAGS)
+@renamed("--seq", "seq_len", "--seq-len")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--emit", type=click.Choice(["device-map", "transformerlens"]), help=(
     "generate: print only what to paste: device-map = {device_map, max_memory} for from_pretrained; "
@@ -97,7 +98,7 @@ def plan_cmd(model: str, as_json: bool, emit: str | None, cluster_yaml: str | No
             # the file's node shape for this GPU type, unless --gpus-per-node says otherwise
             request["gpus_per_node"] = largest_node_gpus(get_gpu(gpu).ray_accelerator_type, types) or \
                 request["gpus_per_node"]
-    p = plan_request(load_model(model), validated(PlanRequest, PLAN_FLAGS, **request))
+    p = plan_request(load_model(model), validated(PlanRequest, PLAN_FLAGS, **with_renamed(request)))
     if types is not None:
         from gpufleet.catalogue.placement import check_feasible
 
@@ -127,13 +128,14 @@ def emitted(p: Any, what: str) -> Any:
 @click.option("--config", "config", required=True, help="config.json path, model directory or built-in name.")
 @options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "new_tokens", "quant", "grad_ckpt", "lora_rank",
               names=ESTIMATE_FLAGS)
+@renamed("--seq", "seq_len", "--seq-len")
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
 def estimate_cmd(config: str, as_json: bool, **setup_fields: Any) -> None:
     """Peak GPU memory of one GPU running transformers: generate(), a labelled forward, or a
     fine-tuning step (torch AdamW)."""
     spec = load_model(config)
-    setup = validated(TrainSetup, ESTIMATE_FLAGS, **setup_fields)
+    setup = validated(TrainSetup, ESTIMATE_FLAGS, **with_renamed(setup_fields))
     mem = estimate(spec, setup)
     if as_json:
         emit_json({"model": spec.name, "params": spec.num_params, **setup.model_dump(), **mem.as_gib(),
@@ -441,7 +443,8 @@ def apps_delete_cmd(name: str, address: str | None) -> None:
 
 @main.command("serve")
 @click.argument("spec_or_model")
-@options_from(ModelEntry, "gpu", "context", "concurrency", "target_output_tokens_per_s")
+@options_from(ModelEntry, "gpu", "max_model_len", "concurrency", "target_output_tokens_per_s")
+@renamed("--context", "max_model_len", "--max-model-len")
 @address_option
 @click.option("--emit-config", is_flag=True, help="Print a config instead of deploying (see --format).")
 @click.option("--format", "fmt", type=click.Choice(["serve", "kuberay"]), default="serve", show_default=True,
@@ -452,6 +455,7 @@ def apps_delete_cmd(name: str, address: str | None) -> None:
 def serve_cmd(spec_or_model: str, address: str | None, emit_config: bool, fmt: str, image: str | None,
               hf_token_secret: str, storage_secret: str, **entry_fields: Any) -> None:
     """Deploy the models of a serve spec (or one model by name) behind an OpenAI API."""
+    entry_fields = with_renamed(entry_fields)
     from pathlib import Path
 
     import yaml

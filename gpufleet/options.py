@@ -63,3 +63,27 @@ def validated(cls: type[BaseModel], names: dict[str, str] | None = None, **kwarg
         field = str(err["loc"][0])
         flag = (names or {}).get(field, "--" + field.replace("_", "-"))
         raise SpecError(f"{flag}={err.get('input')!r}: {msg}") from None
+
+
+RENAMED_UNTIL = "gpufleet 0.2"
+
+
+def renamed(old_flag: str, field: str, new_flag: str, kind: Any = int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A hidden option for a flag's former name: its value is kept for ``field`` (see ``with_renamed``) and a
+    one-line notice names the new flag."""
+
+    def keep(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            click.echo(f"notice: {old_flag} is now {new_flag}; {old_flag} is accepted until {RENAMED_UNTIL}", err=True)
+            ctx.meta.setdefault("gpufleet.renamed", {})[field] = value
+
+    return click.option(old_flag, type=kind, hidden=True, expose_value=False, callback=keep,
+                        help=f"Former name of {new_flag}.")
+
+
+def with_renamed(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the values given under former flag names, where the new flag was not given."""
+    ctx = click.get_current_context()
+    given = ctx.meta.get("gpufleet.renamed", {})
+    return {**options, **{k: v for k, v in given.items()
+                          if ctx.get_parameter_source(k) in (None, click.core.ParameterSource.DEFAULT)}}

@@ -41,9 +41,9 @@ GPU_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
     """The catalogue's serve plan for one model entry (no ``gpu``: a vllm-cpu plan)."""
-    if entry.context is not None:
-        model.check_context(entry.context, f"models[{entry.id}].context")
-    return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.context,
+    if entry.max_model_len is not None:
+        model.check_context(entry.max_model_len, f"models[{entry.id}].max_model_len")
+    return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.max_model_len,
                 batch=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
                 quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
                 enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s,

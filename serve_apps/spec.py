@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -25,8 +26,23 @@ class Replicas(Config):
         return self
 
 
+RENAMED_FIELDS = {"context": "max_model_len"}
+
+
 class ModelEntry(Config):
     """One served model: a base model and, optionally, LoRA adapters trained by jobs/."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Old spellings, accepted for one release with a one-line notice (vLLM's names are the names)."""
+        if isinstance(data, dict):
+            for old, new in RENAMED_FIELDS.items():
+                if old in data and new not in data:
+                    data = {**{k: v for k, v in data.items() if k != old}, new: data[old]}
+                    print(f"notice: model entry field {old!r} is now {new!r} (vLLM's name); {old!r} is accepted "
+                          "until gpufleet 0.2", file=sys.stderr)
+        return data
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The `model` name clients use.")
     source: str = Field(description=(
@@ -38,8 +54,9 @@ class ModelEntry(Config):
     adapters_dir: str | None = Field(default=None, description="Folder whose subfolders are adapters (a path, "
                                      "or the storage URI a fine-tune wrote to: s3://, gs://, file://); new ones "
                                      "are servable without a restart.")
-    context: int | None = Field(default=None, ge=16, description=(
-        "max_model_len wanted (default: the planner's, 8192 capped at the model's max_position_embeddings)."))
+    max_model_len: int | None = Field(default=None, ge=16, description=(
+        "Context length, vLLM's max_model_len (default: the planner's, 8192 capped at the model's "
+        "max_position_embeddings). Formerly `context`, still accepted with a notice."))
     concurrency: int = Field(default=8, ge=1, description="Concurrent requests (of expected_tokens) one replica must hold.")
     expected_tokens: int | None = Field(default=None, ge=1,
                                         description=PlanRequest.model_fields["expected_tokens"].description)

@@ -13,7 +13,7 @@ runner = CliRunner()
 
 def test_estimate_json_has_peak_gib_and_breakdown():
     r = runner.invoke(main, ["estimate", "--config", "catalogue/models/llama-3.1-8b.json", "--task", "lora",
-                             "--precision", "bf16", "--batch", "1", "--seq", "1024", "--json"])
+                             "--precision", "bf16", "--batch", "1", "--seq-len", "1024", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert 24 < d["peak_gib"] < 28 and {"weights_gib", "activations_gib", "logits_and_loss_gib"} <= set(d)
@@ -26,7 +26,7 @@ def test_plan_json_contains_bundles_and_tp():
 
 
 def test_training_plan_assumes_torch_compile_unless_told_not_to():
-    args = ["plan", "llama-3.2-1b", "--task", "full", "--gpu", "H100-80GB", "--seq", "2048", "--batch", "32", "--json"]
+    args = ["plan", "llama-3.2-1b", "--task", "full", "--gpu", "H100-80GB", "--seq-len", "2048", "--batch", "32", "--json"]
     compiled = json.loads(runner.invoke(main, args).output)
     eager = json.loads(runner.invoke(main, [*args, "--no-compile"]).output)
     assert compiled["compile"] is True and eager["compile"] is False
@@ -69,3 +69,16 @@ def test_model_names_are_case_insensitive_and_a_near_miss_is_answered_with_the_n
                                     ).output)["model"] == "llama-3.1-8b"
     r = runner.invoke(main, ["plan", "llama-3.1-8", "--task", "serve", "--gpu", "H100"])
     assert r.exit_code == 1 and r.output.strip().endswith("To fix: did you mean llama-3.1-8b?")
+
+
+def test_a_former_flag_still_works_with_a_one_line_notice():
+    r = CliRunner().invoke(main, ["estimate", "--config", "llama-3.2-1b", "--task", "full", "--seq", "4096", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["seq_len"] == 4096
+    assert r.stderr.strip() == "notice: --seq is now --seq-len; --seq is accepted until gpufleet 0.2"
+
+
+def test_a_former_spec_key_still_works_with_a_one_line_notice(capsys):
+    from gpufleet.serve_apps.spec import ModelEntry
+
+    assert ModelEntry(id="m", source="llama-3.2-1b", context=512).max_model_len == 512
+    assert "'context' is now 'max_model_len'" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def test_a_model_served_on_the_shipped_cluster_brings_up_a_node_and_answers(ship
 
     while worker_nodes():  # start from a cluster with no worker (the test above waits for that)
         time.sleep(2)
-    spec = ServeSpec(name="cloud", port=free_port(), models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
+    spec = ServeSpec(name="cloud", port=free_port(), models=[{"id": "tiny", "source": str(tiny_model), "max_model_len": 256}])
     waits: list[str] = []
     try:
         url = deploy(spec, tmp_path, report=waits.append, stall_s=15, timeout_s=900)

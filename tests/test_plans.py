@@ -50,7 +50,7 @@ def test_cpu_serving_is_a_plan_with_cpu_bundles_and_kv_space():
 
 
 def test_cli_serve_plan_json_shows_engine_kwargs_for_cpu():
-    r = CliRunner().invoke(main, ["plan", "qwen2.5-0.5b", "--task", "serve", "--gpu", "CPU", "--seq", "512", "--json"])
+    r = CliRunner().invoke(main, ["plan", "qwen2.5-0.5b", "--task", "serve", "--gpu", "CPU", "--seq-len", "512", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["engine_kwargs"]["max_model_len"] == 512 and d["placement"]["bundles"] == [{"CPU": 1.0}]
@@ -135,7 +135,7 @@ def test_generate_keeps_only_the_window_of_sliding_layers_after_the_prefill():
 
 def test_estimate_generate_json_has_the_peak_and_kv_cache():
     r = CliRunner().invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "generate", "--batch", "1",
-                                  "--seq", "2048", "--new-tokens", "256", "--json"])
+                                  "--seq-len", "2048", "--new-tokens", "256", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert 0.9 < d["peak_gib"] < 1.2 and d["kv_cache_gib"] > 0 and d["new_tokens"] == 256

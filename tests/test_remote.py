@@ -141,7 +141,7 @@ def test_a_job_can_be_stopped_and_an_unknown_one_is_named_in_one_line(remote):
 def test_a_model_served_on_a_remote_head_answers_and_its_app_can_be_deleted(remote):
     port = free_port()
     (remote.client / "serve.yaml").write_text(json.dumps({"name": "remote-app", "port": port, "models": [
-        {"id": "tiny", "source": REPO, "context": 256}]}))
+        {"id": "tiny", "source": REPO, "max_model_len": 256}]}))
     deployed = remote.gpufleet("serve", "serve.yaml")
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,

@@ -46,7 +46,7 @@ def make_adapter(base_dir, out_dir):
 def served(request, tiny_model, short_tmp):
     adapters_dir = short_tmp / "adapters"
     adapters_dir.mkdir(exist_ok=True)
-    model = {"id": "tiny", "source": str(tiny_model), "context": 256, "concurrency": 4}
+    model = {"id": "tiny", "source": str(tiny_model), "max_model_len": 256, "concurrency": 4}
     if request.param == "router":
         make_adapter(tiny_model, short_tmp / "adapter-a")
         model.update(adapters={"greeter": str(short_tmp / "adapter-a")}, adapters_dir=str(adapters_dir))
@@ -226,7 +226,7 @@ def test_tp_that_does_not_divide_heads_is_refused(tiny_model):
 
 def test_context_whose_kv_cache_cannot_fit_is_refused(tiny_model):
     with pytest.raises(PlanError, match="needs .* GiB of KV cache"):
-        llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=2048, cpu_kv_cache_gib=0.001), tiny_model)
+        llm_config_dict(ModelEntry(id="t", source=str(tiny_model), max_model_len=2048, cpu_kv_cache_gib=0.001), tiny_model)
 
 
 def test_model_too_big_for_the_gpus_named_is_refused(tmp_path):
@@ -240,19 +240,19 @@ def test_missing_model_directory_is_refused(tmp_path):
 
 
 def test_gpu_replica_is_placed_as_planned():
-    entry = ModelEntry(id="m", source="llama-3.1-70b", gpu="H100-80GB", context=8192)
+    entry = ModelEntry(id="m", source="llama-3.1-70b", gpu="H100-80GB", max_model_len=8192)
     conf, p = llm_config_dict(entry, "/"), entry_plan(entry, load_model("llama-3.1-70b"))
     assert conf["placement_group_config"] == {"bundles": p.placement.bundles, "strategy": "STRICT_PACK"}
     assert conf["engine_kwargs"] == p.engine_kwargs and p.engine_kwargs["tensor_parallel_size"] == 2
 
 
 def test_context_above_the_models_positions_is_refused(tiny_model):
-    with pytest.raises(SpecError, match=r"models\[t\].context=4096 exceeds the model's max_position_embeddings"):
-        llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=4096), tiny_model)
+    with pytest.raises(SpecError, match=r"models\[t\].max_model_len=4096 exceeds the model's max_position_embeddings"):
+        llm_config_dict(ModelEntry(id="t", source=str(tiny_model), max_model_len=4096), tiny_model)
 
 
 def test_autoscaling_follows_kv_capacity():
-    conf = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB", context=8192,
+    conf = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB", max_model_len=8192,
                                       replicas={"min": 1, "max": 4}), "/")
     d = conf["deployment_config"]
     assert d["max_ongoing_requests"] >= 8 and d["autoscaling_config"]["target_ongoing_requests"] < d["max_ongoing_requests"]
@@ -263,7 +263,7 @@ def test_emitted_config_passes_ray_serve_schema(tiny_model, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     spec_file = tmp_path / "s.yaml"
-    spec_file.write_text(yaml.safe_dump({"models": [{"id": "tiny", "source": str(tiny_model), "context": 256}]}))
+    spec_file.write_text(yaml.safe_dump({"models": [{"id": "tiny", "source": str(tiny_model), "max_model_len": 256}]}))
     spec, base = load_serve_spec(spec_file)
     cfg = emit_config(spec, base)
     ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(cfg)
@@ -292,7 +292,7 @@ def test_direct_ingress_with_adapters_is_refused(tiny_model, tmp_path):
 def test_emitted_direct_config_builds_the_replica_as_ingress(tiny_model, tmp_path):
     from gpufleet.serve_apps.app import build_from_args
 
-    spec = ServeSpec(ingress="direct", models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
+    spec = ServeSpec(ingress="direct", models=[{"id": "tiny", "source": str(tiny_model), "max_model_len": 256}])
     args = emit_config(spec, tmp_path)["applications"][0]["args"]
     assert args["ingress"] == "direct"
     app = build_from_args(args)
@@ -302,7 +302,7 @@ def test_emitted_direct_config_builds_the_replica_as_ingress(tiny_model, tmp_pat
 def test_emitted_auto_config_is_resolved_by_the_cluster_that_builds_it(tiny_model, tmp_path):
     from gpufleet.serve_apps.app import build_from_args
 
-    spec = ServeSpec(models=[{"id": "tiny", "source": str(tiny_model), "context": 256}])
+    spec = ServeSpec(models=[{"id": "tiny", "source": str(tiny_model), "max_model_len": 256}])
     args = emit_config(spec, tmp_path)["applications"][0]["args"]
     assert args["ingress"] == "auto"
     assert build_from_args(args)._bound_deployment.name == "GpufleetIngress"  # this process: Ray's own proxy
@@ -315,7 +315,7 @@ def test_builtin_name_is_served_from_its_hugging_face_repo():
 
 def test_a_gpu_replica_runs_vllm_on_rays_own_event_loop_and_a_cpu_replica_keeps_rays_default(tiny_model):
     gpu = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB"), "/")
-    cpu = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=256), tiny_model)
+    cpu = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), max_model_len=256), tiny_model)
     assert gpu["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in cpu["runtime_env"]["env_vars"]
 
@@ -323,7 +323,7 @@ def test_a_gpu_replica_runs_vllm_on_rays_own_event_loop_and_a_cpu_replica_keeps_
 def test_a_gpu_replica_keeps_vllms_engine_metrics_out_of_rays_unless_asked(tiny_model):
     gpu = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB"), "/")
     asked = llm_config_dict(ModelEntry(id="m", source="llama-3.1-8b", gpu="H100-80GB", engine_metrics=True), "/")
-    cpu = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=256), tiny_model)
+    cpu = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), max_model_len=256), tiny_model)
     assert (gpu["log_engine_metrics"], asked["log_engine_metrics"], cpu["log_engine_metrics"]) == (False, True, True)
 
 
@@ -334,7 +334,7 @@ def test_repo_id_is_planned_from_the_offline_hugging_face_cache(tmp_path, monkey
     import huggingface_hub.constants as hf
 
     monkeypatch.setattr(hf, "HF_HUB_CACHE", os.environ["HF_HUB_CACHE"])
-    conf = llm_config_dict(ModelEntry(id="t", source="acme/tiny-chat", context=256), tmp_path)
+    conf = llm_config_dict(ModelEntry(id="t", source="acme/tiny-chat", max_model_len=256), tmp_path)
     assert conf["model_loading_config"]["model_source"] == "acme/tiny-chat"
     assert conf["engine_kwargs"]["max_model_len"] == 256
     with pytest.raises(SpecError, match="acme/absent: config.json is not in the Hugging Face cache and cannot be fetched"):
@@ -345,7 +345,7 @@ def test_remote_source_needs_a_local_config(tmp_path, tiny_model):
     with pytest.raises(SpecError, match="s3://bucket/m is remote .* To fix: set the entry's config:"):
         llm_config_dict(ModelEntry(id="t", source="s3://bucket/m"), tmp_path)
     conf = llm_config_dict(ModelEntry(id="t", source="s3://bucket/m", config=str(tiny_model / "config.json"),
-                                      context=256), tmp_path)
+                                      max_model_len=256), tmp_path)
     assert conf["model_loading_config"]["model_source"] == "s3://bucket/m"
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_app_the_cluster_can_never_hold_is_refused_at_once(tiny_model, short_tmp):
     spec = ServeSpec(name="big", port=free_port(), ingress="router",
-                     models=[ModelEntry(id="t", source=str(tiny_model), context=256, replicas={"min": 2, "max": 2})])
+                     models=[ModelEntry(id="t", source=str(tiny_model), max_model_len=256, replicas={"min": 2, "max": 2})])
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         t0 = time.monotonic()
@@ -30,7 +30,7 @@ def test_app_waiting_on_busy_resources_says_what_it_waits_for(tiny_model, short_
     from ray import serve
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    spec = ServeSpec(name="busy", port=free_port(), models=[ModelEntry(id="t", source=str(tiny_model), context=256)])
+    spec = ServeSpec(name="busy", port=free_port(), models=[ModelEntry(id="t", source=str(tiny_model), max_model_len=256)])
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         hog = placement_group([{"CPU": 2}])  # the cluster could hold the app, but not while this holds its CPUs

@@ -29,7 +29,7 @@ def endpoint(tmp_path_factory, tiny_model):
     port = free_port()
     spec = home / "serve.yaml"
     spec.write_text(yaml.safe_dump({"name": "direct", "port": port, "api_key_env": KEY_ENV, "models": [
-        {"id": "tiny", "source": str(tiny_model), "context": 256, "concurrency": 4}]}))
+        {"id": "tiny", "source": str(tiny_model), "max_model_len": 256, "concurrency": 4}]}))
     os.environ[KEY_ENV] = KEY
     try:
         served = cli(home, "serve", str(spec))

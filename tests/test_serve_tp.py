@@ -14,14 +14,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_tp2_config_binds_one_thread_set_per_rank(tiny_model):
-    conf = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), context=256, tensor_parallel=2), tiny_model)
+    conf = llm_config_dict(ModelEntry(id="t", source=str(tiny_model), max_model_len=256, tensor_parallel=2), tiny_model)
     assert conf["engine_kwargs"]["tensor_parallel_size"] == 2
     assert conf["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
 
 
 def test_tp2_matches_tp1_greedy_output(tiny_model, short_tmp):
     spec_file = short_tmp / "tp.yaml"
-    entry = {"source": str(tiny_model), "context": 256, "concurrency": 2}
+    entry = {"source": str(tiny_model), "max_model_len": 256, "concurrency": 2}
     spec_file.write_text(yaml.safe_dump({"name": "tp", "port": free_port(), "models": [
         {"id": "tp1", **entry}, {"id": "tp2", **entry, "tensor_parallel": 2}]}))
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

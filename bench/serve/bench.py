@@ -175,7 +175,7 @@ def run_gpufleet(model_dir: str, port: int, seconds: float, workdir: Path, strea
 
     spec_file = workdir / "bench-serve.yaml"
     spec_file.write_text(yaml.safe_dump({"name": "bench", "port": port, "ingress": ingress, "models": [
-        {"id": "tiny", "source": model_dir, "context": ENGINE["max_model_len"], "concurrency": 32,
+        {"id": "tiny", "source": model_dir, "max_model_len": ENGINE["max_model_len"], "concurrency": 32,
          "stream_batching_ms": stream_batching_ms}]}))
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     try:

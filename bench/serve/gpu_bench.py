@@ -321,7 +321,7 @@ def main() -> int:
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
-    entry = {"id": MODEL_ID, "source": a.model_dir, "gpu": a.gpu, "context": a.context,
+    entry = {"id": MODEL_ID, "source": a.model_dir, "gpu": a.gpu, "max_model_len": a.context,
              "expected_tokens": IN_LEN + OUT_LEN, "concurrency": 1, "quantization": a.quantization,
              "kv_cache_dtype": a.kv_cache_dtype}
     p = plan(load_model(a.catalogue_model), "serve", a.gpu, gpus=1, seq_len=a.context,
