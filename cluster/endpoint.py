@@ -37,17 +37,13 @@ class Endpoint(Config):
     def run_short_job(self, entrypoint: str, metadata: dict[str, str], timeout_s: float = 300) -> tuple[str, str, str]:
         """Run a short job on the cluster (an operation this machine has no driver connection for) and wait
         for it: (submission id, final status, its log)."""
-        import time
-
         client = self.job_client()
         sid = client.submit_job(entrypoint=entrypoint, metadata=metadata)
-        deadline = time.monotonic() + timeout_s
-        while (status := str(client.get_job_status(sid).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if time.monotonic() > deadline:
-                client.stop_job(sid)
-                raise GpufleetError(fix(f"job {sid} ({entrypoint}) did not finish within {timeout_s:g}s",
-                                        f"see `gpufleet jobs logs {sid}` (the cluster may be busy)"))
-            time.sleep(0.3)
+        status = wait_for_end(client, sid, timeout_s)
+        if status not in TERMINAL_STATES:
+            client.stop_job(sid)
+            raise GpufleetError(fix(f"job {sid} ({entrypoint}) did not finish within {timeout_s:g}s",
+                                    f"see `gpufleet jobs logs {sid}` (the cluster may be busy)"))
         return sid, status, client.get_job_logs(sid)
 
     def job_client(self) -> Any:
@@ -60,6 +56,19 @@ class Endpoint(Config):
             raise GpufleetError(fix(f"cannot reach the cluster's job API at {self.dashboard_url}: {_first_line(e)}",
                                     "check --address / RAY_ADDRESS (the dashboard URL, e.g. http://HEAD:8265) "
                                     "and that the head is up")) from None
+
+
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def wait_for_end(client: Any, sid: str, timeout_s: float, poll_s: float = 0.3) -> str:
+    """Poll a job's status until it ends or ``timeout_s`` passes; returns the last status seen."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (status := str(client.get_job_status(sid).value)) not in TERMINAL_STATES and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return status
 
 
 def forwarded_env(names: list[str], field: str = "env") -> dict[str, str]:

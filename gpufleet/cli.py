@@ -24,7 +24,6 @@ from gpufleet.cluster.head import HeadConfig
 from gpufleet.cluster.image import default_image
 from gpufleet.cluster.kuberay import PodSecrets
 from gpufleet.demo import DemoOptions
-from gpufleet.jobs.submit import TERMINAL as TERMINAL_JOB_STATES
 from gpufleet.options import options_from, renamed, validated, with_renamed
 from gpufleet.render import apps_table, breakdown_table, catalogue_table, jobs_table, plan_table, print_error
 from gpufleet.serve_apps.spec import ModelEntry
@@ -388,14 +387,10 @@ def jobs_follow_cmd(submission_id: str, address: str | None, quiet: bool) -> Non
 @one_line_errors
 def jobs_stop_cmd(submission_id: str, address: str | None) -> None:
     """Stop a running job (its checkpoints and logs stay where the job wrote them)."""
-    import time
+    from gpufleet.cluster.endpoint import wait_for_end
 
     client, stopped = job_call(address, "stop_job", submission_id)
-    deadline = time.monotonic() + 60
-    while (status := str(client.get_job_status(submission_id).value)) not in TERMINAL_JOB_STATES:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    status = wait_for_end(client, submission_id, 60)
     out.print(f"job {submission_id}: {status}" + ("" if stopped else " (it had already ended)"))
 
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 import asyncio
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from gpufleet.catalogue.errors import GpufleetError, fix
-from gpufleet.cluster.endpoint import Endpoint
+from gpufleet.cluster.endpoint import Endpoint, wait_for_end
 from gpufleet.cluster.kuberay import PodSecrets
 from gpufleet.jobs.upload import StagedJob, stage_job
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def submit(spec_path: str | Path, endpoint: Endpoint) -> tuple[Any, str, StagedJob]:
@@ -50,12 +48,7 @@ def follow(client: Any, sid: str, on_line=print, on_step=None, timeout_s: float 
         asyncio.run(asyncio.wait_for(tail(), timeout_s))
     except TimeoutError:
         raise GpufleetError(f"job {sid} still running after {timeout_s:g}s") from None
-    deadline = time.monotonic() + 30
-    while (status := str(client.get_job_status(sid).value)) not in TERMINAL:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    return status
+    return wait_for_end(client, sid, 30)
 
 
 
