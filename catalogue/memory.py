@@ -31,7 +31,8 @@ from gpufleet.catalogue.model import ModelSpec
 from gpufleet.catalogue.quantization import OnTheFly, Quantization, bitsandbytes
 
 Task = Literal["infer", "generate", "lora", "qlora", "full"]
-Precision = Literal["bf16", "fp16", "mixed"]
+# bfloat16/float16 as vLLM and torch name them; mixed: fp32 parameters under bf16 autocast.
+Precision = Literal["bfloat16", "float16", "mixed"]
 
 # ---- per-token logits/loss buffers (bytes per vocabulary entry) --------------------------
 LOGITS_SAVED = 4  # fp32 log_softmax output kept for backward
@@ -63,8 +64,8 @@ class TrainSetup(Config):
         "generate: transformers' generate() (prompt = seq, then new_tokens); infer: one forward with "
         "labels over every position; lora or full: a fine-tuning step; qlora: LoRA on a bitsandbytes nf4 base "
         "(peft's prepare_model_for_kbit_training, gradient checkpointing)."))
-    precision: Precision = Field(default="bf16", description=(
-        "bf16/fp16: parameters in half precision; mixed: fp32 parameters under bf16 autocast."))
+    dtype: Precision = Field(default="bfloat16", description=(
+        "bfloat16/float16: parameters in half precision; mixed: fp32 parameters under bf16 autocast."))
     micro_batch: int = Field(default=1, ge=1, description="Sequences per GPU per forward pass.")
     seq_len: int = Field(default=2048, ge=1, description="Tokens per sequence.")
     grad_ckpt: bool = Field(default=False, description="Activation (gradient) checkpointing.")
@@ -74,7 +75,7 @@ class TrainSetup(Config):
         "deepspeed: fp32 master weights and fp32 Adam states, ZeRO-sharded."))
     grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     new_tokens: int = Field(default=256, ge=0, description="generate: tokens generated after the prompt.")
-    quant: OnTheFly = Field(default="none", description=(
+    quantization: OnTheFly = Field(default="none", description=(
         "generate: load a 16-bit checkpoint quantized by bitsandbytes (int8: LLM.int8; nf4: 4-bit NormalFloat, "
         "bf16 compute)."))
     compile: bool = Field(default=False, description=(
@@ -91,9 +92,9 @@ class TrainSetup(Config):
         if self.task == "qlora" and (self.engine != "torch" or not self.grad_ckpt):
             raise ValueError(fix("qlora is planned as transformers + peft with gradient checkpointing",
                                  "use engine='torch' and grad_ckpt=True"))
-        if self.quant != "none" and self.task != "generate":
-            raise ValueError(fix(f"quant={self.quant} is planned for task 'generate' only",
-                                 "use --task generate, or drop --quant"))
+        if self.quantization != "none" and self.task != "generate":
+            raise ValueError(fix(f"quantization={self.quantization} is planned for task 'generate' only",
+                                 "use --task generate, or drop --quantization"))
         if self.engine == "torch" and (self.data_parallel > 1 or self.zero_stage or self.offload_optimizer
                                        or self.compile or self.grad_accum > 1):
             raise ValueError(fix("ZeRO, offload, compile, grad_accum>1 and data_parallel>1 need engine='deepspeed'",
@@ -145,7 +146,7 @@ def _norm_bytes(spec: ModelSpec) -> int:
     return spec.norms_per_layer * per * spec.hidden_size
 
 
-def layer_activation_bytes(spec: ModelSpec, task: Task, grad_ckpt: bool, precision: Precision = "bf16") -> float:
+def layer_activation_bytes(spec: ModelSpec, task: Task, grad_ckpt: bool, precision: Precision = "bfloat16") -> float:
     """Bytes autograd keeps per token for one decoder layer (bf16 compute, SDPA attention)."""
     h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.mlp_activation_width
     if grad_ckpt:  # only the layer input survives (plus rope tables); fp32 residual under autocast
@@ -237,7 +238,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     """Peak memory per GPU for ``setup`` (dispatches on ``setup.engine``)."""
     if setup.task == "generate":
         return generate_memory(spec, setup.micro_batch, setup.seq_len, setup.new_tokens,
-                               4 if setup.precision == "mixed" else 2, on_the_fly(spec, setup.quant))
+                               4 if setup.dtype == "mixed" else 2, on_the_fly(spec, setup.quantization))
     if setup.task == "qlora":
         return qlora_memory(spec, setup)
     if setup.engine == "deepspeed":
@@ -277,8 +278,8 @@ INT8_ACCUMULATOR = 4  # LLM.int8 matmuls write int32 outputs before scaling back
 def on_the_fly(spec: ModelSpec, quant: OnTheFly) -> Quantization | None:
     """bitsandbytes quantization asked for at load time; a checkpoint quantized already refuses it."""
     if quant != "none" and spec.quantization:
-        raise SpecError(fix(f"{spec.name} is already quantized ({spec.quantization.label}); quant={quant} "
-                            "would quantize it again", "drop --quant"))
+        raise SpecError(fix(f"{spec.name} is already quantized ({spec.quantization.label}); quantization={quant} "
+                            "would quantize it again", "drop --quantization"))
     return bitsandbytes(quant)
 
 
@@ -323,7 +324,7 @@ def _logits_saved(spec: ModelSpec) -> int:
 def _torch_single_gpu(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     T, V, L, P = s.tokens, spec.vocab_size, spec.num_layers, spec.num_params
     if s.task == "infer":
-        w = P * (4 if s.precision == "mixed" else 2)
+        w = P * (4 if s.dtype == "mixed" else 2)
         transient = T * (INFER_LOGITS * V + 4 * spec.hidden_size)
         return MemoryBreakdown(weights=w, logits_and_loss=transient, peak=w + transient, peak_phase="forward")
 
@@ -332,17 +333,17 @@ def _torch_single_gpu(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
         adapters = 4 * lora_params(spec, s.lora_rank)  # peft keeps adapters in fp32
         trainable = adapters
     else:
-        weights = P * (4 if s.precision == "mixed" else 2)
+        weights = P * (4 if s.dtype == "mixed" else 2)
         adapters = 0
         trainable = weights
     grads = trainable
     states = 2 * trainable  # exp_avg, exp_avg_sq in the parameters' dtype
-    acts = int(T * L * layer_activation_bytes(spec, s.task, s.grad_ckpt, s.precision))
-    if s.precision == "mixed" and s.task == "full":
+    acts = int(T * L * layer_activation_bytes(spec, s.task, s.grad_ckpt, s.dtype))
+    if s.dtype == "mixed" and s.task == "full":
         acts += _half_copies(spec, s.grad_ckpt)
     saved_logits = T * _logits_saved(spec)
     loss_bwd = T * LOSS_BACKWARD * V
-    one_layer = int(T * layer_activation_bytes(spec, s.task, False, s.precision))
+    one_layer = int(T * layer_activation_bytes(spec, s.task, False, s.dtype))
 
     base = weights + adapters + states
     moments = {
@@ -367,7 +368,7 @@ def host_peak(spec: ModelSpec, setup: TrainSetup, mem: MemoryBreakdown) -> int:
     from_pretrained loads on the CPU (freed when DeepSpeed moves it to the GPU) and what ZeRO-1/2
     then offloads; ZeRO-3 offloads from the loaded model, so there both count
     (bench/train/results/h100-train-mode-layouts.json)."""
-    half = 4 if setup.precision == "mixed" else 2
+    half = 4 if setup.dtype == "mixed" else 2
     loaded = half * spec.num_params
     if setup.zero_stage == 3:
         return int(mem.cpu_offload + loaded + HOST_BASE)
@@ -403,7 +404,7 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     dp, z, T, V, L, P = s.data_parallel, s.zero_stage, s.tokens, spec.vocab_size, spec.num_layers, spec.num_params
     lora = s.task == "lora"
     n_train = lora_params(spec, s.lora_rank) if lora else P
-    half = 4 if s.precision == "mixed" else 2
+    half = 4 if s.dtype == "mixed" else 2
     shard = dp if z >= 1 else 1
     # LoRA: the frozen base is never partitioned by the optimizer, only by ZeRO-3.
     params = half * (P + (n_train if lora else 0)) / (dp if z == 3 else 1)
@@ -446,7 +447,7 @@ def _deepspeed(spec: ModelSpec, s: TrainSetup) -> MemoryBreakdown:
     if z == 3:
         buckets = half * (STAGE3_PREFETCH + REDUCE_BUCKET) + half * max(
             spec.layer_params(i) for i in range(L)) * 2
-    act_task: Task = "full" if s.precision in ("bf16", "fp16") else s.task
+    act_task: Task = "full" if s.dtype in ("bfloat16", "float16") else s.task
     if s.compile:
         acts = int(T * L * compiled_layer_activation_bytes(spec, s.grad_ckpt))
         softcap = COMPILED_SOFTCAP_SAVED_CKPT if s.grad_ckpt else COMPILED_SOFTCAP_SAVED

@@ -73,7 +73,7 @@ def plan(spec: ModelSpec, task: str, gpu: GpuType | str, **options: Any) -> Plan
     """The cheapest legal layout (fewest GPUs) for ``spec`` doing ``task`` on ``gpu``.
 
     ``options`` are the other fields of ``PlanRequest`` (gpus, gpus_per_node, max_gpus, seq_len,
-    batch, headroom, compile, dtype, cpu_kv_cache_gib, enforce_eager, and the training layout pins
+    global_batch, concurrency, headroom, compile, dtype, quantization, cpu_kv_cache_gib, enforce_eager, and the training layout pins
     zero_stage, offload_optimizer, offload_params, grad_ckpt, micro_batch); a bad value is one line
     naming the field.
     """
@@ -101,13 +101,10 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
                             f"plan --task generate (transformers with device_map) on {gpu.name}, or serve on "
                             f"{', '.join(served)} or larger"))
     seq = _seq_len(spec, req)
-    batch = req.batch or DEFAULT_GLOBAL_BATCH
+    batch = req.global_batch or DEFAULT_GLOBAL_BATCH
     if req.task in ("lora", "qlora", "full") and req.gpus and batch % req.gpus:
         raise PlanError(fix(f"global batch {batch} is not divisible by {req.gpus} GPUs",
                             f"use a global batch that is a multiple of {req.gpus}, or pin another GPU count"))
-    if req.quant != "none" and req.task != "generate":
-        raise PlanError(fix(f"quant={req.quant} is planned for task 'generate' only",
-                            "use --task generate (serve takes --quantization fp8 or a quantized checkpoint)"))
     if req.task == "generate":
         spec.check_context(seq + req.new_tokens, "seq_len + new_tokens")
     one_process = req.task in ("generate", "infer")
@@ -154,11 +151,11 @@ def _explain_failure(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, 
     if req.task in ("generate", "infer"):
         asked += " (one node)"
     alt = finder(spec, req, gpu, seq, _counts(None, 4096))
-    if alt is None and req.task == "generate" and req.quant == "none" and not spec.quantization:
-        alt = finder(spec, req.model_copy(update={"quant": "nf4"}), gpu, seq, _counts(None, limit))
+    if alt is None and req.task == "generate" and req.quantization == "none" and not spec.quantization:
+        alt = finder(spec, req.model_copy(update={"quantization": "nf4"}), gpu, seq, _counts(None, limit))
         if alt is not None:
             return fix(f"{spec.name} (generate, {seq} tokens) does not fit on {asked} in 16 bits",
-                       f"load it in 4 bits (--quant nf4): {alt.summary()}")
+                       f"load it in 4 bits (--quantization nf4): {alt.summary()}")
     remedy = f"use {alt.summary()}" if alt else "choose a GPU type with more memory, a shorter sequence or a smaller batch"
     return fix(f"{spec.name} ({req.task}, {seq} tokens) does not fit on {asked}: "
                f"{spec.num_params * 2 / GIB:.0f} GiB of half-precision weights", remedy)
@@ -197,7 +194,7 @@ def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, s
 
 # ---- serve ---------------------------------------------------------------------------------------
 def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> ServePlan | None:
-    want = req.batch or 1
+    want = req.concurrency or 1
     util = round(1 - req.headroom, 4)
     fp8 = {"quantization": req.quantization == "fp8", "kv_cache_dtype": req.kv_cache_dtype == "fp8"}
     if any(fp8.values()) and not gpu.supports_fp8:
@@ -384,7 +381,7 @@ def _serve_notes(spec: ModelSpec, mem: ServingMemory) -> tuple[str, ...]:
 
 # ---- infer (transformers, device_map across the GPUs of one node) -------------------------------
 def _plan_infer(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> InferPlan | None:
-    micro = req.batch or 1
+    micro = req.micro_batch or 1
     mem = estimate(spec, TrainSetup(task="infer", micro_batch=micro, seq_len=seq))
     for n in counts:
         if n > req.gpus_per_node:
@@ -411,9 +408,9 @@ def _plan_generate(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, co
     if spec.multimodal:
         raise PlanError(fix(f"{spec.name} is a {spec.multimodal} vision-language checkpoint; generate plans split "
                             "text decoders only", "plan it with --task serve (vLLM)"))
-    batch = req.batch or 1
+    batch = req.micro_batch or 1
     dtype_bytes = DTYPE_BYTES[gpu.train_dtype]
-    quant = on_the_fly(spec, req.quant) or spec.quantization
+    quant = on_the_fly(spec, req.quantization) or spec.quantization
     mem = generate_memory(spec, batch, seq, req.new_tokens, dtype_bytes, quant)
     runtime = generate_runtime(spec, mem, batch, seq, req.new_tokens, dtype_bytes)
     for n in counts:
@@ -476,7 +473,7 @@ def _pinned_micro_batches(req: PlanRequest, per_rank: int) -> list[int]:
 
 
 def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
-    global_batch = req.batch or DEFAULT_GLOBAL_BATCH
+    global_batch = req.global_batch or DEFAULT_GLOBAL_BATCH
     dtype = _gpu_dtype(req, gpu)
     compile_ = req.compile and gpu.supports_triton  # inductor's Triton kernels need compute capability 7.0+
     for n in counts:
@@ -485,7 +482,7 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         for stage, ckpt, off_opt, off_par in _train_options(req, n):
             for micro in _pinned_micro_batches(req, global_batch // n):
                 micro_b, accum = split_batch(global_batch, n, micro)
-                setup = TrainSetup(task=req.task, precision="bf16" if dtype == "bfloat16" else "fp16",
+                setup = TrainSetup(task=req.task, dtype="bfloat16" if dtype == "bfloat16" else "float16",
                                    micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
                                    engine="deepspeed", compile=compile_, data_parallel=n, zero_stage=stage,
                                    offload_optimizer=off_opt, offload_params=off_par)
@@ -523,7 +520,7 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     if spec.quantization:
         raise PlanError(fix(f"{spec.name} is already quantized ({spec.quantization.label}); qlora quantizes a "
                             "16-bit checkpoint to nf4", "use the 16-bit checkpoint"))
-    global_batch = req.batch or DEFAULT_GLOBAL_BATCH
+    global_batch = req.global_batch or DEFAULT_GLOBAL_BATCH
     dtype = _gpu_dtype(req, gpu)
     for n in counts:
         if global_batch % n:

@@ -17,7 +17,6 @@ from gpufleet.catalogue.gpus import GIB
 from gpufleet.catalogue.layer_split import LayerSplit, TransformerLensSplit
 from gpufleet.catalogue.memory import CUDA_CONTEXT, DEFAULT_HEADROOM, MemoryBreakdown
 from gpufleet.catalogue.placement import Placement
-from gpufleet.catalogue.quantization import OnTheFly
 from gpufleet.catalogue.serving import ServingMemory
 
 PlanTask = Literal["serve", "generate", "infer", "lora", "qlora", "full"]
@@ -38,10 +37,15 @@ def layout_pins(settings: object) -> dict[str, object]:
 # Options that mean something for some tasks only: set on another task, they are refused rather than ignored.
 ONLY_FOR_TASKS: dict[str, tuple[str, ...]] = {
     "new_tokens": ("generate",),
-    "expected_tokens": ("serve",), "quantization": ("serve",), "kv_cache_dtype": ("serve",),
+    "global_batch": ("lora", "qlora", "full"), "concurrency": ("serve",),
+    "expected_tokens": ("serve",), "kv_cache_dtype": ("serve",),
     "cpu_kv_cache_gib": ("serve",), "target_output_tokens_per_s": ("serve",), "enforce_eager": ("serve",),
     "compile": ("lora", "full"),
 }
+
+
+# Which task quantizes a 16-bit checkpoint at load with each method: vLLM (fp8) or bitsandbytes (int8, nf4).
+QUANTIZATION_TASK: dict[str, str] = {"fp8": "serve", "int8": "generate", "nf4": "generate"}
 
 
 class PlanRequest(Config):
@@ -55,25 +59,24 @@ class PlanRequest(Config):
     seq_len: int | None = Field(default=None, ge=1, description=(
         "Tokens per sequence (serve: the context length, max_model_len; default: 8192 for serving, "
         "2048 otherwise, capped at the model's max_position_embeddings)."))
-    batch: int | None = Field(default=None, ge=1, description=(
-        f"Training: global batch (default {DEFAULT_GLOBAL_BATCH}). Serve: concurrent requests (of expected_tokens) "
-        "one replica must hold. Generate: sequences generated together."))
+    global_batch: int | None = Field(default=None, ge=1, description=(
+        f"Training: sequences per optimizer step, all GPUs (default {DEFAULT_GLOBAL_BATCH})."))
+    concurrency: int | None = Field(default=None, ge=1, description=(
+        "Serve: concurrent requests (of expected_tokens) one replica must hold (default 1)."))
     expected_tokens: int | None = Field(default=None, ge=1, description=(
         "Serve: prompt + output tokens of a typical request; sizes max_num_seqs and autoscaling "
         "(default: 2048, or the context if shorter)."))
     new_tokens: int = Field(default=256, ge=0, description="Generate: tokens generated after the prompt (--seq-len).")
-    quant: OnTheFly = Field(default="none", description=(
-        "Generate: load a 16-bit checkpoint quantized by bitsandbytes (int8: LLM.int8; nf4: 4-bit NormalFloat, "
-        "bf16 compute)."))
     headroom: float = Field(default=DEFAULT_HEADROOM, ge=0, lt=1, description="Safety margin on memory (0.1 = 10%).")
     compile: bool = Field(default=True, description=(
         "Training: run under torch.compile (gpufleet's GPU default; changes activation memory)."))
     dtype: DType = Field(default="auto", description=(
         "Serve and training: weights and compute dtype (auto: bf16 where the GPU has it, fp16 on older GPUs, "
         "fp32 on CPU; training on GPUs is half precision)."))
-    quantization: Literal["none", "fp8"] = Field(default="none", description=(
-        "Serve: fp8 weights (vLLM quantization='fp8': the layers' linear weights in one byte); needs an fp8 "
-        "GPU (H100, H200, L40S, L4)."))
+    quantization: Literal["none", "fp8", "int8", "nf4"] = Field(default="none", description=(
+        "Quantize a 16-bit checkpoint at load. Serve: fp8 (vLLM quantization='fp8', the linear weights in one "
+        "byte; needs an fp8 GPU: H100, H200, L40S, L4). Generate: int8 (bitsandbytes LLM.int8) or nf4 (4-bit "
+        "NormalFloat, bf16 compute)."))
     kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto", description=(
         "Serve: fp8 KV cache (half the bytes of bf16 per token); needs an fp8 GPU."))
     cpu_kv_cache_gib: float = Field(default=DEFAULT_CPU_KV_CACHE_GIB, gt=0,
@@ -93,8 +96,9 @@ class PlanRequest(Config):
         "Training (lora/full): pin ZeRO-3 parameter offload to host memory on or off."))
     grad_ckpt: bool | None = Field(default=None, description="Training: pin gradient checkpointing on or off.")
     micro_batch: int | None = Field(default=None, ge=1, description=(
-        "Training: pin the micro-batch per GPU, at most (the largest that divides each GPU's share of the "
-        "global batch; the rest is gradient accumulation)."))
+        "Sequences per forward pass. Training: pin the micro-batch per GPU, at most (the largest that divides "
+        "each GPU's share of the global batch; the rest is gradient accumulation). Generate and infer: "
+        "sequences run together (default 1)."))
 
     def layout_pins(self) -> dict[str, object]:
         """The training layout fields this request pins."""
@@ -117,7 +121,12 @@ class PlanRequest(Config):
             f = wrong[0]
             raise ValueError(fix(f"{f} (--{f.replace('_', '-')}) applies to task {' / '.join(ONLY_FOR_TASKS[f])}, "
                                  f"not to {self.task!r}", "drop it, or plan that task"))
+        if (q := self.quantization) != "none" and self.task != (task := QUANTIZATION_TASK[q]):
+            raise ValueError(fix(f"quantization={q} applies to task {task!r}, not to {self.task!r}",
+                                 "use a quantized checkpoint, or plan serve (fp8) / generate (int8, nf4)"))
         pins = self.layout_pins()
+        if self.task in ("generate", "infer"):
+            pins.pop("micro_batch", None)  # for these, micro_batch is the batch itself, not a layout pin
         if pins and self.task not in ("lora", "full", "qlora"):
             raise ValueError(fix(f"layout pins ({', '.join(pins)}) apply to training, not to task {self.task!r}",
                                  "drop them, or plan a lora/full fine-tune"))

@@ -24,7 +24,7 @@ from gpufleet.cluster.head import HeadConfig
 from gpufleet.cluster.image import default_image
 from gpufleet.cluster.kuberay import PodSecrets
 from gpufleet.demo import DemoOptions
-from gpufleet.options import options_from, renamed, validated, with_renamed
+from gpufleet.options import notice_renamed, options_from, renamed, validated, with_renamed
 from gpufleet.render import apps_table, breakdown_table, catalogue_table, jobs_table, plan_table, print_error
 from gpufleet.serve_apps.spec import ModelEntry
 
@@ -48,7 +48,9 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # Options whose flag is not the field's name.
 PLAN_FLAGS: dict[str, str] = {}
-ESTIMATE_FLAGS = {"micro_batch": "--batch"}
+# `plan --batch` meant a different thing per task; each now has its own name.
+BATCH_BY_TASK = {"lora": "global_batch", "qlora": "global_batch", "full": "global_batch", "serve": "concurrency",
+                 "generate": "micro_batch", "infer": "micro_batch"}
 address_option = click.option("--address", default=None, help=ADDRESS_HELP)
 image_option = click.option("--image", default=None, help=(
     "With --format kuberay: the node image (default: the gpufleet image of this version, `make image`)."))
@@ -76,6 +78,9 @@ def main() -> None:
 @click.argument("model")
 @options_from(PlanRequest, *(f for f in PlanRequest.model_fields if f != "enforce_eager"), names=PLAN_FLAGS)
 @renamed("--seq", "seq_len", "--seq-len")
+@renamed("--quant", "quantization", "--quantization", kind=str)
+@click.option("--batch", "former_batch", type=int, hidden=True,
+              help="Former name of --global-batch (training), --concurrency (serve), --micro-batch (generate).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--emit", type=click.Choice(["device-map", "transformerlens"]), help=(
     "generate: print only what to paste: device-map = {device_map, max_memory} for from_pretrained; "
@@ -84,8 +89,13 @@ def main() -> None:
     "A Ray cluster-launcher file (cluster.yaml): refuse the plan unless one of its node types can hold it, "
     "as submission does."))
 @one_line_errors
-def plan_cmd(model: str, as_json: bool, emit: str | None, cluster_yaml: str | None, **request: Any) -> None:
+def plan_cmd(model: str, as_json: bool, emit: str | None, cluster_yaml: str | None, former_batch: int | None,
+             **request: Any) -> None:
     """Plan MODEL (a built-in name or a config.json path) for TASK on a GPU type."""
+    if former_batch is not None:
+        field = BATCH_BY_TASK[request["task"]]
+        notice_renamed("--batch", "--" + field.replace("_", "-"))
+        request[field] = request[field] or former_batch
     types = None
     if cluster_yaml:
         from gpufleet.catalogue.placement import largest_node_gpus, node_types_from_cluster_config
@@ -125,23 +135,25 @@ def emitted(p: Any, what: str) -> Any:
 
 @main.command("estimate")
 @click.option("--config", "config", required=True, help="config.json path, model directory or built-in name.")
-@options_from(TrainSetup, "task", "precision", "micro_batch", "seq_len", "new_tokens", "quant", "grad_ckpt", "lora_rank",
-              names=ESTIMATE_FLAGS)
+@options_from(TrainSetup, "task", "dtype", "micro_batch", "seq_len", "new_tokens", "quantization", "grad_ckpt", "lora_rank")
 @renamed("--seq", "seq_len", "--seq-len")
+@renamed("--batch", "micro_batch", "--micro-batch")
+@renamed("--precision", "dtype", "--dtype", kind=str, values={"bf16": "bfloat16", "fp16": "float16"})
+@renamed("--quant", "quantization", "--quantization", kind=str)
 @click.option("--json", "as_json", is_flag=True)
 @one_line_errors
 def estimate_cmd(config: str, as_json: bool, **setup_fields: Any) -> None:
     """Peak GPU memory of one GPU running transformers: generate(), a labelled forward, or a
     fine-tuning step (torch AdamW)."""
     spec = load_model(config)
-    setup = validated(TrainSetup, ESTIMATE_FLAGS, **with_renamed(setup_fields))
+    setup = validated(TrainSetup, **with_renamed(setup_fields))
     mem = estimate(spec, setup)
     if as_json:
         emit_json({"model": spec.name, "params": spec.num_params, **setup.model_dump(), **mem.as_gib(),
                    "peak_bytes": mem.peak})
     else:
         out.print(spec.summary())
-        out.print(breakdown_table(mem, f"{setup.task} {setup.precision} batch {setup.micro_batch} x {setup.seq_len}"
+        out.print(breakdown_table(mem, f"{setup.task} {setup.dtype} {setup.micro_batch} x {setup.seq_len}"
                                        f"{' +ckpt' if setup.grad_ckpt else ''}"))
 
 

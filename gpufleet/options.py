@@ -68,14 +68,20 @@ def validated(cls: type[BaseModel], names: dict[str, str] | None = None, **kwarg
 RENAMED_UNTIL = "gpufleet 0.2"
 
 
-def renamed(old_flag: str, field: str, new_flag: str, kind: Any = int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A hidden option for a flag's former name: its value is kept for ``field`` (see ``with_renamed``) and a
-    one-line notice names the new flag."""
+def notice_renamed(old_flag: str, new_flag: str) -> None:
+    """The one-line notice a former flag name prints."""
+    click.echo(f"notice: {old_flag} is now {new_flag}; {old_flag} is accepted until {RENAMED_UNTIL}", err=True)
+
+
+def renamed(old_flag: str, field: str, new_flag: str, kind: Any = int,
+            values: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A hidden option for a flag's former name: its value (translated by ``values`` where the spelling of
+    the values changed too) is kept for ``field`` (see ``with_renamed``) and a one-line notice names the new flag."""
 
     def keep(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
         if value is not None:
-            click.echo(f"notice: {old_flag} is now {new_flag}; {old_flag} is accepted until {RENAMED_UNTIL}", err=True)
-            ctx.meta.setdefault("gpufleet.renamed", {})[field] = value
+            notice_renamed(old_flag, new_flag)
+            ctx.meta.setdefault("gpufleet.renamed", {})[field] = (values or {}).get(value, value)
 
     return click.option(old_flag, type=kind, hidden=True, expose_value=False, callback=keep,
                         help=f"Former name of {new_flag}.")

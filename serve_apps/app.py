@@ -44,7 +44,7 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
     if entry.max_model_len is not None:
         model.check_context(entry.max_model_len, f"models[{entry.id}].max_model_len")
     return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.max_model_len,
-                batch=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
+                concurrency=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
                 quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
                 enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s,
                 **({"gpus_per_node": entry.gpus_per_node} if entry.gpus_per_node else {}))

@@ -13,7 +13,7 @@ runner = CliRunner()
 
 def test_estimate_json_has_peak_gib_and_breakdown():
     r = runner.invoke(main, ["estimate", "--config", "catalogue/models/llama-3.1-8b.json", "--task", "lora",
-                             "--precision", "bf16", "--batch", "1", "--seq-len", "1024", "--json"])
+                             "--dtype", "bfloat16", "--micro-batch", "1", "--seq-len", "1024", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert 24 < d["peak_gib"] < 28 and {"weights_gib", "activations_gib", "logits_and_loss_gib"} <= set(d)
@@ -26,7 +26,7 @@ def test_plan_json_contains_bundles_and_tp():
 
 
 def test_training_plan_assumes_torch_compile_unless_told_not_to():
-    args = ["plan", "llama-3.2-1b", "--task", "full", "--gpu", "H100-80GB", "--seq-len", "2048", "--batch", "32", "--json"]
+    args = ["plan", "llama-3.2-1b", "--task", "full", "--gpu", "H100-80GB", "--seq-len", "2048", "--global-batch", "32", "--json"]
     compiled = json.loads(runner.invoke(main, args).output)
     eager = json.loads(runner.invoke(main, [*args, "--no-compile"]).output)
     assert compiled["compile"] is True and eager["compile"] is False
@@ -46,8 +46,8 @@ def test_errors_are_one_line_on_stderr_with_nonzero_exit():
 
 
 def test_bad_estimate_value_names_the_field():
-    r = runner.invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "full", "--batch", "0"])
-    assert r.exit_code == 1 and "--batch=0" in r.output
+    r = runner.invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "full", "--micro-batch", "0"])
+    assert r.exit_code == 1 and "--micro-batch=0" in r.output
 
 
 def test_a_missing_required_option_is_named_by_its_flag_not_a_class():
@@ -82,3 +82,17 @@ def test_a_former_spec_key_still_works_with_a_one_line_notice(capsys):
 
     assert ModelEntry(id="m", source="llama-3.2-1b", context=512).max_model_len == 512
     assert "'context' is now 'max_model_len'" in capsys.readouterr().err
+
+
+def test_former_batch_flag_is_the_tasks_own_name_with_a_notice():
+    args = ["plan", "llama-3.1-70b", "--task", "serve", "--gpu", "H100", "--json"]
+    r = runner.invoke(main, [*args, "--batch", "64"])
+    assert r.exit_code == 0, r.output
+    assert "notice: --batch is now --concurrency" in r.stderr
+    assert r.stdout == runner.invoke(main, [*args, "--concurrency", "64"]).stdout != runner.invoke(main, args).stdout
+
+
+def test_former_precision_flag_and_values_still_work_with_a_notice():
+    r = runner.invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "lora", "--precision", "fp16", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "notice: --precision is now --dtype" in r.stderr and json.loads(r.stdout)["dtype"] == "float16"

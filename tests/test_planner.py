@@ -32,7 +32,7 @@ def test_t4_plans_train_in_fp16():
 
 
 def test_training_batch_identity_holds():
-    p = plan(load_model("llama-3.1-8b"), "full", get_gpu("A100-80GB"), batch=32, gpus=4)
+    p = plan(load_model("llama-3.1-8b"), "full", get_gpu("A100-80GB"), global_batch=32, gpus=4)
     assert p.micro_batch * p.grad_accum * p.data_parallel == 32
 
 
@@ -84,7 +84,7 @@ def test_model_larger_than_whole_inventory_is_an_error():
         plan(load_model("llama-3.1-405b"), "serve", get_gpu("A10G"), max_gpus=4)
 
 
-@pytest.mark.parametrize("field", ["gpus", "seq_len", "batch"])
+@pytest.mark.parametrize("field", ["gpus", "seq_len", "concurrency"])
 def test_zero_or_negative_sizes_are_rejected(field):
     with pytest.raises(PlanError, match=f"{field}=0: Input should be greater than or equal to 1"):
         plan(load_model("qwen2.5-0.5b"), "serve", get_gpu("A10G"), **{field: 0})

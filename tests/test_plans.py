@@ -63,7 +63,7 @@ def test_training_on_cpu_has_no_plan():
 
 def test_printed_train_plan_is_what_ray_train_reserves():
     job = JobSpec(model="m", dataset="d", task="full", max_steps=1, gpu="H100-80GB", global_batch=32, seq_len=2048)
-    p = plan(load_model("llama-3.2-1b"), "full", "H100-80GB", seq_len=2048, batch=32)
+    p = plan(load_model("llama-3.2-1b"), "full", "H100-80GB", seq_len=2048, global_batch=32)
     kw = scaling_kwargs(resolve_layout(job, load_model("llama-3.2-1b")).placement)
     # Ray Train adds the accelerator pin back to resources_per_worker from accelerator_type
     reserved = [{**kw["resources_per_worker"], f"accelerator_type:{kw['accelerator_type']}": 0.001}] * kw["num_workers"]
@@ -82,7 +82,7 @@ def test_serve_context_above_the_models_positions_is_refused():
 
 def test_global_batch_that_does_not_divide_is_named_as_such():
     with pytest.raises(PlanError, match="global batch 10 is not divisible by 4 GPUs"):
-        plan(load_model("llama-3.1-8b"), "full", "H100", gpus=4, batch=10)
+        plan(load_model("llama-3.1-8b"), "full", "H100", gpus=4, global_batch=10)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -134,7 +134,7 @@ def test_generate_keeps_only_the_window_of_sliding_layers_after_the_prefill():
 
 
 def test_estimate_generate_json_has_the_peak_and_kv_cache():
-    r = CliRunner().invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "generate", "--batch", "1",
+    r = CliRunner().invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "generate", "--micro-batch", "1",
                                   "--seq-len", "2048", "--new-tokens", "256", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -165,7 +165,7 @@ def test_fp8_on_a_gpu_without_fp8_is_refused_with_the_reason():
 
 
 def test_a_pinned_training_layout_is_searched_for_the_fewest_gpus_that_hold_it():
-    p = plan(load_model("llama-3.1-8b"), "full", "H100-80GB", seq_len=2048, batch=16, zero_stage=3,
+    p = plan(load_model("llama-3.1-8b"), "full", "H100-80GB", seq_len=2048, global_batch=16, zero_stage=3,
              offload_optimizer=False)
     assert (p.gpus, p.zero_stage, p.offload_optimizer) == (4, 3, False)  # 82 GiB per GPU at two
     assert p.peak_bytes_per_gpu < 79.2 * 2**30 * 0.9

@@ -89,24 +89,26 @@ def test_quantized_checkpoint_fits_where_bf16_does_not():
 
 def test_generate_quant_nf4_shrinks_the_plan():
     full = plan(load_model("llama-3.1-70b"), "generate", "A100-80GB")
-    nf4 = plan(load_model("llama-3.1-70b"), "generate", "A100-80GB", quant="nf4")
+    nf4 = plan(load_model("llama-3.1-70b"), "generate", "A100-80GB", quantization="nf4")
     assert full.gpus == 2 and nf4.gpus == 1 and nf4.quantization == "nf4"
 
 
 def test_quantizing_a_quantized_checkpoint_again_is_refused():
     with pytest.raises(SpecError, match="already quantized.*drop --quant"):
-        plan(quantized("llama-3.2-1b", AWQ), "generate", "T4", quant="int8")
+        plan(quantized("llama-3.2-1b", AWQ), "generate", "T4", quantization="int8")
     with pytest.raises(PlanError, match="already quantized"):
         plan(quantized("llama-3.2-1b", AWQ), "serve", "H100", quantization="fp8")
 
 
-def test_quant_outside_generate_is_one_line():
-    with pytest.raises(PlanError, match="'generate' only"):
-        plan(load_model("llama-3.2-1b"), "lora", "T4", quant="nf4")
+def test_load_time_quantization_outside_its_task_is_one_line():
+    with pytest.raises(PlanError, match="quantization=nf4 applies to task 'generate', not to 'lora'"):
+        plan(load_model("llama-3.2-1b"), "lora", "T4", quantization="nf4")
+    with pytest.raises(PlanError, match="quantization=fp8 applies to task 'serve', not to 'generate'"):
+        plan(load_model("llama-3.2-1b"), "generate", "H100", quantization="fp8")
 
 
 def test_a_model_too_big_for_one_node_in_16_bits_is_pointed_at_nf4():
-    with pytest.raises(PlanError, match=r"one node\) in 16 bits.*--quant nf4\): .* on 4 x H100"):
+    with pytest.raises(PlanError, match=r"one node\) in 16 bits.*--quantization nf4\): .* on 4 x H100"):
         plan(load_model("llama-3.1-405b"), "generate", "H100")
 
 
@@ -134,7 +136,7 @@ def test_qlora_on_a_gpu_without_bitsandbytes_kernels_is_refused():
 
 
 def test_qlora_micro_batches_stay_within_the_measured_tokens():
-    p = plan(load_model("llama-3.1-8b"), "qlora", "H100", seq_len=2048, batch=16)
+    p = plan(load_model("llama-3.1-8b"), "qlora", "H100", seq_len=2048, global_batch=16)
     assert p.micro_batch * p.seq_len <= 4096 and p.micro_batch * p.grad_accum == 16
 
 

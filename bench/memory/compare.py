@@ -20,10 +20,10 @@ from gpufleet.catalogue.memory import GIB, TrainSetup, estimate, fits
 from gpufleet.catalogue.model import load_model
 
 HERE = Path(__file__).parent
-RECIPES = {  # measure.py recipe -> (task, precision)
-    "infer": ("infer", "bf16"),
-    "lora": ("lora", "bf16"),
-    "full-bf16": ("full", "bf16"),
+RECIPES = {  # measure.py recipe -> (task, dtype)
+    "infer": ("infer", "bfloat16"),
+    "lora": ("lora", "bfloat16"),
+    "full-bf16": ("full", "bfloat16"),
     "full-mixed": ("full", "mixed"),
 }
 
@@ -33,9 +33,9 @@ def compare(measured: dict) -> dict:
     gpu_bytes = measured["meta"]["gpu_total_bytes"]
     rows = []
     for r in measured["results"]:
-        task, precision = RECIPES[r["recipe"]]
+        task, dtype = RECIPES[r["recipe"]]
         spec = load_model(r["model"])
-        setup = TrainSetup(task=task, precision=precision, micro_batch=r["batch"], seq_len=r["seq"],
+        setup = TrainSetup(task=task, dtype=dtype, micro_batch=r["batch"], seq_len=r["seq"],
                            grad_ckpt=r["grad_ckpt"])
         pred = estimate(spec, setup).peak
         row = dict(model=r["model"], recipe=r["recipe"], grad_ckpt=r["grad_ckpt"], batch=r["batch"],

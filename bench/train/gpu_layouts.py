@@ -85,7 +85,7 @@ def predict(model: str, task: str, seq: int, layout: dict) -> dict:
     if task == "qlora":  # sized as transformers + peft: DeepSpeed ZeRO-0 adds nothing to it
         setup = TrainSetup(task=task, micro_batch=layout["micro_batch"], seq_len=seq, grad_ckpt=True)
     else:
-        setup = TrainSetup(task=task, precision="bf16", micro_batch=layout["micro_batch"],
+        setup = TrainSetup(task=task, dtype="bfloat16", micro_batch=layout["micro_batch"],
                            grad_accum=layout["grad_accum"], seq_len=seq, grad_ckpt=layout["grad_ckpt"],
                            engine="deepspeed", compile=layout["compile"],
                            data_parallel=layout.get("workers", 1), zero_stage=layout["zero_stage"],

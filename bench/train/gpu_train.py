@@ -233,7 +233,7 @@ def run_case(name: str, case: Case, seq: int, steps: int, gpu_name: str) -> dict
     step_s = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (and compilation)
     spec_m = load_model(name)
     tok_s = micro * accum * seq / step_s
-    setup = TrainSetup(task=task, precision="bf16", micro_batch=micro, seq_len=seq, grad_ckpt=ckpt,
+    setup = TrainSetup(task=task, dtype="bfloat16", micro_batch=micro, seq_len=seq, grad_ckpt=ckpt,
                        engine="deepspeed", zero_stage=stage, data_parallel=1, grad_accum=accum, compile=compiled,
                        offload_optimizer=offload)
     breakdown = estimate(spec_m, setup)
