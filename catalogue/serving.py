@@ -42,7 +42,7 @@ class ServingMemory(Config):
         "CUDA context and CUDA graphs: held by the replica but outside gpu_memory_utilization's budget."))
     kv_cache: int = Field(description="Bytes left for the KV cache on each GPU (<= 0: does not fit).")
     kv_bytes_per_token: int = Field(description="KV bytes per token on each GPU, all of its layers.")
-    kv_tokens: int = Field(description="Tokens of KV cache that fit (full-attention accounting).")
+    kv_tokens: int = Field(description="Tokens of KV cache as vLLM reports them (its hybrid layout for sliding-window layers).")
     max_model_len: int = Field(description="Longest sequence one replica can hold (0: none).")
     concurrent_seqs: int = Field(description="Sequences of the requested context that fit at once.")
     context: int
@@ -62,14 +62,48 @@ def kv_bytes_per_token_layer(spec: ModelSpec, tp: int, dtype_bytes: int) -> int:
     return 2 * kv_heads_per_rank(spec, tp) * spec.head_dim * dtype_bytes
 
 
-def kv_bytes_for_sequence(spec: ModelSpec, context: int, tp: int, pp: int, dtype_bytes: int) -> int:
-    """KV bytes one sequence of ``context`` tokens needs on one GPU (its share of the layers).
+def kv_groups(spec: ModelSpec, pp: int = 1) -> tuple[int, int, int]:
+    """``(layers per group, full-attention groups, sliding-window groups)`` of one pipeline stage, as vLLM's
+    hybrid KV-cache manager lays them out (vllm/v1/core/kv_cache_utils.py): layers are bucketed by attention
+    type, the group size is the smaller bucket (the larger where it is under 1.5x the smaller), each bucket is
+    split into groups of that size, the last padded; one block id takes a page in every layer of its group."""
+    sliding = -(-len(spec.sliding_layers) // pp)
+    full = -(-(spec.num_layers - len(spec.sliding_layers)) // pp)
+    counts = [n for n in (full, sliding) if n]
+    size = min(counts)
+    if max(counts) < 1.5 * size:
+        size = max(counts)
+    return size, -(-full // size), -(-sliding // size)
 
-    Sliding-window layers keep at most ``window`` tokens; everything is rounded up to blocks.
-    """
-    per = kv_bytes_per_token_layer(spec, tp, dtype_bytes)
-    blocks = [-(-n // BLOCK_SIZE) * BLOCK_SIZE for n in spec.kv_tokens_per_layer(context)]
-    return -(-sum(blocks) * per // pp)
+
+def _blocks(tokens: int) -> int:
+    return -(-tokens // BLOCK_SIZE)
+
+
+def kv_bytes_for_sequence(spec: ModelSpec, context: int, tp: int, pp: int, dtype_bytes: int) -> int:
+    """KV bytes one sequence of ``context`` tokens holds on one GPU (its stage's layers), in vLLM's
+    hybrid layout: full-attention groups keep every token, sliding-window groups the window (plus the
+    block it straddles), and padding layers of a group cost their pages too."""
+    size, full, sliding = kv_groups(spec, pp)
+    page = BLOCK_SIZE * kv_bytes_per_token_layer(spec, tp, dtype_bytes)
+    window = spec.sliding_window or context
+    return size * page * (full * _blocks(context) + sliding * min(_blocks(context), _blocks(window - 1) + 1))
+
+
+def vllm_kv_tokens(spec: ModelSpec, kv_bytes: int, tp: int, pp: int, dtype_bytes: int, max_model_len: int,
+                   max_num_batched_tokens: int) -> int:
+    """The "GPU KV cache size: N tokens" vLLM reports for a KV budget of ``kv_bytes``: how many requests of
+    ``max_model_len`` the block pool holds, times that length. A sliding-window group is charged what a
+    request may hold at once, window - 1 + a full prefill chunk (vLLM's SlidingWindowSpec), so with chunks
+    as long as the context a hybrid model reports fewer tokens than its layers' sum would suggest."""
+    if kv_bytes <= 0:
+        return 0
+    size, full, sliding = kv_groups(spec, pp)
+    num_blocks = kv_bytes // (size * BLOCK_SIZE * kv_bytes_per_token_layer(spec, tp, dtype_bytes))
+    window = spec.sliding_window or max_model_len
+    per_request = full * _blocks(max_model_len) + sliding * (
+        _blocks(min(window - 1 + max_num_batched_tokens, max_model_len)) + 1)
+    return int(num_blocks / per_request * max_model_len)
 
 
 def weights_per_rank(spec: ModelSpec, tp: int, pp: int, dtype_bytes: int, linear_bytes: float | None = None) -> int:
@@ -128,8 +162,8 @@ def serving_memory(spec: ModelSpec, gpu: GpuType, tp: int = 1, pp: int = 1, cont
     outside = CUDA_CONTEXT + (0 if enforce_eager else CUDA_GRAPHS)
     kv = int(gpu_memory_utilization * gpu.memory_bytes) - w - act - non_torch
     per_token = -(-spec.num_layers * kv_bytes_per_token_layer(spec, tp, kv_bytes) // pp)
-    kv_tokens = max(kv, 0) // per_token // BLOCK_SIZE * BLOCK_SIZE
     max_len = _max_model_len(spec, kv, tp, pp, kv_bytes)
+    kv_tokens = vllm_kv_tokens(spec, kv, tp, pp, kv_bytes, min(context, max_len) or context, max_num_batched_tokens)
     need = kv_bytes_for_sequence(spec, context, tp, pp, kv_bytes)
     need_expected = kv_bytes_for_sequence(spec, expected, tp, pp, kv_bytes)
     return ServingMemory(
