@@ -1,7 +1,11 @@
 """vLLM KV-cache arithmetic against hand computation."""
 
 import json
+from pathlib import Path
 
+import pytest
+
+from bench.serve.kv_capacity import with_predictions
 from gpufleet.catalogue.gpus import get_gpu
 from gpufleet.catalogue.model import load_model
 from gpufleet.catalogue.planner import plan
@@ -203,3 +207,15 @@ def test_the_gpu_bench_reports_how_far_repeated_runs_of_a_side_differ():
     assert result["repeat_spread"] == {"plain": [{"concurrency": 8, "runs": 2, "throughput_max_over_min": 1.1,
                                                   "ttft_p50_max_over_min": 1.25, "itl_p99_max_over_min": 1.6}]}
     assert result["rows"][0]["itl_p99_ratio"] == round(6.0 / 6.5, 3)  # against plain's mean
+
+
+KV_RESULTS = Path(__file__).parents[1] / "bench" / "serve" / "results"
+
+
+@pytest.mark.parametrize("results", ["h100-kv-capacity.json", "h100-kv-hybrid.json", "h100-kv-capacity-fp8.json"])
+def test_kv_tokens_stay_within_3_percent_of_vllm_and_at_most_1_percent_optimistic(results):
+    data = json.loads((KV_RESULTS / results).read_text())
+    rows = with_predictions(data["rows"], data["gpu"], data["gpu_memory_utilization"], data["max_model_len"],
+                            data.get("fp8", "none"))
+    errors = {r["model"]: r["error"] for r in rows}
+    assert all(-0.03 <= e <= 0.01 for e in errors.values()), errors
