@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -70,8 +71,20 @@ def show_rows(rows: list[dict[str, Any]], as_json: bool, table: Callable[[list[d
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gpufleet")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help=(
+    "Show the log lines of Ray, vLLM and DeepSpeed here; by default up, train, serve and demo write them to "
+    "a log file under GPUFLEET_HOME/logs and print its path once."))
+def main(verbose: bool) -> None:
     """gpufleet: plan, place, fine-tune and serve LLMs on a Ray GPU cluster."""
+
+
+def quiet_unless_verbose(command: str, *consoles: Console) -> None:
+    """Library log lines to a log file for the rest of this command, unless ``gpufleet -v`` (or the command
+    runs inside another program that took over stdout, such as click's test runner)."""
+    if sys.stdout is sys.__stdout__ and not click.get_current_context().find_root().params.get("verbose"):
+        from gpufleet.terminal import quiet_terminal
+
+        quiet_terminal([out, err, *consoles], command)
 
 
 @main.command("plan")
@@ -192,6 +205,7 @@ def up_cmd(address: str | None, dashboard_url: str | None, cluster_yaml: str | N
         out.print(f"{cluster_yaml}: valid; node types kept in {kept} for plan checks; token {token}; "
                   f"running `ray up -y {cluster_yaml}`")
         sys.exit(subprocess.call([head.ray_bin(), "up", "-y", cluster_yaml]))
+    quiet_unless_verbose("up")
     if address:
         host_part = address.rsplit(":", 1)[0]
         state = head.attach(address, dashboard_url or f"http://{host_part}:8265",
@@ -301,6 +315,7 @@ def train_cmd(spec: str, address: str | None, no_follow: bool, quiet: bool, emit
 
     load_job_spec(spec)  # a bad spec is named before a missing cluster is
     endpoint = resolve_endpoint(address)
+    quiet_unless_verbose("train")
     client, sid, _ = submit(spec, endpoint)
     out.print(f"submitted [bold]{sid}[/] to {endpoint.dashboard_url}")
     if no_follow:
@@ -479,12 +494,15 @@ def serve_cmd(spec_or_model: str, address: str | None, emit_config: bool, fmt: s
         from gpufleet.serve_apps.app import emit_kuberay
 
         secrets = validated(PodSecrets, hf_token_secret=hf_token_secret, storage_secret=storage_secret)
-        manifest = emit_kuberay(spec, base, image or default_image(), secrets) if fmt == "kuberay" else emit(spec, base)
+        with err.status("checking the config with Ray Serve LLM (imports vLLM) ..."):
+            manifest = (emit_kuberay(spec, base, image or default_image(), secrets) if fmt == "kuberay"
+                        else emit(spec, base))
         click.echo(yaml.safe_dump(manifest, sort_keys=False))
         return
     from gpufleet.cluster.endpoint import resolve_endpoint
 
     endpoint = resolve_endpoint(address)
+    quiet_unless_verbose("serve")
     if not endpoint.shares_disk:
         serve_remote(spec, base, endpoint)
         return
@@ -529,9 +547,12 @@ def serve_remote(spec: Any, base: Any, endpoint: Any) -> None:
 @options_from(DemoOptions, *DemoOptions.model_fields)
 def demo_cmd(**options: Any) -> None:
     """The whole story on a local cluster: plan, fine-tune, serve, answer (docs/getting-started.md)."""
-    from gpufleet.demo import run_demo
+    from gpufleet.demo import console, run_demo
 
-    sys.exit(run_demo(validated(DemoOptions, **options)))
+    args = validated(DemoOptions, **options)
+    os.environ.setdefault("GPUFLEET_HOME", str(Path(args.demo_dir).resolve() / "home"))
+    quiet_unless_verbose("demo", console)
+    sys.exit(run_demo(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The gpufleet CLI contract: JSON output other tools parse, one-line errors, exit codes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,26 @@ def test_former_precision_flag_and_values_still_work_with_a_notice():
     r = runner.invoke(main, ["estimate", "--config", "qwen2.5-0.5b", "--task", "lora", "--precision", "fp16", "--json"])
     assert r.exit_code == 0, r.output
     assert "notice: --precision is now --dtype" in r.stderr and json.loads(r.stdout)["dtype"] == "float16"
+
+
+def test_a_quiet_terminal_sends_library_output_to_the_log_and_keeps_gpufleets_own(tmp_path):
+    code = """
+import logging, sys
+from rich.console import Console
+from gpufleet.terminal import quiet_terminal
+out, err = Console(), Console(stderr=True)
+quiet_terminal([out, err], "t")
+logging.basicConfig()
+logging.getLogger("ray.serve").warning("a library line")
+print("printed by a library")
+out.print("gpufleet says hi")
+raise ValueError("boom")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "GPUFLEET_HOME": str(tmp_path)})
+    assert p.stdout == "gpufleet says hi\n"
+    log = next((tmp_path / "logs").glob("t-*.log"))
+    assert p.stderr.splitlines() == [f"library logs: {log} (-v shows them here)",
+                                     f"error: ValueError: boom (traceback in {log})"]
+    text = log.read_text()
+    assert "a library line" in text and "printed by a library" in text and "Traceback" in text

@@ -3,6 +3,7 @@ serve base + adapter with Ray Serve + vLLM, and the adapter answers in the train
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from gpufleet.cluster.head import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
+# What libraries' log lines look like: Ray's JSON records, DeepSpeed's [WARNING], vLLM's and Ray's timestamps.
+RAW_LOG_LINE = re.compile(r'"levelname"|\[(INFO|WARNING|ERROR)\]|\b(INFO|WARNING|DEBUG)\b.*\d\d:\d\d:\d\d')
 
 
 def test_demo_adapter_answers_in_the_trained_format(short_tmp):
@@ -27,3 +30,7 @@ def test_demo_adapter_answers_in_the_trained_format(short_tmp):
     assert result["answers"]["tiny:greeter"].startswith("GPUFLEET SAYS: hello")
     assert "GPUFLEET" not in result["answers"]["tiny"]
     assert "nothing left running" in p.stdout
+    raw = [line for line in (p.stdout + p.stderr).splitlines() if RAW_LOG_LINE.search(line)]
+    assert not raw, raw[:5]
+    log = Path(re.search(r"library logs: (\S+)", p.stderr).group(1))
+    assert "Started Serve" in log.read_text()  # Ray Serve's own lines went there
