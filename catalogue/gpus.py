@@ -26,6 +26,9 @@ class GpuType(Config):
         "Whether Ray adds the label to a node by itself. Ray labels both A100 sizes 'A100'; its 'A100-40G' and "
         "'A100-80G' must be declared on the node (cluster.yaml, KubeRay, `gpufleet up` do)."))
     aliases: tuple[str, ...] = ()
+    interconnect_gbs: float = Field(default=20, gt=0, description=(
+        "All-reduce bus bandwidth between the GPUs of one node, GB/s: NVLink on SXM parts (NCCL's busbw), "
+        "PCIe otherwise."))
 
     @property
     def memory_bytes(self) -> int:
@@ -76,15 +79,15 @@ class GpuType(Config):
 # plans pin Ray's size labels "A100-40G" / "A100-80G", which nodes declare (ray_detects_label=False).
 GPU_TYPES: dict[str, GpuType] = {g.name: g for g in [
     GpuType(name="H200", memory_gib=139.8, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
-            bandwidth_gbs=4800, ray_accelerator_type="H200", aliases=("H200-141GB",)),
+            bandwidth_gbs=4800, ray_accelerator_type="H200", aliases=("H200-141GB",), interconnect_gbs=360),
     GpuType(name="B200", memory_gib=178.4, compute_capability=(10, 0), bf16_tflops=2250, fp16_tflops=2250,
-            bandwidth_gbs=8000, ray_accelerator_type="B200", aliases=("B200-192GB",)),
+            bandwidth_gbs=8000, ray_accelerator_type="B200", aliases=("B200-192GB",), interconnect_gbs=720),
     GpuType(name="H100-80GB", memory_gib=79.18, compute_capability=(9, 0), bf16_tflops=989, fp16_tflops=989,
-            bandwidth_gbs=3350, ray_accelerator_type="H100", aliases=("H100",)),
+            bandwidth_gbs=3350, ray_accelerator_type="H100", aliases=("H100",), interconnect_gbs=360),
     GpuType(name="A100-80GB", memory_gib=79.1, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
-            bandwidth_gbs=2039, ray_accelerator_type="A100-80G", ray_detects_label=False, aliases=("A100-80G",)),
+            bandwidth_gbs=2039, ray_accelerator_type="A100-80G", ray_detects_label=False, aliases=("A100-80G",), interconnect_gbs=230),
     GpuType(name="A100-40GB", memory_gib=39.4, compute_capability=(8, 0), bf16_tflops=312, fp16_tflops=312,
-            bandwidth_gbs=1555, ray_accelerator_type="A100-40G", ray_detects_label=False, aliases=("A100", "A100-40G")),
+            bandwidth_gbs=1555, ray_accelerator_type="A100-40G", ray_detects_label=False, aliases=("A100", "A100-40G"), interconnect_gbs=230),
     GpuType(name="L40S", memory_gib=44.4, compute_capability=(8, 9), bf16_tflops=362, fp16_tflops=362,
             bandwidth_gbs=864, ray_accelerator_type="L40S"),
     GpuType(name="L40", memory_gib=44.4, compute_capability=(8, 9), bf16_tflops=181, fp16_tflops=181,

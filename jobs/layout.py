@@ -62,7 +62,7 @@ def resolve_layout(spec: JobSpec, model: ModelSpec) -> TrainLayout:
         # memory model checked, and one that cannot fit is refused here. torch.compile is the planner's
         # GPU default (+24% tokens/s on an H100, bench/train).
         p = plan(model, spec.task, spec.gpu, gpus=o.workers, seq_len=spec.seq_len, global_batch=spec.global_batch,
-                 dtype=o.dtype or "auto", **layout_pins(o), **({} if o.compile is None else {"compile": o.compile}))
+                 dtype=o.dtype or "auto", objective=o.objective, **layout_pins(o), **({} if o.compile is None else {"compile": o.compile}))
         placement, micro = p.placement, p.micro_batch
         base: dict[str, Any] = dict(zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer,
                                     offload_params=p.offload_params, grad_ckpt=p.grad_ckpt, dtype=p.dtype,

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from gpufleet.catalogue.config import Config
 from gpufleet.catalogue.errors import fix
+from gpufleet.catalogue.plans import PlanRequest
 from gpufleet.catalogue.specfile import load_spec_file
 
 
@@ -34,6 +35,8 @@ class PlanOverrides(Config):
         default=None, description=("Default: bf16 where the GPU supports it, else fp16; float32 on CPU workers "
                                    "(GPU training is planned in half precision only)."))
     compile: bool | None = Field(default=None, description="torch.compile the model (default: on GPUs only).")
+    objective: Literal["gpu-hours", "gpus"] = Field(default=PlanRequest.model_fields["objective"].default,
+                                                   description=PlanRequest.model_fields["objective"].description)
 
 
 class JobSpec(Config):

@@ -106,13 +106,13 @@ def test_plan_options_come_from_the_request_fields():
 
 
 def test_offload_plan_states_its_host_memory_and_reserves_it():
-    p = plan(load_model("llama-3.1-8b"), "full", "H100")
+    p = plan(load_model("llama-3.1-8b"), "full", "H100", objective="gpus")
     assert p.offload_optimizer and p.host_bytes_per_gpu == p.memory.cpu_offload > 100 * 2**30
     assert all(b["memory"] == p.host_bytes_per_gpu for b in p.placement.bundles)
 
 
 def test_offload_plan_that_no_node_can_hold_in_host_memory_is_refused():
-    p = plan(load_model("llama-3.1-8b"), "full", "H100")
+    p = plan(load_model("llama-3.1-8b"), "full", "H100", objective="gpus")
     small = NodeCapacity(name="n", resources={"CPU": 32, "GPU": 8, "accelerator_type:H100": 1, "memory": 64 * 2**30})
     with pytest.raises(PlanError, match=r"needs 141 GiB of host memory .* offers 64 GiB.*pin more GPUs"):
         check_feasible(p.placement.bundles, p.placement.strategy, [small])
