@@ -50,6 +50,7 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
         "spec": spec.model_dump(), "layout": layout.model_dump(), "deepspeed": deepspeed_config(layout, spec),
         "model": model, "dataset": dataset, "output_dir": str(out),
         "storage_path": str(out / "ray"), "upload_to": None,
+        "publish": spec.publish if not spec.publish or is_uri(spec.publish) else str(resolve(base, spec.publish)),
     }
     if spec.storage and "://" in spec.storage:  # a bucket: results are written locally, then uploaded
         cfg.update(storage_path=spec.storage, upload_to=f"{spec.storage.rstrip('/')}/{spec.name}")
@@ -107,8 +108,13 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     )
     result = trainer.fit()
     final = f"{cfg['upload_to']}/final" if cfg["upload_to"] else str(out / "final")
+    published = None
+    if spec.publish:
+        from gpufleet.cluster.adapter_store import publish_adapter
+
+        published = {**publish_adapter(final, cfg["publish"], spec.name), "store": cfg["publish"]}
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "output": final, "layout": layout.model_dump()}
+            "output": final, "layout": layout.model_dump(), "published": published}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     m = summary["metrics"] or {}
     print(f"done: step {m.get('step')}/{m.get('total_steps')} loss {m.get('loss', float('nan')):.4f}; "
           f"result in {summary['output']}; checkpoint {summary['checkpoint']}")
+    if p := summary["published"]:
+        print(f"published: adapter {p['name']} version {p['version']} in {p['store']}")
     return 0
 
 

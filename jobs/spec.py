@@ -73,6 +73,10 @@ class JobSpec(Config):
         "Shared storage for checkpoints and results, under <storage>/<name>/: a path every node mounts, or "
         "s3://bucket/prefix, gs://bucket/prefix or file:///path (Ray Train's storage_path). Needed when the workers "
         "span nodes, and on a cluster whose head does not share the submitting machine's disk."))
+    publish: str | None = Field(default=None, description=(
+        "LoRA and QLoRA: when the run finishes, publish the adapter as <publish>/<name> (a serve spec's "
+        "adapters_dir: a path or storage URI). Replicas serving that folder load a re-published adapter in "
+        "place on its next request, without a restart."))
     checkpoint_every: int = Field(default=50, ge=1, description="Optimizer steps between checkpoints.")
     final_checkpoint: bool = Field(default=True, description=(
         "Also checkpoint the last step (resumable state: optimizer included; the exported model in "
@@ -89,6 +93,9 @@ class JobSpec(Config):
     def _check(self) -> JobSpec:
         if self.epochs is None and self.max_steps is None:
             raise ValueError(fix("neither epochs nor max_steps is set", "set one, e.g. max_steps: 100"))
+        if self.publish and self.task == "full":
+            raise ValueError(fix("publish: is for LoRA / QLoRA adapters, and a full fine-tune writes a whole model",
+                                 "serve the full model from <output_dir or storage>/<name>/final, or drop publish"))
         return self
 
     @property

@@ -60,6 +60,8 @@ def stage_job(spec_path: str | Path, into: Path, shares_disk: bool, output_dir: 
         data.update(model=cfg["model"], dataset=cfg["dataset"], output_dir=cfg["output_dir"])
         if spec.storage and "://" not in spec.storage:
             data["storage"] = str(resolve(base, spec.storage))
+        if cfg["publish"]:
+            data["publish"] = cfg["publish"]
     else:
         data.update(_uploaded_files(spec, base, cfg, into))
     if output_dir:
@@ -78,6 +80,9 @@ def _uploaded_files(spec: JobSpec, base: Path, cfg: dict[str, Any], into: Path) 
     if "://" not in spec.storage and not Path(spec.storage).expanduser().is_absolute():
         raise SpecError(fix(f"storage: {spec.storage} is relative to this machine's spec folder",
                             "use s3://, gs:// or an absolute path that every cluster node mounts"))
+    if spec.publish and "://" not in spec.publish and not Path(spec.publish).expanduser().is_absolute():
+        raise SpecError(fix(f"publish: {spec.publish} is relative to this machine's spec folder",
+                            "use s3://, gs:// or an absolute path that the cluster's nodes and replicas mount"))
     fields: dict[str, str] = {}
     copies: list[tuple[Path, Path]] = []
     if not is_uri(cfg["dataset"]):

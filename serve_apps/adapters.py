@@ -90,15 +90,16 @@ def list_adapters(table: dict) -> list[str]:
     return sorted(names)
 
 
-def local_copy(adapter: str, cache: Path | None = None) -> str:
+def local_copy(adapter: str, cache: Path | None = None, version: str | None = None) -> str:
     """A local directory holding ``adapter``: the directory itself, or a copy of a storage URI's
-    files (made once per replica; vLLM loads adapters from local disk)."""
+    files (made once per replica and version; vLLM loads adapters from local disk)."""
     if not is_uri(adapter):
         return adapter
     import pyarrow.fs as pafs
 
     fs, path = _storage(adapter)
-    local = (cache or Path(tempfile.gettempdir()) / "gpufleet-adapters") / path.strip("/").replace("/", "--")
+    local = (cache or Path(tempfile.gettempdir()) / "gpufleet-adapters") / (
+        path.strip("/").replace("/", "--") + (f"@{version}" if version else ""))
     if not (local / "adapter_config.json").is_file():
         # copied aside, then renamed: replicas sharing a disk never load a half-copied adapter
         part = local.with_name(f"{local.name}.{os.getpid()}.part")

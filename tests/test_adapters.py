@@ -43,3 +43,39 @@ def test_a_uri_without_an_adapter_is_refused_with_the_fix(tmp_path):
     (tmp_path / "bucket" / "empty").mkdir(parents=True)
     with pytest.raises(SpecError, match=r"models\[m\].adapters.greeter: file://.*/empty has no adapter_config.json"):
         adapters_table(ModelEntry(id="m", source="x", adapters={"greeter": f"file://{tmp_path}/bucket/empty"}), tmp_path)
+
+
+def test_publishing_swaps_the_store_entry_and_names_the_new_version(tmp_path):
+    from gpufleet.cluster.adapter_store import adapter_version, publish_adapter
+
+    v1, v2 = adapter(tmp_path / "v1"), adapter(tmp_path / "v2")
+    (v2 / "adapter_model.safetensors").write_bytes(b"\1" * 64)
+    first = publish_adapter(str(v1), str(tmp_path / "store"), "greeter")
+    assert adapter_version(str(tmp_path / "store" / "greeter")) == first["version"]
+    second = publish_adapter(str(v2), str(tmp_path / "store"), "greeter")
+    assert second["version"] != first["version"]
+    assert adapter_version(str(tmp_path / "store" / "greeter")) == second["version"]
+    assert (tmp_path / "store" / "greeter" / "adapter_model.safetensors").read_bytes() == b"\1" * 64
+    table = adapters_table(ModelEntry(id="m", source="x", adapters_dir=str(tmp_path / "store")), tmp_path)
+    assert list_adapters(table) == ["greeter"]  # the versions kept beside it are not adapters of the store
+
+
+def test_publishing_to_a_bucket_writes_the_version_last_and_replicas_copy_each_version_apart(tmp_path):
+    from gpufleet.cluster.adapter_store import adapter_version, publish_adapter
+
+    store = f"file://{tmp_path}/bucket/adapters"
+    v1 = adapter(tmp_path / "v1")
+    record = publish_adapter(str(v1), store, "greeter")
+    assert adapter_version(f"{store}/greeter") == record["version"]
+    copy = local_copy(f"{store}/greeter", cache=tmp_path / "cache", version=record["version"])
+    assert copy.endswith(f"@{record['version']}") and (Path(copy) / "adapter_model.safetensors").exists()
+
+
+def test_an_adapter_copied_in_by_hand_is_versioned_by_its_weights_file(tmp_path):
+    from gpufleet.cluster.adapter_store import adapter_version
+
+    d = adapter(tmp_path / "a")
+    before = adapter_version(str(d))
+    (d / "adapter_model.safetensors").write_bytes(b"\2" * 65)
+    assert before and adapter_version(str(d)) != before
+    assert adapter_version(str(tmp_path / "missing")) is None

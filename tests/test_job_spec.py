@@ -165,3 +165,13 @@ def test_an_unknown_nested_key_is_answered_with_its_own_sections_fields(tmp_path
     with pytest.raises(SpecError, match=r"unknown key 'lora.rr'. To fix: remove it or use one of: r, alpha, dropout, "
                                         r"target_modules$"):
         load_job_spec(spec)
+
+
+def test_publishing_a_full_fine_tune_is_refused_with_the_fix(tmp_path):
+    from gpufleet.catalogue.errors import SpecError
+    from gpufleet.jobs.spec import load_job_spec
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text("model: llama-3.2-1b\ndataset: d.jsonl\ntask: full\nmax_steps: 1\npublish: adapters\n")
+    with pytest.raises(SpecError, match="publish: is for LoRA / QLoRA adapters"):
+        load_job_spec(spec)

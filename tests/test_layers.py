@@ -5,7 +5,7 @@ is the CLI's own folder.
 
     gpufleet (CLI, render, demo)
     jobs | serve_apps (siblings: training and serving, never importing each other)
-    cluster (Ray operations: head, status, monitor, launcher, placement)
+    cluster (Ray operations: head, status, monitor, launcher, placement; the adapter store both paths share)
     catalogue (the pure planner)
 """
 

@@ -29,13 +29,13 @@ pytestmark = pytest.mark.slow
 KEY_ENV, KEY = "GPUFLEET_TEST_API_KEY", "test-key-123"
 
 
-def make_adapter(base_dir, out_dir):
+def make_adapter(base_dir, out_dir, seed=1):
     """A LoRA adapter with random (non-zero) weights, saved like `gpufleet train` saves one."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                            LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
     model.save_pretrained(out_dir)
@@ -116,6 +116,29 @@ def test_streaming_chat_and_completion(served):
 def test_adapter_is_served_beside_the_base_and_answers_differently(served):
     _, client, _, _ = served
     assert chat(client, "tiny:greeter") != chat(client, "tiny")
+
+
+@router_only
+def test_a_republished_adapter_replaces_the_loaded_one_without_a_restart(served, tiny_model):
+    import time
+
+    from gpufleet.cluster.adapter_store import publish_adapter
+    from gpufleet.serve_apps.lora import ADAPTER_RECHECK_S
+
+    _, client, adapters_dir, tmp = served
+    v1, v2 = make_adapter(tiny_model, tmp / "pub-v1", seed=2), make_adapter(tiny_model, tmp / "pub-v2", seed=3)
+    publish_adapter(str(v1), str(adapters_dir), "pub")
+    first = chat(client, "tiny:pub")
+    assert chat(client, "tiny:pub") == first != chat(client, "tiny")  # greedy: the same adapter, the same answer
+    publish_adapter(str(v2), str(adapters_dir), "pub")
+    time.sleep(ADAPTER_RECHECK_S + 0.5)
+    chat(client, "tiny:pub")  # the request that notices the new version and loads it in place
+    second = chat(client, "tiny:pub")
+    assert second != first
+    publish_adapter(str(v1), str(adapters_dir), "pub")  # and back: the answer is v1's again
+    time.sleep(ADAPTER_RECHECK_S + 0.5)
+    chat(client, "tiny:pub")
+    assert chat(client, "tiny:pub") == first
 
 
 @router_only

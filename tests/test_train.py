@@ -1,5 +1,6 @@
 """Training for real: Ray Train workers running DeepSpeed (gloo, CPU) on a tiny random-init model."""
 
+import hashlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gpufleet.cluster.adapter_store import adapter_version
 from gpufleet.jobs.finetune import TRAIN_ENV, run
 from gpufleet.jobs.layout import TrainLayout
 from tests.conftest import placed_bundles, planned_bundles, wait_for_step, write_spec
@@ -221,11 +223,18 @@ def test_ray_job_submit_end_to_end(head, tmp_path, tiny_model, greeting_data):
 
 def test_gpufleet_train_submits_and_follows_the_job(head, tmp_path, tiny_model, greeting_data):
     state_dir, _ = head
-    spec = job(tmp_path, tiny_model, greeting_data, max_steps=4, checkpoint_every=2, output_dir="rel-out")
+    spec = job(tmp_path, tiny_model, greeting_data, max_steps=4, checkpoint_every=2, output_dir="rel-out",
+               publish="adapters", name="greeter")
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"GPUFLEET_HOME": str(state_dir)}
     p = subprocess.run([os.sys.executable, "-m", "gpufleet.cli", "train", str(spec)], env=env, capture_output=True,
                        text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "SUCCEEDED" in p.stdout and "done: step 4/4" in p.stdout
     # relative paths in the spec resolve where it was submitted, not in the job's copy of the working dir
-    assert (tmp_path / "rel-out" / "final" / "adapter_model.safetensors").exists()
+    final = tmp_path / "rel-out" / "final" / "adapter_model.safetensors"
+    assert final.exists()
+    # published into the adapter store a serve spec's adapters_dir names, with its version
+    published = tmp_path / "adapters" / "greeter"
+    assert "published: adapter greeter version" in p.stdout
+    assert (published / "adapter_model.safetensors").read_bytes() == final.read_bytes()
+    assert adapter_version(str(published)) == hashlib.sha256(final.read_bytes()).hexdigest()[:16]
