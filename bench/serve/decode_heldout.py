@@ -1,0 +1,132 @@
+"""Decode speed held out: serve plans' predicted time per output token against `vllm bench serve` on models the
+decode model was not fitted to (it was fitted to Llama-3.2-1B bf16 and Llama-3.1-8B FP8).
+
+``--predict`` writes the predictions (commit them before measuring); ``--measure`` starts plain vLLM on each model
+with dummy weights (its config.json and a tokenizer of its vocabulary size, nothing downloaded) and the plan's
+engine arguments, drives it with ``vllm bench serve`` (random 128-in / 128-out, ``--ignore-eos``) at each
+concurrency, and fills in the measured median TPOT; ``--compare`` recomputes the predictions of a results file.
+
+    python bench/serve/decode_heldout.py --predict bench/serve/results/h100-decode-heldout.json
+    python -m bench.serve.decode_heldout --measure bench/serve/results/h100-decode-heldout.json --tokenizers DIR --out OUT
+    python bench/serve/decode_heldout.py --compare bench/serve/results/h100-decode-heldout.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gpufleet.catalogue.gpus import get_gpu
+from gpufleet.catalogue.model import builtin_models, load_model
+from gpufleet.catalogue.planner import plan
+from gpufleet.catalogue.quantization import FP8
+from gpufleet.catalogue.serving import decode_step_s, serving_memory
+
+MODELS = (("llama-3.2-3b", "none"), ("mistral-7b-v0.3", "fp8"), ("phi-3-mini-4k", "none"))
+LEVELS = (1, 8, 32)
+CONTEXT = 2048
+TOKENS = 256  # the workload: 128 prompt + 128 output tokens
+GPU = "H100-80GB"
+
+
+def engine_kwargs(name: str, quantization: str) -> dict:
+    return plan(load_model(name), "serve", GPU, gpus=1, seq_len=CONTEXT, quantization=quantization).engine_kwargs
+
+
+def predicted_tpot_ms(name: str, quantization: str, concurrency: int) -> float:
+    """The plan's decode step at ``concurrency`` (as bench/serve/decode_speed.py computes it)."""
+    spec, e = load_model(name), engine_kwargs(name, quantization)
+    fp8 = quantization == "fp8"
+    mem = serving_memory(spec, get_gpu(GPU), tp=1, context=e["max_model_len"],
+                         gpu_memory_utilization=e["gpu_memory_utilization"], max_num_seqs=e["max_num_seqs"],
+                         max_num_batched_tokens=e["max_num_batched_tokens"], expected_tokens=TOKENS,
+                         linear_bytes=spec.linear_bytes_per_weight(FP8) if fp8 else None)
+    return round(decode_step_s(spec, get_gpu(GPU), mem, concurrency, fp8_matmul=fp8) * 1000, 3)
+
+
+def predict() -> dict:
+    rows = [{"model": m, "quantization": q, "concurrency": c, "predicted_tpot_ms": predicted_tpot_ms(m, q, c),
+             "held_out": True} for m, q in MODELS for c in LEVELS]
+    return {"gpu": GPU, "machine": None, "workload": "vllm bench serve, random 128 in / 128 out, --ignore-eos",
+            "engine": "plain vLLM OpenAI server, dummy weights, the plan's engine_kwargs (max_model_len 2048)",
+            "decode_rows": rows}
+
+
+def measure(data: dict, tokenizers: Path, out: Path) -> dict:
+    from bench.serve.bench import wait_ready
+    from bench.serve.gpu_bench import MODEL_ID, bench_serve
+
+    work = Path("/var/tmp/decode-heldout")
+    work.mkdir(parents=True, exist_ok=True)
+    for name, quantization in MODELS:
+        rows = [r for r in data["decode_rows"] if r["model"] == name]
+        cfg = json.loads(builtin_models()[name].read_text())
+        model_dir = work / name
+        model_dir.mkdir(exist_ok=True)
+        (model_dir / "config.json").write_text(json.dumps(cfg))
+        tok = tokenizers / str(cfg["vocab_size"])
+        for f in tok.iterdir():
+            (model_dir / f.name).write_bytes(f.read_bytes())
+        engine = engine_kwargs(name, quantization)
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items() if not isinstance(v, bool)]
+        port = 8100
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", MODEL_ID, "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
+               *flags]
+        t0 = time.monotonic()
+        with open(work / f"{name}.log", "w") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
+            try:
+                wait_ready(f"http://127.0.0.1:{port}/v1", timeout=300)
+                start_s = round(time.monotonic() - t0, 1)
+                for r in rows:
+                    got = bench_serve(port, str(model_dir), r["concurrency"], max(32, 4 * r["concurrency"]), work)
+                    r.update(measured_tpot_ms=got.get("median_tpot_ms"), failed=got.get("failed"),
+                             start_s=start_s, command=" ".join(cmd[1:]))
+                    if r["measured_tpot_ms"]:
+                        r["error"] = round(r["predicted_tpot_ms"] / r["measured_tpot_ms"] - 1, 4)
+                    print(name, r, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+        out.write_text(json.dumps(data, indent=1))  # what is measured so far survives a time limit
+    return data
+
+
+def table(data: dict) -> str:
+    lines = [f"{'model':<18}{'quant':<7}{'conc':>5}{'predicted':>11}{'measured':>10}{'error':>8}   (TPOT, ms)"]
+    for r in data["decode_rows"]:
+        m = r.get("measured_tpot_ms")
+        lines.append(f"{r['model']:<18}{r['quantization']:<7}{r['concurrency']:>5}{r['predicted_tpot_ms']:>11.2f}"
+                     + (f"{m:>10.2f}{r['predicted_tpot_ms'] / m - 1:>+8.1%}" if m else f"{'-':>10}"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--predict", type=Path, help="Write the predictions to this file.")
+    ap.add_argument("--measure", type=Path, help="A predictions file to measure.")
+    ap.add_argument("--tokenizers", type=Path, help="With --measure: a folder of tokenizers named by vocabulary size.")
+    ap.add_argument("--out", type=Path, help="With --measure: where the results go.")
+    ap.add_argument("--compare", type=Path, help="Recompute the predictions of a results file.")
+    a = ap.parse_args()
+    if a.predict:
+        data = predict()
+        a.predict.write_text(json.dumps(data, indent=1))
+    elif a.measure:
+        data = json.loads(a.measure.read_text())
+        data["machine"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                         capture_output=True, text=True).stdout.strip()
+        data = measure(data, a.tokenizers, a.out)
+    else:
+        data = json.loads(a.compare.read_text())
+        for r in data["decode_rows"]:
+            r["predicted_tpot_ms"] = predicted_tpot_ms(r["model"], r["quantization"], r["concurrency"])
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
