@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 # torch.compile's cache stays with the venv, not in a growing /tmp dir.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/$(VENV)/torchinductor
 
-.PHONY: install haproxy demo demo-clean test lint clean image docs
+.PHONY: install haproxy demo demo-clean test test-fast lint clean image docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ demo-clean:
 test: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
 	$(PY) -m pytest -q
+
+# Everything that starts no Ray cluster, vLLM or DeepSpeed (about 3 minutes on 2 cores); CI runs `make test`.
+test-fast: install
+	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench

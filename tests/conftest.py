@@ -19,13 +19,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # A Ray worker that unpickles a helper from this module imports it too: it reuses the run's dir.
 _OWN_TMP = "GPUFLEET_TEST_TMP" not in os.environ
 SESSION_TMP = Path(os.environ.get("GPUFLEET_TEST_TMP") or tempfile.mkdtemp(prefix="gft-", dir="/tmp"))
-# Under pytest-xdist each worker gets a folder of its own inside the run's (its clusters, models and heads
-# never meet another worker's); the processes a worker starts inherit that folder as it is.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _WORKER and os.environ.get("GPUFLEET_TEST_WORKER") != _WORKER:
-    SESSION_TMP = SESSION_TMP / _WORKER
-    SESSION_TMP.mkdir(exist_ok=True)
-    os.environ["GPUFLEET_TEST_WORKER"] = _WORKER
 os.environ["GPUFLEET_TEST_TMP"] = str(SESSION_TMP)
 os.environ["RAY_TMPDIR"] = str(SESSION_TMP)
 (SESSION_TMP / "ray").mkdir(exist_ok=True)  # Ray writes ray_current_cluster here but does not create it
