@@ -338,7 +338,7 @@ def follow_job(client: Any, sid: str, quiet: bool) -> None:
             task = bar.add_task(sid, total=None, loss="-")
 
             def on_line(line: str) -> None:
-                if line.startswith(("done:", "error:")):
+                if line.startswith(("done:", "published:", "error:")):
                     kept.append(line)
                 if not quiet:
                     bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
