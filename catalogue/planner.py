@@ -268,7 +268,7 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
                 found = why_not_fewer(found)
                 wider = [] if pp > 1 or req.gpus else [p for t in legal if tp < t <= req.gpus_per_node
                                                        if (p := at(t, 1)) is not None]
-                return _for_load(found, wider, req.target_output_tokens_per_s)
+                return _for_load(found, wider, req.target_output_tokens_per_s, req.objective)
     if len(counts) == 1:  # pinned count: say why its layout is illegal rather than "does not fit"
         n, per_node = counts[0], req.gpus_per_node
         if n <= per_node:
@@ -285,10 +285,11 @@ def _per_gpu(p: ServePlan) -> float:
     return p.predicted_output_tokens_per_s / p.gpus
 
 
-def _for_load(fewest: ServePlan, wider: list[ServePlan], target: float | None) -> ServePlan:
-    """With a target load: the TP size x replicas with the fewest GPUs for it. Without one: the fewest
-    GPUs per replica, noting a wider TP that serves far more tokens per GPU (its larger KV cache per
-    replica lets many more requests decode together while the weights are read once per step)."""
+def _for_load(fewest: ServePlan, wider: list[ServePlan], target: float | None, objective: str) -> ServePlan:
+    """With a target load: the TP size x replicas with the fewest GPUs for it. Without one: a wider TP that
+    serves at least 1.5x the output tokens per GPU (its larger KV cache per replica lets many more requests
+    decode together while the weights are read once per step), unless the objective is the fewest GPUs;
+    the plan says what the other choice serves."""
     if target:
         def gpus_for(p: ServePlan) -> tuple[int, int]:
             return math.ceil(target / p.predicted_output_tokens_per_s) * p.gpus, p.gpus
@@ -302,12 +303,21 @@ def _for_load(fewest: ServePlan, wider: list[ServePlan], target: float | None) -
     better = max(wider, key=_per_gpu, default=None)
     if better is None or _per_gpu(better) < 1.5 * _per_gpu(fewest):
         return fewest
-    note = (f"TP={better.tensor_parallel} would serve {_per_gpu(better) / _per_gpu(fewest):.1f}x the output tokens "
-            f"per GPU ({better.predicted_output_tokens_per_s:,.0f} vs {fewest.predicted_output_tokens_per_s:,.0f} "
-            f"tok/s per replica): its KV cache holds {better.serving.concurrent_at_expected} requests of "
-            f"{better.serving.expected_tokens} tokens at once, TP={fewest.tensor_parallel}'s "
-            f"{fewest.serving.concurrent_at_expected}; pass --target-output-tokens-per-s to size for a load")
-    return fewest.model_copy(update={"notes": (*fewest.notes, note)})
+    ratio = _per_gpu(better) / _per_gpu(fewest)
+    if objective == "gpus":
+        note = (f"TP={better.tensor_parallel} would serve {ratio:.1f}x the output tokens per GPU "
+                f"({better.predicted_output_tokens_per_s:,.0f} vs {fewest.predicted_output_tokens_per_s:,.0f} "
+                f"tok/s per replica): its KV cache holds {better.serving.concurrent_at_expected} requests of "
+                f"{better.serving.expected_tokens} tokens at once, TP={fewest.tensor_parallel}'s "
+                f"{fewest.serving.concurrent_at_expected}; drop --objective gpus to plan it, or pass "
+                "--target-output-tokens-per-s to size for a load")
+        return fewest.model_copy(update={"notes": (*fewest.notes, note)})
+    note = (f"TP={better.tensor_parallel}: {ratio:.1f}x the output tokens per GPU of TP={fewest.tensor_parallel}, the "
+            f"fewest GPUs that hold it ({better.predicted_output_tokens_per_s:,.0f} vs "
+            f"{fewest.predicted_output_tokens_per_s:,.0f} tok/s per replica; KV for "
+            f"{better.serving.concurrent_at_expected} vs {fewest.serving.concurrent_at_expected} requests of "
+            f"{better.serving.expected_tokens} tokens); --objective gpus plans TP={fewest.tensor_parallel}")
+    return better.model_copy(update={"notes": (*better.notes, note)})
 
 
 def _batch_cap(spec: ModelSpec, gpu: GpuType, mem: ServingMemory, sized: dict[str, Any]) -> int:

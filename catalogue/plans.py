@@ -41,7 +41,7 @@ ONLY_FOR_TASKS: dict[str, tuple[str, ...]] = {
     "expected_tokens": ("serve",), "kv_cache_dtype": ("serve",),
     "cpu_kv_cache_gib": ("serve",), "target_output_tokens_per_s": ("serve",), "enforce_eager": ("serve",),
     "compile": ("lora", "full"),
-    "objective": ("lora", "qlora", "full"),
+    "objective": ("lora", "qlora", "full", "serve"),
 }
 
 
@@ -88,8 +88,9 @@ class PlanRequest(Config):
     enforce_eager: bool | None = Field(default=None, description=(
         "Serve: run vLLM without CUDA graphs (default: graphs on GPUs, eager on CPU)."))
     objective: Literal["gpu-hours", "gpus"] = Field(default="gpu-hours", description=(
-        "Training: what the layout minimises. gpu-hours: GPUs x predicted time for the same tokens (so more "
-        "GPUs without optimizer offload beat fewer with it); gpus: the fewest GPUs that fit."))
+        "What the layout minimises. gpu-hours: GPUs x predicted time for the same work (training: more GPUs "
+        "without optimizer offload beat fewer with it; serving without a target load: the TP size with the most "
+        "output tokens/s per GPU, where it serves at least 1.5x the smallest TP's); gpus: the fewest GPUs that fit."))
     # Training layout pins: the plan searches only layouts with these, so a pinned layout is memory-checked
     # and placed (host memory included) like a chosen one, or refused at once.
     zero_stage: int | None = Field(default=None, ge=0, le=3, description=(

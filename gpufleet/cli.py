@@ -465,7 +465,7 @@ def apps_delete_cmd(name: str, address: str | None) -> None:
 
 @main.command("serve")
 @click.argument("spec_or_model")
-@options_from(ModelEntry, "gpu", "max_model_len", "concurrency", "target_output_tokens_per_s")
+@options_from(ModelEntry, "gpu", "max_model_len", "concurrency", "target_output_tokens_per_s", "objective")
 @renamed("--context", "max_model_len", "--max-model-len")
 @address_option
 @click.option("--emit-config", is_flag=True, help="Print a config instead of deploying (see --format).")

@@ -45,7 +45,7 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
         model.check_context(entry.max_model_len, f"models[{entry.id}].max_model_len")
     return plan(model, "serve", entry.gpu or CPU_DEVICE, gpus=entry.tensor_parallel, seq_len=entry.max_model_len,
                 concurrency=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
-                quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
+                quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, objective=entry.objective, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
                 enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s,
                 **({"gpus_per_node": entry.gpus_per_node} if entry.gpus_per_node else {}))
 

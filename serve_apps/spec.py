@@ -72,6 +72,8 @@ class ModelEntry(Config):
         "Default: the largest node of this GPU type the cluster has, live or launchable, else 8."))
     dtype: DType = Field(default="auto", description=PlanRequest.model_fields["dtype"].description)
     max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank the replicas load (vLLM max_lora_rank).")
+    objective: Literal["gpu-hours", "gpus"] = Field(default=PlanRequest.model_fields["objective"].default,
+                                                   description=PlanRequest.model_fields["objective"].description)
     quantization: Literal["none", "fp8"] = Field(default="none",
                                                  description=PlanRequest.model_fields["quantization"].description)
     kv_cache_dtype: Literal["auto", "fp8"] = Field(default="auto",

@@ -23,7 +23,7 @@ def test_estimate_json_has_peak_gib_and_breakdown():
 def test_plan_json_contains_bundles_and_tp():
     r = runner.invoke(main, ["plan", "llama-3.1-70b", "--task", "serve", "--gpu", "H100-80GB", "--json"])
     d = json.loads(r.output)
-    assert d["tensor_parallel"] == 2 and len(d["placement"]["bundles"]) == 2
+    assert d["tensor_parallel"] == 4 and len(d["placement"]["bundles"]) == 4
 
 
 def test_training_plan_assumes_torch_compile_unless_told_not_to():

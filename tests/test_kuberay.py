@@ -59,10 +59,10 @@ def test_rayservice_is_valid_and_its_worker_group_is_the_plans_replica():
     manifest = emitted("serve", "llama-3.1-70b", "--gpu", "H100", "--emit-config", "--format", "kuberay")
     assert_valid(manifest, "rayservices")
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
-    p = plan(load_model("llama-3.1-70b"), "serve", "H100")
+    p = plan(load_model("llama-3.1-70b"), "serve", "H100")  # TP=4: the most output tokens per GPU
     (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     pod = group["template"]["spec"]
-    assert group["rayStartParams"]["num-gpus"] == str(p.gpus) == "2"
+    assert group["rayStartParams"]["num-gpus"] == str(p.gpus) == "4"
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == p.gpus
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 

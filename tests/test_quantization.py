@@ -83,8 +83,8 @@ def test_serve_plan_names_the_checkpoints_method_for_vllm():
 
 
 def test_quantized_checkpoint_fits_where_bf16_does_not():
-    assert plan(load_model("llama-3.1-70b"), "serve", "H100").gpus == 2
-    assert plan(quantized("llama-3.1-70b", GPTQ), "serve", "H100").gpus == 1
+    assert plan(load_model("llama-3.1-70b"), "serve", "H100", objective="gpus").gpus == 2
+    assert plan(quantized("llama-3.1-70b", GPTQ), "serve", "H100", objective="gpus").gpus == 1
 
 
 def test_generate_quant_nf4_shrinks_the_plan():

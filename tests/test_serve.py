@@ -266,7 +266,7 @@ def test_gpu_replica_is_placed_as_planned():
     entry = ModelEntry(id="m", source="llama-3.1-70b", gpu="H100-80GB", max_model_len=8192)
     conf, p = llm_config_dict(entry, "/"), entry_plan(entry, load_model("llama-3.1-70b"))
     assert conf["placement_group_config"] == {"bundles": p.placement.bundles, "strategy": "STRICT_PACK"}
-    assert conf["engine_kwargs"] == p.engine_kwargs and p.engine_kwargs["tensor_parallel_size"] == 2
+    assert conf["engine_kwargs"] == p.engine_kwargs and p.engine_kwargs["tensor_parallel_size"] == 4
 
 
 def test_context_above_the_models_positions_is_refused(tiny_model):

@@ -94,10 +94,13 @@ def test_decode_speed_follows_the_h100_tpot_up_to_concurrency_128():
     assert len(measured) == 4 and all(abs(r["plain_error"]) < 0.15 for r in measured)
 
 
-def test_seventy_b_on_h100s_says_tp4_serves_far_more_tokens_per_gpu():
+def test_seventy_b_on_h100s_is_planned_at_tp4_for_far_more_tokens_per_gpu_unless_told_the_fewest_gpus():
     p = plan(load_model("llama-3.1-70b"), "serve", "H100")
-    assert p.tensor_parallel == 2 and p.predicted_output_tokens_per_s > 0
-    note = next(n for n in p.notes if n.startswith("TP=4 would serve"))
+    fewest = plan(load_model("llama-3.1-70b"), "serve", "H100", objective="gpus")
+    assert (p.tensor_parallel, fewest.tensor_parallel) == (4, 2)
+    assert p.predicted_output_tokens_per_s / p.gpus > 1.5 * fewest.predicted_output_tokens_per_s / fewest.gpus
+    assert any(n.startswith("TP=4: ") and "--objective gpus plans TP=2" in n for n in p.notes)
+    note = next(n for n in fewest.notes if n.startswith("TP=4 would serve"))
     assert "x the output tokens per GPU" in note and "requests of 2048 tokens at once" in note
 
 

@@ -72,6 +72,6 @@ def test_the_gpu_limit_still_holds_under_the_gpu_hours_objective():
     assert p.gpus == 1 and p.offload_optimizer
 
 
-def test_the_objective_is_for_training_plans_only():
-    with pytest.raises(PlanError, match="objective .* applies to task lora / qlora / full"):
-        plan(load_model("llama-3.2-1b"), "serve", "L4", objective="gpus")
+def test_the_objective_is_for_training_and_serving_plans_only():
+    with pytest.raises(PlanError, match="objective .* applies to task lora / qlora / full / serve"):
+        plan(load_model("llama-3.2-1b"), "generate", "L4", objective="gpus")
