@@ -491,7 +491,7 @@ def _plan_train(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
     best: TrainPlan | None = None
     beyond_offload = 0
     for n in counts:
-        candidates = [p for p in _train_layouts(spec, req, gpu, seq, n)]
+        candidates = _train_layouts(spec, req, gpu, seq, n)
         if not candidates:
             continue
         if req.objective == "gpus":
@@ -517,18 +517,13 @@ def _train_layouts(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, n:
     for stage, ckpt, off_opt, off_par in _train_options(req, n):
         for micro in _pinned_micro_batches(req, global_batch // n):
             micro_b, accum = split_batch(global_batch, n, micro)
-            setup = TrainSetup(task=req.task, dtype="bfloat16" if dtype == "bfloat16" else "float16",
+            setup = TrainSetup(task=req.task, dtype=dtype,
                                micro_batch=micro_b, grad_accum=accum, seq_len=seq, grad_ckpt=ckpt,
                                engine="deepspeed", compile=compile_, data_parallel=n, zero_stage=stage,
                                offload_optimizer=off_opt, offload_params=off_par)
             mem = estimate(spec, setup)
             if not fits(mem.peak, gpu.memory_bytes, req.headroom):
                 continue
-            step = step_seconds(spec, gpu, task=req.task, seq_len=seq, micro_batch=micro_b, grad_accum=accum,
-                                data_parallel=n, gpus_per_node=min(n, req.gpus_per_node), grad_ckpt=ckpt,
-                                compiled=compile_, zero_stage=stage, offload_optimizer=off_opt,
-                                offload_params=off_par)
-            rate = tokens_per_second(step, global_batch, seq)
             found.append(TrainPlan(task=req.task, data_parallel=n, zero_stage=stage, grad_ckpt=ckpt,
                                    compile=compile_, offload_optimizer=off_opt, offload_params=off_par,
                                    micro_batch=micro_b, grad_accum=accum, global_batch=global_batch, memory=mem,
@@ -536,11 +531,20 @@ def _train_layouts(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, n:
                                    notes=_train_notes(mem, off_opt) + _compile_notes(req, gpu),
                                    host_bytes_per_gpu=mem.cpu_offload,
                                    host_peak_bytes_per_gpu=host_peak(spec, setup, mem),
-                                   predicted_tokens_per_s=round(rate, 1),
-                                   gpu_hours_per_million_tokens=round(gpu_hours_per_million_tokens(rate, n), 4),
+                                   **_speed(spec, req, gpu, seq, n, task=req.task, micro_batch=micro_b,
+                                            grad_accum=accum, grad_ckpt=ckpt, compiled=compile_, zero_stage=stage,
+                                            offload_optimizer=off_opt, offload_params=off_par),
                                    **_common(spec, req, gpu, n, seq, "PACK", mem.cpu_offload, dtype)))
             break  # the largest fitting micro-batch of this option
     return found
+
+
+def _speed(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, n: int, **layout: Any) -> dict[str, float]:
+    """A training plan's predicted tokens/s and GPU-hours per million tokens, for ``layout`` on ``n`` GPUs."""
+    step = step_seconds(spec, gpu, seq_len=seq, data_parallel=n, gpus_per_node=min(n, req.gpus_per_node), **layout)
+    rate = tokens_per_second(step, layout["micro_batch"] * layout["grad_accum"] * n, seq)
+    return {"predicted_tokens_per_s": round(rate, 1),
+            "gpu_hours_per_million_tokens": round(gpu_hours_per_million_tokens(rate, n), 4)}
 
 
 def _compile_notes(req: PlanRequest, gpu: GpuType) -> tuple[str, ...]:
@@ -576,14 +580,11 @@ def _plan_qlora(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             mem = estimate(spec, TrainSetup(task="qlora", micro_batch=micro_b, seq_len=seq, grad_ckpt=True))
             if fits(mem.peak, gpu.memory_bytes, req.headroom):
                 compute = "bf16" if dtype == "bfloat16" else "fp16"
-                step = step_seconds(spec, gpu, task="qlora", seq_len=seq, micro_batch=micro_b, grad_accum=accum,
-                                    data_parallel=n, gpus_per_node=min(n, req.gpus_per_node), grad_ckpt=True,
-                                    compiled=False, zero_stage=0, offload_optimizer=False, offload_params=False)
-                rate = tokens_per_second(step, global_batch, seq)
                 return TrainPlan(task="qlora", data_parallel=n, zero_stage=0, grad_ckpt=True, micro_batch=micro_b,
                                  grad_accum=accum, global_batch=global_batch, memory=mem,
-                                 predicted_tokens_per_s=round(rate, 1),
-                                 gpu_hours_per_million_tokens=round(gpu_hours_per_million_tokens(rate, n), 4),
+                                 **_speed(spec, req, gpu, seq, n, task="qlora", micro_batch=micro_b,
+                                          grad_accum=accum, grad_ckpt=True, compiled=False, zero_stage=0,
+                                          offload_optimizer=False, offload_params=False),
                                  peak_bytes_per_gpu=mem.peak + CUDA_CONTEXT,
                                  notes=(f"nf4 base with {compute} compute, peft LoRA r=16 on all linear layers, "
                                         "prepare_model_for_kbit_training (the rest in fp32), torch AdamW",),

@@ -20,7 +20,8 @@ VERSION_FILE = "gpufleet-adapter.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-def _storage(uri: str) -> tuple[Any, str]:
+def storage(uri: str) -> tuple[Any, str]:
+    """pyarrow's filesystem and path for a storage URI (s3://, gs://, file://)."""
     import pyarrow.fs as pafs
 
     return pafs.FileSystem.from_uri(uri.rstrip("/"))
@@ -29,7 +30,7 @@ def _storage(uri: str) -> tuple[Any, str]:
 def _read(location: str, name: str) -> bytes:
     if "://" not in location:
         return (Path(location) / name).read_bytes()
-    fs, path = _storage(location)
+    fs, path = storage(location)
     with fs.open_input_stream(f"{path}/{name}") as f:
         return f.read()
 
@@ -43,9 +44,9 @@ def publish_adapter(adapter: str, store: str, name: str) -> dict[str, Any]:
     if "://" in store:
         import pyarrow.fs as pafs
 
-        fs, root = _storage(store)
+        fs, root = storage(store)
         target = f"{root.rstrip('/')}/{name}"
-        src_fs, src = (pafs.LocalFileSystem(), str(Path(adapter).resolve())) if "://" not in adapter else _storage(adapter)
+        src_fs, src = (pafs.LocalFileSystem(), str(Path(adapter).resolve())) if "://" not in adapter else storage(adapter)
         fs.create_dir(target, recursive=True)
         pafs.copy_files(src, target, source_filesystem=src_fs, destination_filesystem=fs)
         with fs.open_output_stream(f"{target}/{VERSION_FILE}") as f:  # last: the switch
@@ -60,7 +61,7 @@ def publish_adapter(adapter: str, store: str, name: str) -> dict[str, Any]:
         if "://" in adapter:
             import pyarrow.fs as pafs
 
-            fs, src = _storage(adapter)
+            fs, src = storage(adapter)
             part.mkdir(parents=True)
             pafs.copy_files(src, str(part), source_filesystem=fs)
         else:
@@ -92,6 +93,6 @@ def adapter_version(location: str) -> str | None:
         return f"{st.st_size}-{st.st_mtime_ns}"
     import pyarrow.fs as pafs
 
-    fs, path = _storage(location)
+    fs, path = storage(location)
     info = fs.get_file_info(f"{path}/{WEIGHTS}")
     return None if info.type != pafs.FileType.File else f"{info.size}-{info.mtime_ns}"

@@ -478,7 +478,6 @@ def serve_cmd(spec_or_model: str, address: str | None, emit_config: bool, fmt: s
               hf_token_secret: str, storage_secret: str, **entry_fields: Any) -> None:
     """Deploy the models of a serve spec (or one model by name) behind an OpenAI API."""
     entry_fields = with_renamed(entry_fields)
-    from pathlib import Path
 
     import yaml
 
@@ -524,7 +523,6 @@ def serve_cmd(spec_or_model: str, address: str | None, emit_config: bool, fmt: s
 def serve_remote(spec: Any, base: Any, endpoint: Any) -> None:
     """Deploy through a job on a head that does not share this disk; its deploy log streams here."""
     import tempfile
-    from pathlib import Path
 
     from gpufleet.jobs.submit import follow
     from gpufleet.serve_apps.remote import SPEC_FILE, stage_serve
@@ -550,7 +548,7 @@ def demo_cmd(**options: Any) -> None:
     from gpufleet.demo import console, run_demo
 
     args = validated(DemoOptions, **options)
-    os.environ.setdefault("GPUFLEET_HOME", str(Path(args.demo_dir).resolve() / "home"))
+    os.environ.setdefault("GPUFLEET_HOME", str(args.home))  # before the log file is placed under it
     quiet_unless_verbose("demo", console)
     sys.exit(run_demo(args))
 

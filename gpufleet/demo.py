@@ -51,13 +51,18 @@ class DemoOptions(Config):
     dashboard_port: int = Field(default=8265, ge=1, le=65535,
                                 description="Dashboard port of the demo's head (a free one if taken).")
 
+    @property
+    def home(self) -> Path:
+        """The demo's GPUFLEET_HOME: its head's state and the log of its libraries."""
+        return Path(self.demo_dir).resolve() / "home"
+
 
 def run_demo(args: DemoOptions) -> int:
     """Every stage in order; 0 when the adapter answers in the trained format."""
     root = Path.cwd()
     demo = Path(args.demo_dir).resolve()
     demo.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("GPUFLEET_HOME", str(demo / "home"))
+    os.environ.setdefault("GPUFLEET_HOME", str(args.home))
     t0 = time.monotonic()
     from gpufleet.cluster.head import HeadConfig, free_port, load_state, port_is_free, start_head, stop_head
 

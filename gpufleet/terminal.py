@@ -20,7 +20,9 @@ from rich.console import Console
 
 
 def logs_dir() -> Path:
-    return Path(os.environ.get("GPUFLEET_HOME", Path.home() / ".gpufleet")) / "logs"
+    from gpufleet.cluster.head import default_state_dir
+
+    return default_state_dir() / "logs"
 
 
 def quiet_terminal(consoles: list[Console], command: str) -> Path:

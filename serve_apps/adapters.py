@@ -17,6 +17,7 @@ from typing import Any
 
 from gpufleet.catalogue.errors import SpecError, fix
 from gpufleet.catalogue.sources import resolve
+from gpufleet.cluster.adapter_store import storage
 from gpufleet.serve_apps.spec import ModelEntry
 
 ADAPTERS_ENV = "GPUFLEET_LORA_ADAPTERS"  # JSON: {"adapters": {name: dir}, "adapters_dir": dir | null}
@@ -44,19 +45,13 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def _storage(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri.rstrip("/"))
-
-
 def _is_adapter(location: str) -> bool:
     """Whether a directory or storage URI holds a LoRA adapter."""
     if not is_uri(location):
         return (Path(location) / "adapter_config.json").is_file()
     import pyarrow.fs as pafs
 
-    fs, path = _storage(location)
+    fs, path = storage(location)
     return fs.get_file_info(f"{path}/adapter_config.json").type == pafs.FileType.File
 
 
@@ -80,7 +75,7 @@ def list_adapters(table: dict) -> list[str]:
     if root and is_uri(root):
         import pyarrow.fs as pafs
 
-        fs, path = _storage(root)
+        fs, path = storage(root)
         folders = [f for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
                    if f.type == pafs.FileType.Directory]
         configs = fs.get_file_info([f"{f.path}/adapter_config.json" for f in folders])  # one call for all
@@ -97,7 +92,7 @@ def local_copy(adapter: str, cache: Path | None = None, version: str | None = No
         return adapter
     import pyarrow.fs as pafs
 
-    fs, path = _storage(adapter)
+    fs, path = storage(adapter)
     local = (cache or Path(tempfile.gettempdir()) / "gpufleet-adapters") / (
         path.strip("/").replace("/", "--") + (f"@{version}" if version else ""))
     if not (local / "adapter_config.json").is_file():

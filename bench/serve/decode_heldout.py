@@ -6,9 +6,9 @@ with dummy weights (its config.json and a tokenizer of its vocabulary size, noth
 engine arguments, drives it with ``vllm bench serve`` (random 128-in / 128-out, ``--ignore-eos``) at each
 concurrency, and fills in the measured median TPOT; ``--compare`` recomputes the predictions of a results file.
 
-    python bench/serve/decode_heldout.py --predict bench/serve/results/h100-decode-heldout.json
+    python -m bench.serve.decode_heldout --predict bench/serve/results/h100-decode-heldout.json
     python -m bench.serve.decode_heldout --measure bench/serve/results/h100-decode-heldout.json --tokenizers DIR --out OUT
-    python bench/serve/decode_heldout.py --compare bench/serve/results/h100-decode-heldout.json
+    python -m bench.serve.decode_heldout --compare bench/serve/results/h100-decode-heldout.json
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from gpufleet.catalogue.gpus import get_gpu
+from bench.serve import decode_speed
 from gpufleet.catalogue.model import builtin_models, load_model
 from gpufleet.catalogue.planner import plan
-from gpufleet.catalogue.quantization import FP8
-from gpufleet.catalogue.serving import decode_step_s, serving_memory
 
 MODELS = (("llama-3.2-3b", "none"), ("mistral-7b-v0.3", "fp8"), ("phi-3-mini-4k", "none"))
 LEVELS = (1, 8, 32)
 CONTEXT = 2048
-TOKENS = 256  # the workload: 128 prompt + 128 output tokens
 GPU = "H100-80GB"
 
 
@@ -38,14 +35,8 @@ def engine_kwargs(name: str, quantization: str) -> dict:
 
 
 def predicted_tpot_ms(name: str, quantization: str, concurrency: int) -> float:
-    """The plan's decode step at ``concurrency`` (as bench/serve/decode_speed.py computes it)."""
-    spec, e = load_model(name), engine_kwargs(name, quantization)
-    fp8 = quantization == "fp8"
-    mem = serving_memory(spec, get_gpu(GPU), tp=1, context=e["max_model_len"],
-                         gpu_memory_utilization=e["gpu_memory_utilization"], max_num_seqs=e["max_num_seqs"],
-                         max_num_batched_tokens=e["max_num_batched_tokens"], expected_tokens=TOKENS,
-                         linear_bytes=spec.linear_bytes_per_weight(FP8) if fp8 else None)
-    return round(decode_step_s(spec, get_gpu(GPU), mem, concurrency, fp8_matmul=fp8) * 1000, 3)
+    """The plan's decode step at ``concurrency``, with the plan's own engine arguments."""
+    return round(decode_speed.predicted_tpot_ms(name, engine_kwargs(name, quantization), concurrency, GPU), 3)
 
 
 def predict() -> dict:

@@ -22,23 +22,30 @@ from gpufleet.catalogue.serving import decode_step_s, serving_memory
 DEFAULT = Path(__file__).parent / "results" / "h100-serve.json"
 
 
+TOKENS = 256  # the workload: 128 prompt + 128 output tokens
+
+
+def predicted_tpot_ms(model: str, engine: dict, concurrency: int, gpu: str = "H100-80GB") -> float:
+    """The plan's decode step for a replica run with vLLM ``engine`` arguments, at ``concurrency``."""
+    spec = load_model(model)
+    fp8 = engine.get("quantization") == "fp8"
+    mem = serving_memory(spec, get_gpu(gpu), tp=engine["tensor_parallel_size"], context=engine["max_model_len"],
+                         gpu_memory_utilization=engine["gpu_memory_utilization"], max_num_seqs=engine["max_num_seqs"],
+                         max_num_batched_tokens=engine["max_num_batched_tokens"], expected_tokens=TOKENS,
+                         linear_bytes=spec.linear_bytes_per_weight(FP8) if fp8 else None,
+                         kv_dtype_bytes=1 if engine.get("kv_cache_dtype") == "fp8" else None)
+    return decode_step_s(spec, get_gpu(gpu), mem, concurrency, fp8_matmul=fp8) * 1000
+
+
 def rows(result: dict, gpu: str = "H100-80GB") -> list[dict]:
     """One row per concurrency of the first run of each side: measured and predicted TPOT (ms)."""
-    spec = load_model(result["model"].split()[0])
-    e = result["engine_kwargs"]
-    tokens = 256  # the workload: 128 prompt + 128 output tokens
-    fp8 = e.get("quantization") == "fp8"
-    mem = serving_memory(spec, get_gpu(gpu), tp=e["tensor_parallel_size"], context=e["max_model_len"],
-                         gpu_memory_utilization=e["gpu_memory_utilization"], max_num_seqs=e["max_num_seqs"],
-                         max_num_batched_tokens=e["max_num_batched_tokens"], expected_tokens=tokens,
-                         linear_bytes=spec.linear_bytes_per_weight(FP8) if fp8 else None,
-                         kv_dtype_bytes=1 if e.get("kv_cache_dtype") == "fp8" else None)
+    model, e = result["model"].split()[0], result["engine_kwargs"]
     first = {}
     for side in result["sides"]:
         first.setdefault(side["side"], {lv["concurrency"]: lv for lv in side["levels"]})
     out = []
     for c in sorted(first["plain"]):
-        predicted = decode_step_s(spec, get_gpu(gpu), mem, c, fp8_matmul=fp8) * 1000
+        predicted = predicted_tpot_ms(model, e, c, gpu)
         row = {"concurrency": c, "predicted_tpot_ms": round(predicted, 2)}
         for name, levels in first.items():
             measured = levels[c]["median_tpot_ms"]
