@@ -12,6 +12,7 @@ place on the next request that names it, once its version has changed (checked a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -81,7 +82,8 @@ class LocalLoraServer(GpufleetServer):
 
         model_id = serve.get_multiplexed_model_id()
         loader = LocalLoraLoader.current
-        if model_id and loader and (fresh := loader.republished(model_id)):
+        # the version check reads the store (a bucket, perhaps) and a new version is copied: off the event loop
+        if model_id and loader and (fresh := await asyncio.to_thread(loader.republished, model_id)):
             from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
             # Ray Serve LLM's engine loads a name once; vLLM replaces an adapter's weights under the same name
