@@ -30,6 +30,7 @@ from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress
 
 LORA_SERVER = "gpufleet.serve_apps.lora:LocalLoraServer"
 SERVER = "gpufleet.serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
+STARTUP_CALLBACK = "gpufleet.serve_apps.startup:ReplicaStartup"  # no no-op download task; timed start
 # Ray Serve runs a replica's code on a second event loop by default, so every streamed chunk crosses
 # threads (call_soon_threadsafe) on its way to the socket. vLLM's engine client is async and never
 # blocks the loop, so a GPU replica runs it on Ray's own loop, as Ray's throughput-optimized mode does.
@@ -114,6 +115,7 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
         conf["server_cls"] = LORA_SERVER
         env[ADAPTERS_ENV] = json.dumps(adapters)
     conf.setdefault("server_cls", SERVER)
+    conf["callback_config"] = {"callback_class": STARTUP_CALLBACK}
     conf["engine_kwargs"] = engine
     if entry.stream_batching_ms is not None:
         conf["experimental_configs"] = {"stream_batching_interval_ms": entry.stream_batching_ms}
@@ -278,10 +280,10 @@ def deploy(spec: ServeSpec, base: Path, blocking: bool = False, report=print,
             raise PlanError(f"serve app {spec.name} failed to deploy: {app.message}")
         waited = time.monotonic() - start
         if timeout_s is not None and waited > timeout_s:
-            raise PlanError(fix(f"serve app {spec.name} is not running after {waited:.0f}s: {waiting_for(app)}",
+            raise PlanError(fix(f"serve app {spec.name} is not running after {waited:.0f}s: {waiting_for(app, spec.name)}",
                                 "free or add the resources named, or wait longer (gpufleet status shows it)"))
         if waited >= next_report:
-            report(f"{spec.name} still deploying after {waited:.0f}s: {waiting_for(app)}")
+            report(f"{spec.name} still deploying after {waited:.0f}s: {waiting_for(app, spec.name)}")
             next_report += stall_s
         time.sleep(1.0)
     if blocking:
@@ -290,13 +292,34 @@ def deploy(spec: ServeSpec, base: Path, blocking: bool = False, report=print,
     return f"http://{spec.host}:{spec.port}/v1"
 
 
-def waiting_for(app: Any) -> str:
-    """What the app's unfinished deployments report (Ray Serve names the resources a replica waits for)."""
+def waiting_for(app: Any, name: str = "") -> str:
+    """What the app's unfinished deployments report (Ray Serve names the resources a replica waits for,
+    after its replica has waited 30 s); before that, its replicas' placement groups Ray cannot place yet."""
     if app is None:
         return "the Serve controller has not picked it up yet"
-    lines = [f"{name}: {d.message}" for name, d in app.deployments.items()
+    lines = [f"{dep}: {d.message}" for dep, d in app.deployments.items()
              if not str(d.status).endswith("HEALTHY") and d.message]
-    return "; ".join(lines) or "its replicas are starting (loading the model)"
+    return "; ".join(lines) or unplaced_replicas(name) or "its replicas are starting (loading the model)"
+
+
+def unplaced_replicas(app_name: str) -> str:
+    """Replica placement groups of ``app_name`` still PENDING, with the resources they ask for and
+    what the cluster has free ("" when every group is placed)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    pending = [g for g in ray.util.placement_group_table().values()
+               if g["name"].startswith(prefix) and g["state"] == "PENDING"]
+    if not pending:
+        return ""
+    wanted = sum_bundles([b for g in pending for b in g["bundles"].values()])
+    free = {k: v for k, v in ray.available_resources().items() if k in wanted}
+    return (f"{len(pending)} replica(s) wait for resources {fmt_resources(wanted)}; "
+            f"free now: {fmt_resources(free) or 'none of them'}")
+
+
+def fmt_resources(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if v)
 
 
 def emit_config(spec: ServeSpec, base: Path) -> dict[str, Any]:

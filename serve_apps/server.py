@@ -13,6 +13,8 @@ gpufleet ingress in front of it, so the bearer-token check is added to that app 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
 
@@ -20,6 +22,9 @@ from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
 from gpufleet.serve_apps.http_edge import BearerTokenMiddleware
+from gpufleet.serve_apps.startup import StartupClock, process_start_time
+
+logger = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
 
@@ -62,13 +67,35 @@ class GpufleetServer(LLMServer):
 
     async def __init__(self, llm_config: Any, *, api_key: str | None = None, **kwargs: Any) -> None:
         self._api_key = api_key
+        self._clock = StartupClock(process_started=process_start_time(), init_entered=time.time())
+        self._startup = llm_config.get_or_create_callback()
+        self._startup.ctx.custom_data["clock"] = self._clock
         await super().__init__(llm_config, **kwargs)
+        self._clock.mark("engine_started")
+        self._report_startup()
+
+    def _report_startup(self, http_app: bool = False) -> None:
+        """Log the start's breakdown and export it as ``gpufleet_replica_start_seconds{phase}``; a
+        replica that is its own HTTP ingress reports again once its app is built."""
+        from ray.util.metrics import Gauge
+
+        skipped = bool(self._startup.ctx.custom_data.get("skipped_download"))
+        logger.info(self._clock.summary(skipped) if not http_app else
+                    f"replica HTTP app built in {self._clock.phases()['http_app']:.1f} s, ready "
+                    f"{self._clock.total():.1f} s after its process started")
+        gauge = Gauge("gpufleet_replica_start_seconds", "Seconds a replica took to start, per phase",
+                      tag_keys=("model", "phase"))
+        model = self._llm_config.model_id
+        for phase, seconds in {**self._clock.phases(), "total": self._clock.total()}.items():
+            gauge.set(seconds, tags={"model": model, "phase": phase})
 
     def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> AsyncGenerator[Any, None]:
         return FirstChunkBatcher(generator, interval_ms=self._get_batch_interval_ms()).stream()
 
     async def __serve_build_asgi_app__(self) -> Any:
         app = await super().__serve_build_asgi_app__()
+        self._clock.mark("http_app_built")
+        self._report_startup(http_app=True)
         if self._api_key:  # outermost: nothing runs for a request without the key
             # vLLM builds its middleware stack eagerly: clear it so Starlette rebuilds it with ours
             app.middleware_stack = None

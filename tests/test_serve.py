@@ -7,9 +7,11 @@ front of the replica; here with LoRA adapters) and ``direct`` (one model, the re
 import concurrent.futures as cf
 import json
 import os
+import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -82,6 +84,16 @@ def test_replica_reserves_exactly_the_planned_placement(served, tiny_model):
               if g["name"].startswith("SERVE_REPLICA") and g["state"] == "CREATED"]
     assert [(placed_bundles(g), g["strategy"]) for g in groups] == [
         (planned_bundles(placement.bundles), placement.strategy)]
+
+
+def test_replica_logs_where_its_start_went_and_skips_the_no_op_download(served):
+    """A local model directory needs no download task on each node; the replica says what each phase took."""
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
+    ready = re.search(r"replica ready in ([\d.]+) s: process ([\d.]+) s, model files ([\d.]+) s, engine ([\d.]+) s"
+                      r" \(no download: not a bucket model\)", text)
+    assert ready and float(ready[3]) < 1 and float(ready[4]) > 0
+    assert "Running tasks to download model files" not in text
 
 
 @router_only
@@ -207,6 +219,7 @@ def test_direct_replica_serves_vllms_own_metrics_when_ray_does_not_export_them(s
     assert "vllm:generation_tokens_total" in text
 
 
+@router_only  # the replacement is Serve's; the router in front also has to route to the new replica
 def test_killed_replica_is_replaced(served):
     """In-flight requests on the killed replica may fail; requests after the replacement succeed."""
     _, client, _, _ = served

@@ -27,7 +27,6 @@ def test_app_the_cluster_can_never_hold_is_refused_at_once(tiny_model, short_tmp
 
 
 def test_app_waiting_on_busy_resources_says_what_it_waits_for(tiny_model, short_tmp):
-    from ray import serve
     from ray.util.placement_group import placement_group, remove_placement_group
 
     spec = ServeSpec(name="busy", port=free_port(), models=[ModelEntry(id="t", source=str(tiny_model), max_model_len=256)])
@@ -36,10 +35,11 @@ def test_app_waiting_on_busy_resources_says_what_it_waits_for(tiny_model, short_
         hog = placement_group([{"CPU": 2}])  # the cluster could hold the app, but not while this holds its CPUs
         ray.get(hog.ready(), timeout=30)
         said = []
-        with pytest.raises(PlanError, match=r"busy is not running after \d+s: .*(CPU|resources)"):
-            deploy(spec, short_tmp, report=said.append, stall_s=5, timeout_s=40)
+        with pytest.raises(PlanError, match=r"busy is not running after \d+s: 1 replica\(s\) wait for resources CPU 1; "
+                                            r"free now: none of them"):
+            deploy(spec, short_tmp, report=said.append, stall_s=4, timeout_s=14)
         assert said and all("busy still deploying after" in line for line in said)
-        serve.shutdown()
-        remove_placement_group(hog)
+        assert "wait for resources CPU 1" in said[-1]
+        remove_placement_group(hog)  # ray.shutdown below ends this cluster, its Serve app with it
     finally:
         ray.shutdown()

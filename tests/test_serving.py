@@ -222,3 +222,14 @@ def test_kv_tokens_stay_within_3_percent_of_vllm_and_at_most_1_percent_optimisti
                             data.get("fp8", "none"))
     errors = {r["model"]: r["error"] for r in rows}
     assert all(-0.03 <= e <= 0.01 for e in errors.values()), errors
+
+
+def test_a_replicas_start_is_split_into_process_model_files_engine_and_http_app():
+    from gpufleet.serve_apps.startup import StartupClock
+
+    clock = StartupClock(process_started=100.0, init_entered=106.0,
+                         marks={"node_init_started": 106.5, "node_init_done": 107.0, "engine_started": 130.0,
+                                "http_app_built": 130.5})
+    assert clock.phases() == {"process": 6.0, "model_files": 0.5, "engine": 23.0, "http_app": 0.5}
+    assert clock.total() == 30.5
+    assert clock.summary(True).startswith("replica ready in 30.5 s: process 6.0 s, model files 0.5 s, engine 23.0 s")
