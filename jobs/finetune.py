@@ -78,7 +78,7 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from gpufleet.cluster.placement import check_placeable, spans_nodes
-    from gpufleet.jobs.train_loop import train_func
+    from gpufleet.jobs.train_loop import NUMERICS_MARKER, NumericsError, stop_note, train_func
 
     spec, layout, cfg = prepare(spec_path)
     if is_uri(cfg["dataset"]):
@@ -99,6 +99,8 @@ def run(spec_path: str | Path) -> dict[str, Any]:
         print(waiting, flush=True)
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    (out / NUMERICS_MARKER).unlink(missing_ok=True)  # an earlier run's stop (before its fix) is not this run's
+    stop_note(cfg, clear=True)
     (out / "layout.json").write_text(json.dumps({"layout": layout.model_dump(), "deepspeed": cfg["deepspeed"]},
                                                 indent=1))
     trainer = TorchTrainer(
@@ -107,6 +109,9 @@ def run(spec_path: str | Path) -> dict[str, Any]:
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
     result = trainer.fit()
+    stopped = stop_note(cfg)
+    if stopped:
+        raise NumericsError(stopped)
     final = f"{cfg['upload_to']}/final" if cfg["upload_to"] else str(out / "final")
     published = None
     if spec.publish:

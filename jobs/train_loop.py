@@ -134,8 +134,6 @@ def train_func(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     (out_dir / "pids").mkdir(parents=True, exist_ok=True)
     (out_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
-    if (out_dir / NUMERICS_MARKER).exists():  # a retry would only hit the same wall
-        raise NumericsError((out_dir / NUMERICS_MARKER).read_text())
 
     if not layout.use_gpu:
         _skip_cpu_shm_op()
@@ -216,7 +214,14 @@ def train_func(cfg: dict[str, Any]) -> None:
             loss_v = 0.0
         dt = time.perf_counter() - t0
         zero_run = zero_run + 1 if loss_v == 0.0 else 0
-        _guard(loss_v, step, layout.dtype, spec.task, out_dir, spec.stop_on_zero_loss_steps, zero_run, masked)
+        stop = stop_reason(loss_v, step, layout.dtype, spec.task, spec.stop_on_zero_loss_steps, zero_run, masked)
+        if stop:
+            # Every rank saw the same all-reduced loss, so all stop here, cleanly: raising instead would be a
+            # worker failure, which Ray Train retries (max_failures times) only to reach the same step.
+            if rank == 0:
+                (out_dir / NUMERICS_MARKER).write_text(stop)
+                stop_note(cfg, write=stop)
+            return
         gn = engine.get_global_grad_norm()
         m = {"step": step + 1, "total_steps": total, "loss": loss_v,
              "grad_norm": float(gn) if gn is not None else None, "lr": scheduler.get_last_lr()[0],
@@ -258,10 +263,32 @@ def _upload(out_dir: Path, uri: str) -> None:
     pafs.copy_files(str(out_dir / "metrics.jsonl"), f"{root}/metrics.jsonl", destination_filesystem=fs)
 
 
-def _guard(loss: float, step: int, dtype: str, task: str, out_dir: Path, zero_limit: int, zero_run: int,
-           masked: bool = False) -> None:
-    """Stop on a non-finite loss at once, and on an exactly-zero loss after ``zero_limit`` steps,
-    with the likely cause written to the job's output and log (``NumericsError``)."""
+def stop_note(cfg: dict[str, Any], write: str | None = None, clear: bool = False) -> str | None:
+    """The reason a run stopped, kept beside Ray Train's run state in its storage, where the driver reads it
+    (a metric would not do: Ray Train's result carries the last checkpoint's metrics only)."""
+    import pyarrow.fs as pafs
+
+    root = cfg["storage_path"] if "://" in cfg["storage_path"] else str(Path(cfg["storage_path"]).absolute())
+    fs, path = pafs.FileSystem.from_uri(root.rstrip("/"))
+    note = f"{path}/{cfg['spec']['name']}/{NUMERICS_MARKER}"
+    if write is not None:
+        fs.create_dir(note.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(note) as f:
+            f.write(write.encode())
+        return write
+    if fs.get_file_info(note).type == pafs.FileType.NotFound:
+        return None
+    if clear:
+        fs.delete_file(note)
+        return None
+    with fs.open_input_stream(note) as f:
+        return f.read().decode()
+
+
+def stop_reason(loss: float, step: int, dtype: str, task: str, zero_limit: int, zero_run: int,
+                masked: bool = False) -> str | None:
+    """Why the run must stop, with the likely cause: at once on a non-finite loss, and after ``zero_limit``
+    steps of an exactly-zero loss (None: go on). The driver raises it as a ``NumericsError``."""
     msg = None
     if masked and zero_run >= zero_limit:
         msg = (f"no labelled token in {zero_run} steps (step {step + 1}): every label is masked. Likely cause: "
@@ -274,9 +301,7 @@ def _guard(loss: float, step: int, dtype: str, task: str, out_dir: Path, zero_li
         cause = ("LoRA adapter weights not in fp32 (their updates underflow) or every label is masked"
                  if task in ("lora", "qlora") else "every label is masked, or the model memorised a tiny dataset")
         msg = f"loss has been exactly 0 for {zero_run} steps (step {step + 1}). Likely cause: {cause}"
-    if msg:
-        (out_dir / NUMERICS_MARKER).write_text(msg)
-        raise NumericsError(msg)
+    return msg
 
 
 def _export(engine: Any, model: Any, tokenizer: Any, task: str, zero_stage: int, rank: int, out: Path) -> None:
