@@ -26,11 +26,12 @@ from gpufleet.catalogue.planner import plan
 from gpufleet.catalogue.plans import ServePlan
 from gpufleet.catalogue.sources import model_source
 from gpufleet.serve_apps.adapters import ADAPTERS_ENV, adapters_table
-from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress
+from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress, resolve_router
 
 LORA_SERVER = "gpufleet.serve_apps.lora:LocalLoraServer"
 SERVER = "gpufleet.serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
 STARTUP_CALLBACK = "gpufleet.serve_apps.startup:ReplicaStartup"  # no no-op download task; timed start
+PREFIX_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
 # Ray Serve runs a replica's code on a second event loop by default, so every streamed chunk crosses
 # threads (call_soon_threadsafe) on its way to the socket. vLLM's engine client is async and never
 # blocks the loop, so a GPU replica runs it on Ray's own loop, as Ray's throughput-optimized mode does.
@@ -134,6 +135,10 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
         "max_ongoing_requests": p.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": 0},
     }
+    if resolve_router(entry) == "prefix":
+        conf["deployment_config"]["request_router_config"] = {"request_router_class": PREFIX_ROUTER}
+        # vLLM then says how much of each prompt its prefix cache held (usage.prompt_tokens_details.cached_tokens)
+        engine["enable_prompt_tokens_details"] = True
     return conf
 
 
@@ -200,13 +205,15 @@ def build_from_args(args: dict[str, Any]) -> Any:
     from ray.serve.llm import LLMConfig
 
     from gpufleet.serve_apps.http_edge import BearerTokenMiddleware, add_openai_error_handlers
-    from gpufleet.serve_apps.lora import GpufleetIngress
+    from gpufleet.serve_apps.ingress import GpufleetIngress
 
     configs = [LLMConfig(**c) if isinstance(c, dict) else c for c in args["llm_configs"]]
     key = args.get("api_key") or (os.environ.get(args["api_key_env"]) if args.get("api_key_env") else None)
     # `auto` is resolved where the app is built, i.e. on the cluster it runs on.
+    prefix_routed = any((c.deployment_config.get("request_router_config") or {}).get("request_router_class")
+                        == PREFIX_ROUTER for c in configs)
     if resolve_ingress(args.get("ingress", "router"), len(configs), bool(args.get("adapters")),
-                       haproxy_fronts_serve()) == "direct":
+                       haproxy_fronts_serve(), prefix_routed) == "direct":
         return build_direct_app(configs[0], key)
     app = init()
     add_openai_error_handlers(app)

@@ -17,7 +17,6 @@ import json
 import os
 import time
 
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
 from gpufleet.cluster.adapter_store import adapter_version
@@ -92,29 +91,3 @@ class LocalLoraServer(GpufleetServer):
                 lora_name=model_id, lora_path=fresh.local_path, load_inplace=True))
             if getattr(result, "error", None):  # vLLM answers an error response rather than raising
                 raise ValueError(f"re-published adapter {model_id} did not load: {result.error.message}")
-
-
-class GpufleetIngress(OpenAiIngress):
-    """Ray's OpenAI ingress, listing and resolving local adapters as ``<model>:<adapter>``."""
-
-    def __init__(self, llm_deployments, model_cards, lora_paths=None, adapters=None, **kwargs):
-        super().__init__(llm_deployments, model_cards, lora_paths={}, **kwargs)
-        self._adapters: dict[str, dict] = adapters or {}  # base model id -> adapters table
-
-    async def model(self, model_id: str):
-        from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
-
-        if model_id in self._model_cards:
-            return self._model_cards[model_id]
-        base, _, name = model_id.partition(":")
-        if base in self._adapters and find_adapter(self._adapters[base], name):
-            card = self._model_cards[base]
-            return ModelCard(id=model_id, object="model", owned_by=card.owned_by, permission=list(card.permission),
-                             metadata={**card.metadata, "base_model": base, "adapter": name})
-        return None
-
-    async def models(self):
-        from ray.llm._internal.serve.core.configs.openai_api_models import ModelList
-
-        ids = list(self._model_cards) + [f"{b}:{n}" for b, t in self._adapters.items() for n in list_adapters(t)]
-        return ModelList(data=[await self.model(i) for i in ids])

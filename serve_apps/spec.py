@@ -84,6 +84,14 @@ class ModelEntry(Config):
     stream_batching_ms: int | None = Field(default=None, ge=0, description=(
         "How long Ray Serve LLM gathers streamed tokens before sending them (Ray's default: 50 ms). "
         "Lower cuts time to first token, higher saves CPU per token."))
+    router: Literal["auto", "default", "prefix"] = Field(default="auto", description=(
+        "How a request picks one of this model's replicas. default: Ray Serve's power of two choices (the "
+        "shorter queue of two). prefix: Ray Serve LLM's PrefixCacheAffinityRouter, which sends a prompt to the "
+        "replica that already holds its prefix in vLLM's prefix cache (needs ingress: router, which reads the "
+        "prompt). auto: prefix where shared_prefix_tokens is set and replicas.max >= 2, else default."))
+    shared_prefix_tokens: int | None = Field(default=None, ge=1, description=(
+        "Tokens most requests start with (a chat app's system prompt, few-shot examples). Set, with two or more "
+        "replicas, it makes router: auto route on prefixes, so each replica keeps its prefixes' KV cache warm."))
     engine_metrics: bool | None = Field(default=None, description=(
         "Export vLLM's engine metrics (KV-cache use, TTFT/ITL histograms) through Ray's metrics (Ray Serve "
         "LLM's log_engine_metrics). Off: vLLM keeps them in its own Prometheus registry, served at the "
@@ -92,7 +100,16 @@ class ModelEntry(Config):
         "on for CPU replicas."))
 
 
-def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool) -> Literal["direct", "router"]:
+def resolve_router(entry: ModelEntry) -> Literal["default", "prefix"]:
+    """The replica router of one model: ``auto`` routes on prefixes only where prompts share one and there is
+    more than one replica to choose from."""
+    if entry.router == "auto":
+        return "prefix" if entry.shared_prefix_tokens and entry.replicas.max >= 2 else "default"
+    return entry.router
+
+
+def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool,
+                    prefix_routed: bool = False) -> Literal["direct", "router"]:
     """The layout a deployment gets: ``auto`` is direct for one model without adapters behind HAProxy.
 
     Only behind HAProxy: behind Ray's Python proxy every streamed token of a direct replica is one
@@ -100,7 +117,7 @@ def resolve_ingress(ingress: str, models: int, adapters: bool, haproxy: bool) ->
     (bench/serve/results/cpu-direct-rayproxy.json).
     """
     if ingress == "auto":
-        return "direct" if haproxy and models == 1 and not adapters else "router"
+        return "direct" if haproxy and models == 1 and not adapters and not prefix_routed else "router"
     return "direct" if ingress == "direct" else "router"
 
 
@@ -128,7 +145,14 @@ class ServeSpec(Config):
             raise ValueError(fix("ingress=direct serves exactly one model without adapters, and this spec has "
                                  f"{len(self.models)} model(s)" + (" with adapters" if self._has_adapters() else ""),
                                  "set ingress: router (or auto)"))
+        if self.ingress == "direct" and self._prefix_routed():
+            raise ValueError(fix(f"models[{self.models[0].id}] routes on prompt prefixes, which only the router "
+                                 "ingress reads (direct replicas are picked by HAProxy or Ray's proxy)",
+                                 "set ingress: router (or auto), or router: default"))
         return self
+
+    def _prefix_routed(self) -> bool:
+        return any(resolve_router(m) == "prefix" for m in self.models)
 
     def _has_adapters(self) -> bool:
         return any(m.adapters or m.adapters_dir for m in self.models)
@@ -138,7 +162,7 @@ class ServeSpec(Config):
 
     def ingress_mode(self, haproxy: bool) -> Literal["direct", "router"]:
         """The ingress this spec deploys with on a cluster with (or without) HAProxy in front of Serve."""
-        return resolve_ingress(self.ingress, len(self.models), self._has_adapters(), haproxy)
+        return resolve_ingress(self.ingress, len(self.models), self._has_adapters(), haproxy, self._prefix_routed())
 
     def api_key(self) -> str | None:
         if not self.api_key_env:
