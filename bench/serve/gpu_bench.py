@@ -151,7 +151,40 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
             **({"replica_stalls": stalls} if stalls else {})}
 
 
+# ``--ready-only``: each side starts, is timed to its first answer, and stops (no load)
+READY_ONLY = {"on": False}
+# what vLLM logs about its torch.compile cache (a warm start loads graphs instead of compiling them)
+COMPILE_LOG = re.compile(r"(torch\.compile takes|Directly load the compiled graph|Compiling a graph for|"
+                         r"Using cache directory|Graph capturing finished|Loading weights took|Model loading took|"
+                         r"init engine .* took|replica ready in)[^\n]*")
+
+
+def compile_cache_dirs() -> list[Path]:
+    """Where vLLM, inductor and Triton keep what makes a second start fast (the defaults unless set)."""
+    user = os.environ.get("USER") or "root"
+    return [Path(os.environ.get("VLLM_CACHE_ROOT", Path.home() / ".cache" / "vllm")),
+            Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor_{user}")),
+            Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))]
+
+
+def clear_compile_caches() -> None:
+    import shutil
+
+    for d in compile_cache_dirs():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def start_log(paths: list[Path]) -> list[str]:
+    """vLLM's and the replica's lines about compile caching and start phases, from these log files."""
+    lines = []
+    for p in paths:
+        lines += [m.group(0)[:240] for m in COMPILE_LOG.finditer(p.read_text(errors="replace"))]
+    return lines
+
+
 def drive(port: int, tokenizer: str, work: Path) -> dict:
+    if READY_ONLY["on"]:
+        return {}
     levels = [bench_serve(port, tokenizer, c, max(32, 4 * c), work) for c in LEVELS]
     mixed = bench_serve(port, tokenizer, 32, 256, work, range_ratio=0.5)
     return {"levels": levels, "random_lengths": mixed}
@@ -172,7 +205,9 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
     with open(work / "plain.log", "a") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
         try:
             wait_ready(f"http://127.0.0.1:{port}/v1", timeout=300)
-            return {"start_s": round(time.monotonic() - t0, 1), "command": " ".join(cmd[1:]),
+            ready = round(time.monotonic() - t0, 1)
+            return {"start_s": ready, "command": " ".join(cmd[1:]),
+                    **({"start_log": start_log([work / "plain.log"])} if READY_ONLY["on"] else {}),
                     **drive(port, tokenizer, work)}
         finally:
             proc.terminate()
@@ -203,8 +238,11 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
         try:
             served, base = load_serve_spec(spec_file)
             wait_ready(deploy(served, base), timeout=400)
+            ready = round(time.monotonic() - t0, 1)
             front = "haproxy" if haproxy_fronts_serve() else "ray"
-            return {"start_s": round(time.monotonic() - t0, 1), "serve_proxy": front,
+            logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+            return {"start_s": ready, "serve_proxy": front,
+                    **({"start_log": start_log(sorted(logs.glob("worker-*")))} if READY_ONLY["on"] else {}),
                     "ingress": served.ingress_mode(front == "haproxy"), **drive(port, tokenizer, work)}
         finally:
             serve.shutdown()
@@ -297,6 +335,10 @@ def main() -> int:
                     help="Concurrency levels (e.g. 128,256) at which a sampler inside each process (bench.serve.sampler) "
                          "takes the stacks of the replica, the engine core, its worker and plain vLLM's API server; "
                          "each thread's top functions go in the result. Profiled sides are diagnoses, not throughput runs.")
+    ap.add_argument("--ready-only", action="store_true",
+                    help="Time each side's start to its first answer, with no load (cold start). A side named "
+                         "SIDE:cold starts with vLLM's, inductor's and Triton's compile caches removed; otherwise "
+                         "it finds them as the previous side left them. Rows go under cold_start.")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--combine", type=Path, nargs="+",
                     help="Merge the sides of result files from calls on the same machine lease; measure nothing.")
@@ -308,7 +350,8 @@ def main() -> int:
         return 0
     if not (a.model_dir and a.tokenizer):
         ap.error("--model-dir and --tokenizer are needed to measure")
-    unknown = set(a.sides.split(",")) - {*GPUFLEET_SIDES, *PLAIN_SIDES}
+    READY_ONLY["on"] = a.ready_only
+    unknown = {x.removesuffix(":cold") for x in a.sides.split(",")} - {*GPUFLEET_SIDES, *PLAIN_SIDES}
     if unknown:
         ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from "
                  f"{', '.join([*GPUFLEET_SIDES, *PLAIN_SIDES])}")
@@ -335,7 +378,13 @@ def main() -> int:
               "workload": f"random dataset, {IN_LEN} in / {OUT_LEN} out, ignore_eos; then range ratio 0.5",
               "tool": "vllm bench serve", "serve_env": serve_env, "sides": [], "rows": []}
     work = Path(tempfile.mkdtemp(prefix="gb-"))
-    for side in a.sides.split(","):
+    seen: set[str] = set()
+    for named in a.sides.split(","):
+        side, cold = named.removesuffix(":cold"), named.endswith(":cold")
+        if cold:
+            clear_compile_caches()
+        cache = "cold" if cold else "warm" if side in seen or READY_ONLY["on"] else "as left"
+        seen.add(side)
         t0 = time.monotonic()
         changes = dict(GPUFLEET_SIDES.get(side, {}))
         server_cls = changes.pop("server_cls", None)
@@ -346,7 +395,11 @@ def main() -> int:
                             a.tokenizer, work, serve_env, server_cls))
         except Exception as e:
             got = {"error": f"{type(e).__name__}: {e}"}
-        result["sides"].append({"side": side, "wall_s": round(time.monotonic() - t0, 1), **got})
+        result["sides"].append({"side": side, "cache": cache, "wall_s": round(time.monotonic() - t0, 1), **got})
+        if READY_ONLY["on"]:
+            result["cold_start"] = [{"side": "plain" if s["side"] in PLAIN_SIDES else "gpufleet",
+                                     "variant": s["side"], "cache": s["cache"], "ready_s": s.get("start_s")}
+                                    for s in result["sides"]]
         compare_all(result)
         a.out.write_text(json.dumps(result, indent=1))
         print(side, json.dumps({k: v for k, v in got.items() if k not in ("levels", "random_lengths")})[:800],
@@ -356,6 +409,8 @@ def main() -> int:
 
 
 def print_all(result: dict) -> None:
+    for r in result.get("cold_start", []):
+        print(f"{r['variant']:>10}  cache {r['cache']:>5}  ready in {r['ready_s']} s")
     print_rows(result["rows"])
     for side, rows in result.get("rows_by_side", {}).items():
         print(f"{side} against plain:")
