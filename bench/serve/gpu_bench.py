@@ -154,9 +154,11 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
 # ``--ready-only``: each side starts, is timed to its first answer, and stops (no load)
 READY_ONLY = {"on": False}
 # what vLLM logs about its torch.compile cache (a warm start loads graphs instead of compiling them)
-COMPILE_LOG = re.compile(r"(torch\.compile takes|Directly load the compiled graph|Compiling a graph for|"
+COMPILE_LOG = re.compile(r"^.*(torch\.compile takes|Directly load the compiled graph|Compiling a graph for|"
                          r"Using cache directory|Graph capturing finished|Loading weights took|Model loading took|"
-                         r"init engine .* took|replica ready in)[^\n]*")
+                         r"init engine .* took|replica ready in|Started initializing replica|Using executor class|"
+                         r"Started vLLM engine|Initializing a V1 LLM engine|Starting to load model|"
+                         r"world_size|Automatically detected platform|non-default args).*$", re.M)
 
 
 def compile_cache_dirs() -> list[Path]:
@@ -178,7 +180,7 @@ def start_log(paths: list[Path]) -> list[str]:
     """vLLM's and the replica's lines about compile caching and start phases, from these log files."""
     lines = []
     for p in paths:
-        lines += [m.group(0)[:240] for m in COMPILE_LOG.finditer(p.read_text(errors="replace"))]
+        lines += [m.group(0)[:300] for m in COMPILE_LOG.finditer(p.read_text(errors="replace"))]
     return lines
 
 
@@ -202,12 +204,13 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name",
            MODEL_ID, "--host", "127.0.0.1", "--port", str(port), *flags]
     t0 = time.monotonic()
-    with open(work / "plain.log", "a") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
+    log_file = work / f"plain-{port}.log"  # one per start: its log lines are its own
+    with open(log_file, "a") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
         try:
             wait_ready(f"http://127.0.0.1:{port}/v1", timeout=300)
             ready = round(time.monotonic() - t0, 1)
             return {"start_s": ready, "command": " ".join(cmd[1:]),
-                    **({"start_log": start_log([work / "plain.log"])} if READY_ONLY["on"] else {}),
+                    **({"start_log": start_log([log_file])} if READY_ONLY["on"] else {}),
                     **drive(port, tokenizer, work)}
         finally:
             proc.terminate()
@@ -307,6 +310,10 @@ def compare_all(result: dict) -> dict:
     against plain-mp where that ran (vLLM's own executor with the model in a worker process, the shape
     of the Ray executor Ray Serve LLM requires on GPUs); and the spread of repeated sides."""
     result["rows"] = compare(result)
+    ready_only = [s for s in result["sides"] if "cache" in s and "levels" not in s]
+    if ready_only:
+        result["cold_start"] = [{"side": "plain" if s["side"] in PLAIN_SIDES else "gpufleet", "variant": s["side"],
+                                 "cache": s["cache"], "ready_s": s.get("start_s")} for s in ready_only]
     variants = {s["side"] for s in result["sides"] if s["side"] not in ("plain", "gpufleet") and "levels" in s}
     if variants:
         result["rows_by_side"] = {v: compare(result, v) for v in sorted(variants)}
@@ -396,10 +403,6 @@ def main() -> int:
         except Exception as e:
             got = {"error": f"{type(e).__name__}: {e}"}
         result["sides"].append({"side": side, "cache": cache, "wall_s": round(time.monotonic() - t0, 1), **got})
-        if READY_ONLY["on"]:
-            result["cold_start"] = [{"side": "plain" if s["side"] in PLAIN_SIDES else "gpufleet",
-                                     "variant": s["side"], "cache": s["cache"], "ready_s": s.get("start_s")}
-                                    for s in result["sides"]]
         compare_all(result)
         a.out.write_text(json.dumps(result, indent=1))
         print(side, json.dumps({k: v for k, v in got.items() if k not in ("levels", "random_lengths")})[:800],
