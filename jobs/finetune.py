@@ -78,7 +78,13 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from gpufleet.cluster.placement import check_placeable, spans_nodes
-    from gpufleet.jobs.train_loop import NUMERICS_MARKER, NumericsError, stop_note, train_func
+    from gpufleet.jobs.train_loop import (
+        NUMERICS_MARKER,
+        NumericsError,
+        clear_stop_note,
+        read_stop_note,
+        train_func,
+    )
 
     spec, layout, cfg = prepare(spec_path)
     if is_uri(cfg["dataset"]):
@@ -100,7 +106,7 @@ def run(spec_path: str | Path) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / NUMERICS_MARKER).unlink(missing_ok=True)  # an earlier run's stop (before its fix) is not this run's
-    stop_note(cfg, clear=True)
+    clear_stop_note(cfg)
     (out / "layout.json").write_text(json.dumps({"layout": layout.model_dump(), "deepspeed": cfg["deepspeed"]},
                                                 indent=1))
     trainer = TorchTrainer(
@@ -109,7 +115,7 @@ def run(spec_path: str | Path) -> dict[str, Any]:
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
     result = trainer.fit()
-    stopped = stop_note(cfg)
+    stopped = read_stop_note(cfg)
     if stopped:
         raise NumericsError(stopped)
     final = f"{cfg['upload_to']}/final" if cfg["upload_to"] else str(out / "final")

@@ -220,7 +220,7 @@ def train_func(cfg: dict[str, Any]) -> None:
             # worker failure, which Ray Train retries (max_failures times) only to reach the same step.
             if rank == 0:
                 (out_dir / NUMERICS_MARKER).write_text(stop)
-                stop_note(cfg, write=stop)
+                write_stop_note(cfg, stop)
             return
         gn = engine.get_global_grad_norm()
         m = {"step": step + 1, "total_steps": total, "loss": loss_v,
@@ -263,26 +263,41 @@ def _upload(out_dir: Path, uri: str) -> None:
     pafs.copy_files(str(out_dir / "metrics.jsonl"), f"{root}/metrics.jsonl", destination_filesystem=fs)
 
 
-def stop_note(cfg: dict[str, Any], write: str | None = None, clear: bool = False) -> str | None:
-    """The reason a run stopped, kept beside Ray Train's run state in its storage, where the driver reads it
-    (a metric would not do: Ray Train's result carries the last checkpoint's metrics only)."""
-    import pyarrow.fs as pafs
+def _stop_note(cfg: dict[str, Any]) -> tuple[Any, str]:
+    """Where a stopped run leaves its reason: beside Ray Train's run state in its storage, which the driver
+    reads (a metric would not do: Ray Train's result carries the last checkpoint's metrics only)."""
+    from gpufleet.cluster.adapter_store import storage
 
     root = cfg["storage_path"] if "://" in cfg["storage_path"] else str(Path(cfg["storage_path"]).absolute())
-    fs, path = pafs.FileSystem.from_uri(root.rstrip("/"))
-    note = f"{path}/{cfg['spec']['name']}/{NUMERICS_MARKER}"
-    if write is not None:
-        fs.create_dir(note.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(note) as f:
-            f.write(write.encode())
-        return write
+    fs, path = storage(root)
+    return fs, f"{path}/{cfg['spec']['name']}/{NUMERICS_MARKER}"
+
+
+def write_stop_note(cfg: dict[str, Any], reason: str) -> None:
+    fs, note = _stop_note(cfg)
+    fs.create_dir(note.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(note) as f:
+        f.write(reason.encode())
+
+
+def read_stop_note(cfg: dict[str, Any]) -> str | None:
+    """The reason this run stopped, or None where it was not stopped."""
+    import pyarrow.fs as pafs
+
+    fs, note = _stop_note(cfg)
     if fs.get_file_info(note).type == pafs.FileType.NotFound:
-        return None
-    if clear:
-        fs.delete_file(note)
         return None
     with fs.open_input_stream(note) as f:
         return f.read().decode()
+
+
+def clear_stop_note(cfg: dict[str, Any]) -> None:
+    """Forget an earlier run's stop (a resubmitted job after its fix is a new run)."""
+    import pyarrow.fs as pafs
+
+    fs, note = _stop_note(cfg)
+    if fs.get_file_info(note).type != pafs.FileType.NotFound:
+        fs.delete_file(note)
 
 
 def stop_reason(loss: float, step: int, dtype: str, task: str, zero_limit: int, zero_run: int,

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.common.utils.cloud_utils import is_remote_path
 
-PHASES = ("process", "model_files", "engine", "http_app")
-
 
 @dataclass
 class StartupClock:
