@@ -390,7 +390,7 @@ def main() -> int:
         side, cold = named.removesuffix(":cold"), named.endswith(":cold")
         if cold:
             clear_compile_caches()
-        cache = "cold" if cold else "warm" if side in seen or READY_ONLY["on"] else "as left"
+        cache = "cold" if cold else "warm" if side in seen else "as left"
         seen.add(side)
         t0 = time.monotonic()
         changes = dict(GPUFLEET_SIDES.get(side, {}))
