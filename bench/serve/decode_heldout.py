@@ -1,12 +1,13 @@
 """Decode speed held out: serve plans' predicted time per output token against `vllm bench serve` on models the
-decode model was not fitted to (it was fitted to Llama-3.2-1B bf16 and Llama-3.1-8B FP8).
+decode model was not fitted to (see ``gpufleet.catalogue.serving``'s decode constants for what it was fitted to).
 
 ``--predict`` writes the predictions (commit them before measuring); ``--measure`` starts plain vLLM on each model
 with dummy weights (its config.json and a tokenizer of its vocabulary size, nothing downloaded) and the plan's
 engine arguments, drives it with ``vllm bench serve`` (random 128-in / 128-out, ``--ignore-eos``) at each
 concurrency, and fills in the measured median TPOT; ``--compare`` recomputes the predictions of a results file.
 
-    python -m bench.serve.decode_heldout --predict bench/serve/results/h100-decode-heldout.json
+    python -m bench.serve.decode_heldout --predict bench/serve/results/h100-decode-heldout-2.json \
+        --models qwen3-8b,qwen2.5-14b:fp8,phi-3-medium-4k [--control llama-3.1-8b:fp8]
     python -m bench.serve.decode_heldout --measure bench/serve/results/h100-decode-heldout.json --tokenizers DIR --out OUT
     python -m bench.serve.decode_heldout --compare bench/serve/results/h100-decode-heldout.json
 """
@@ -24,6 +25,7 @@ from bench.serve import decode_speed
 from gpufleet.catalogue.model import builtin_models, load_model
 from gpufleet.catalogue.planner import plan
 
+# the first held-out set (h100-decode-heldout.json); --models names another
 MODELS = (("llama-3.2-3b", "none"), ("mistral-7b-v0.3", "fp8"), ("phi-3-mini-4k", "none"))
 LEVELS = (1, 8, 32)
 CONTEXT = 2048
@@ -34,14 +36,32 @@ def engine_kwargs(name: str, quantization: str) -> dict:
     return plan(load_model(name), "serve", GPU, gpus=1, seq_len=CONTEXT, quantization=quantization).engine_kwargs
 
 
-def predicted_tpot_ms(name: str, quantization: str, concurrency: int) -> float:
-    """The plan's decode step at ``concurrency``, with the plan's own engine arguments."""
-    return round(decode_speed.predicted_tpot_ms(name, engine_kwargs(name, quantization), concurrency, GPU), 3)
+# a control runs with the engine arguments of the fitted run it repeats
+CONTROL_RUNS = {"llama-3.1-8b": "h100-serve-8b-fp8.json", "llama-3.2-1b": "h100-serve.json"}
 
 
-def predict() -> dict:
-    rows = [{"model": m, "quantization": q, "concurrency": c, "predicted_tpot_ms": predicted_tpot_ms(m, q, c),
-             "held_out": True} for m, q in MODELS for c in LEVELS]
+def control_engine(name: str) -> dict:
+    return json.loads((decode_speed.DEFAULT.parent / CONTROL_RUNS[name]).read_text())["engine_kwargs"]
+
+
+def predicted_tpot_ms(name: str, quantization: str, concurrency: int, engine: dict | None = None) -> float:
+    """The plan's decode step at ``concurrency``, with the plan's own engine arguments unless given others."""
+    engine = engine or engine_kwargs(name, quantization)
+    return round(decode_speed.predicted_tpot_ms(name, engine, concurrency, GPU), 3)
+
+
+def parse_models(text: str) -> list[tuple[str, str]]:
+    """``name[:quantization],...`` -> [(name, quantization)]."""
+    return [(m.split(":")[0], m.split(":")[1] if ":" in m else "none") for m in text.split(",") if m]
+
+
+def predict(models=MODELS, controls=()) -> dict:
+    """Rows for ``models`` (held out) and ``controls`` (fitted models measured again in the same lease, to tell
+    the lease's own per-step overhead from the model's error)."""
+    rows = [{"model": m, "quantization": q, "concurrency": c, "held_out": True,
+             "predicted_tpot_ms": predicted_tpot_ms(m, q, c)} for m, q in models for c in LEVELS]
+    rows += [{"model": m, "quantization": q, "concurrency": c, "held_out": False, "engine": control_engine(m),
+              "predicted_tpot_ms": predicted_tpot_ms(m, q, c, control_engine(m))} for m, q in controls for c in LEVELS]
     return {"gpu": GPU, "machine": None, "workload": "vllm bench serve, random 128 in / 128 out, --ignore-eos",
             "engine": "plain vLLM OpenAI server, dummy weights, the plan's engine_kwargs (max_model_len 2048)",
             "decode_rows": rows}
@@ -53,8 +73,10 @@ def measure(data: dict, tokenizers: Path, out: Path) -> dict:
 
     work = Path("/var/tmp/decode-heldout")
     work.mkdir(parents=True, exist_ok=True)
-    for name, quantization in MODELS:
-        rows = [r for r in data["decode_rows"] if r["model"] == name]
+    for name, quantization in dict.fromkeys((r["model"], r["quantization"]) for r in data["decode_rows"]):
+        rows = [r for r in data["decode_rows"] if r["model"] == name and r["quantization"] == quantization]
+        if all(r.get("measured_tpot_ms") for r in rows):
+            continue  # measured in an earlier run
         cfg = json.loads(builtin_models()[name].read_text())
         model_dir = work / name
         model_dir.mkdir(exist_ok=True)
@@ -62,7 +84,7 @@ def measure(data: dict, tokenizers: Path, out: Path) -> dict:
         tok = tokenizers / str(cfg["vocab_size"])
         for f in tok.iterdir():
             (model_dir / f.name).write_bytes(f.read_bytes())
-        engine = engine_kwargs(name, quantization)
+        engine = rows[0].get("engine") or engine_kwargs(name, quantization)
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items() if not isinstance(v, bool)]
         port = 8100
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -88,10 +110,12 @@ def measure(data: dict, tokenizers: Path, out: Path) -> dict:
 
 
 def table(data: dict) -> str:
-    lines = [f"{'model':<18}{'quant':<7}{'conc':>5}{'predicted':>11}{'measured':>10}{'error':>8}   (TPOT, ms)"]
+    lines = [f"{'model':<18}{'quant':<7}{'held out':>9}{'conc':>5}{'predicted':>11}{'measured':>10}{'error':>8}"
+             "   (TPOT, ms)"]
     for r in data["decode_rows"]:
         m = r.get("measured_tpot_ms")
-        lines.append(f"{r['model']:<18}{r['quantization']:<7}{r['concurrency']:>5}{r['predicted_tpot_ms']:>11.2f}"
+        lines.append(f"{r['model']:<18}{r['quantization']:<7}{'yes' if r['held_out'] else 'no':>9}{r['concurrency']:>5}"
+                     f"{r['predicted_tpot_ms']:>11.2f}"
                      + (f"{m:>10.2f}{r['predicted_tpot_ms'] / m - 1:>+8.1%}" if m else f"{'-':>10}"))
     return "\n".join(lines)
 
@@ -99,23 +123,26 @@ def table(data: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--predict", type=Path, help="Write the predictions to this file.")
+    ap.add_argument("--models", type=parse_models, default=MODELS, help="With --predict: name[:quantization],...")
+    ap.add_argument("--control", type=parse_models, default=(),
+                    help="With --predict: fitted models to measure again in the same lease (held_out: false).")
     ap.add_argument("--measure", type=Path, help="A predictions file to measure.")
     ap.add_argument("--tokenizers", type=Path, help="With --measure: a folder of tokenizers named by vocabulary size.")
     ap.add_argument("--out", type=Path, help="With --measure: where the results go.")
     ap.add_argument("--compare", type=Path, help="Recompute the predictions of a results file.")
     a = ap.parse_args()
     if a.predict:
-        data = predict()
+        data = predict(a.models, a.control)
         a.predict.write_text(json.dumps(data, indent=1))
     elif a.measure:
-        data = json.loads(a.measure.read_text())
+        data = json.loads((a.out if a.out and a.out.exists() else a.measure).read_text())
         data["machine"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                          capture_output=True, text=True).stdout.strip()
         data = measure(data, a.tokenizers, a.out)
     else:
         data = json.loads(a.compare.read_text())
         for r in data["decode_rows"]:
-            r["predicted_tpot_ms"] = predicted_tpot_ms(r["model"], r["quantization"], r["concurrency"])
+            r["predicted_tpot_ms"] = predicted_tpot_ms(r["model"], r["quantization"], r["concurrency"], r.get("engine"))
     print(table(data))
 
 
