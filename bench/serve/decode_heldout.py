@@ -67,7 +67,7 @@ def predict(models=MODELS, controls=()) -> dict:
             "decode_rows": rows}
 
 
-def measure(data: dict, tokenizers: Path, out: Path) -> dict:
+def measure(data: dict, tokenizers: Path, out: Path, max_models: int | None = None) -> dict:
     from bench.serve.bench import wait_ready
     from bench.serve.gpu_bench import MODEL_ID, bench_serve
 
@@ -77,6 +77,9 @@ def measure(data: dict, tokenizers: Path, out: Path) -> dict:
         rows = [r for r in data["decode_rows"] if r["model"] == name and r["quantization"] == quantization]
         if all(r.get("measured_tpot_ms") for r in rows):
             continue  # measured in an earlier run
+        if max_models is not None and max_models <= 0:
+            break  # the rest in another call (one call to the GPU machine runs at most 10 minutes)
+        max_models = None if max_models is None else max_models - 1
         cfg = json.loads(builtin_models()[name].read_text())
         model_dir = work / name
         model_dir.mkdir(exist_ok=True)
@@ -128,7 +131,8 @@ def main() -> None:
                     help="With --predict: fitted models to measure again in the same lease (held_out: false).")
     ap.add_argument("--measure", type=Path, help="A predictions file to measure.")
     ap.add_argument("--tokenizers", type=Path, help="With --measure: a folder of tokenizers named by vocabulary size.")
-    ap.add_argument("--out", type=Path, help="With --measure: where the results go.")
+    ap.add_argument("--out", type=Path, help="With --measure: where the results go (measured rows in it are kept).")
+    ap.add_argument("--max-models", type=int, help="With --measure: measure at most this many models.")
     ap.add_argument("--compare", type=Path, help="Recompute the predictions of a results file.")
     a = ap.parse_args()
     if a.predict:
@@ -138,7 +142,7 @@ def main() -> None:
         data = json.loads((a.out if a.out and a.out.exists() else a.measure).read_text())
         data["machine"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                          capture_output=True, text=True).stdout.strip()
-        data = measure(data, a.tokenizers, a.out)
+        data = measure(data, a.tokenizers, a.out, a.max_models)
     else:
         data = json.loads(a.compare.read_text())
         for r in data["decode_rows"]:
