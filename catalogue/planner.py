@@ -115,6 +115,8 @@ def plan_request(spec: ModelSpec, req: PlanRequest) -> Plan:
     finder: Finder = {"serve": _plan_serve, "infer": _plan_infer, "generate": _plan_generate,
                       "qlora": _plan_qlora}.get(req.task, _plan_train)
     limit = req.gpus or req.max_gpus or 1024
+    if req.replicas_per_gpu > 1:
+        limit = 1
     if one_process:
         limit = min(limit, req.gpus_per_node)
     found = finder(spec, req, gpu, seq, _counts(req.gpus, limit))
@@ -196,7 +198,8 @@ def _common(spec: ModelSpec, req: PlanRequest, gpu: GpuType, n: int, seq: int, s
 # ---- serve ---------------------------------------------------------------------------------------
 def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, counts: list[int]) -> ServePlan | None:
     want = req.concurrency or 1
-    util = round(1 - req.headroom, 4)
+    share = req.replicas_per_gpu
+    util = round((1 - req.headroom) / share, 4)  # vLLM's budget is a fraction of the whole GPU's memory
     fp8 = {"quantization": req.quantization == "fp8", "kv_cache_dtype": req.kv_cache_dtype == "fp8"}
     if any(fp8.values()) and not gpu.supports_fp8:
         asked = " and ".join(f"{k}=fp8" for k, on in fp8.items() if on)
@@ -266,9 +269,9 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
             found = at(tp, pp)
             if found is not None:
                 found = why_not_fewer(found)
-                wider = [] if pp > 1 or req.gpus else [p for t in legal if tp < t <= req.gpus_per_node
-                                                       if (p := at(t, 1)) is not None]
-                return _for_load(found, wider, req.target_output_tokens_per_s, req.objective)
+                wider = [] if pp > 1 or req.gpus or share > 1 else [
+                    p for t in legal if tp < t <= req.gpus_per_node if (p := at(t, 1)) is not None]
+                return _shared(_for_load(found, wider, req.target_output_tokens_per_s, req.objective), share)
     if len(counts) == 1:  # pinned count: say why its layout is illegal rather than "does not fit"
         n, per_node = counts[0], req.gpus_per_node
         if n <= per_node:
@@ -279,6 +282,21 @@ def _plan_serve(spec: ModelSpec, req: PlanRequest, gpu: GpuType, seq: int, count
         elif per_node not in legal:
             check_tp(spec, per_node, per_node, needed_by=f"{n} GPUs over {per_node}-GPU nodes need")
     return None
+
+
+def _shared(p: ServePlan, share: int) -> ServePlan:
+    """``p`` as one of ``share`` replicas on one GPU: each reserves 1/share of the GPU (and of its CPUs) in
+    Ray, and vLLM's Ray worker asks for that fraction too (VLLM_RAY_PER_WORKER_GPUS), as Ray Serve LLM's
+    fractional-GPU guide does; the memory budget was already divided."""
+    if share == 1:
+        return p
+    fraction = math.floor(10000 / share) / 10000
+    bundles = [{**b, "GPU": fraction, "CPU": max(1.0, b["CPU"] / share)} for b in p.placement.bundles]
+    note = (f"{share} replicas share each GPU: gpu_memory_utilization {p.engine_kwargs['gpu_memory_utilization']:g} "
+            f"and {fraction:g} of its GPU resource each")
+    return p.model_copy(update={"placement": p.placement.model_copy(update={"bundles": bundles}),
+                                "engine_env": {**p.engine_env, "VLLM_RAY_PER_WORKER_GPUS": str(fraction)},
+                                "notes": (note, *p.notes)})
 
 
 def _per_gpu(p: ServePlan) -> float:

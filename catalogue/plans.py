@@ -40,7 +40,7 @@ ONLY_FOR_TASKS: dict[str, tuple[str, ...]] = {
     "global_batch": ("lora", "qlora", "full"), "concurrency": ("serve",),
     "expected_tokens": ("serve",), "kv_cache_dtype": ("serve",),
     "cpu_kv_cache_gib": ("serve",), "target_output_tokens_per_s": ("serve",), "enforce_eager": ("serve",),
-    "compile": ("lora", "full"),
+    "replicas_per_gpu": ("serve",), "compile": ("lora", "full"),
     "objective": ("lora", "qlora", "full", "serve"),
 }
 
@@ -87,6 +87,9 @@ class PlanRequest(Config):
         "fewest GPUs for it (default: the fewest GPUs per replica)."))
     enforce_eager: bool | None = Field(default=None, description=(
         "Serve: run vLLM without CUDA graphs (default: graphs on GPUs, eager on CPU)."))
+    replicas_per_gpu: int = Field(default=1, ge=1, le=8, description=(
+        "Serve: replicas sharing one GPU, each with 1/N of its memory budget and of its Ray GPU resource "
+        "(one-GPU replicas only): for small models whose KV cache needs little of a GPU."))
     objective: Literal["gpu-hours", "gpus"] = Field(default="gpu-hours", description=(
         "What the layout minimises. gpu-hours: GPUs x predicted time for the same work (training: more GPUs "
         "without optimizer offload beat fewer with it; serving without a target load: the TP size with the most "
@@ -126,6 +129,11 @@ class PlanRequest(Config):
             f = wrong[0]
             raise ValueError(fix(f"{f} (--{f.replace('_', '-')}) applies to task {' / '.join(ONLY_FOR_TASKS[f])}, "
                                  f"not to {self.task!r}", "drop it, or plan that task"))
+        if self.replicas_per_gpu > 1 and self.gpu.upper() == "CPU":
+            raise ValueError(fix("replicas_per_gpu shares a GPU; CPU replicas have none", "drop it, or name a GPU"))
+        if self.replicas_per_gpu > 1 and (self.gpus or 1) > 1:
+            raise ValueError(fix(f"replicas_per_gpu={self.replicas_per_gpu} shares one GPU between replicas; "
+                                 f"gpus={self.gpus} asks for several per replica", "drop one of them"))
         if (q := self.quantization) != "none" and self.task != (task := QUANTIZATION_TASK[q]):
             raise ValueError(fix(f"quantization={q} applies to task {task!r}, not to {self.task!r}",
                                  "use a quantized checkpoint, or plan serve (fp8) / generate (int8, nf4)"))

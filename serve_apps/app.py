@@ -49,6 +49,7 @@ def entry_plan(entry: ModelEntry, model: ModelSpec) -> ServePlan:
                 concurrency=entry.concurrency, expected_tokens=entry.expected_tokens, dtype=entry.dtype,
                 quantization=entry.quantization, kv_cache_dtype=entry.kv_cache_dtype, objective=entry.objective, cpu_kv_cache_gib=entry.cpu_kv_cache_gib,
                 enforce_eager=entry.enforce_eager, target_output_tokens_per_s=entry.target_output_tokens_per_s,
+                replicas_per_gpu=entry.replicas_per_gpu,
                 **({"gpus_per_node": entry.gpus_per_node} if entry.gpus_per_node else {}))
 
 

@@ -67,6 +67,8 @@ class ModelEntry(Config):
         default=None, gt=0, description=PlanRequest.model_fields["target_output_tokens_per_s"].description
         + " The replicas it needs become replicas.min (raising replicas.max to match).")
     tensor_parallel: int | None = Field(default=None, ge=1, description="Override the planned TP size.")
+    replicas_per_gpu: int = Field(default=PlanRequest.model_fields["replicas_per_gpu"].default, ge=1, le=8,
+                                  description=PlanRequest.model_fields["replicas_per_gpu"].description)
     gpus_per_node: int | None = Field(default=None, ge=1, description=(
         "GPUs per node of the cluster that serves it (TP stays within a node, pipeline stages span nodes). "
         "Default: the largest node of this GPU type the cluster has, live or launchable, else 8."))

@@ -36,3 +36,24 @@ def test_prefix_routing_makes_auto_ingress_the_router_even_behind_haproxy(tiny_m
 def test_prefix_routing_with_direct_ingress_is_refused_naming_the_fix(tiny_model):
     with pytest.raises(ValidationError, match="only the router ingress reads.*set ingress: router"):
         ServeSpec(ingress="direct", models=[entry(tiny_model, router="prefix")])
+
+
+def test_replicas_sharing_a_gpu_each_get_a_share_of_its_memory_and_its_gpu_resource(tmp_path):
+    one = llm_config_dict(ModelEntry(id="m", source="llama-3.2-1b", gpu="H100", max_model_len=2048), tmp_path)
+    two = llm_config_dict(ModelEntry(id="m", source="llama-3.2-1b", gpu="H100", max_model_len=2048,
+                                     replicas_per_gpu=2, replicas={"min": 2, "max": 2}), tmp_path)
+    assert two["engine_kwargs"]["gpu_memory_utilization"] == one["engine_kwargs"]["gpu_memory_utilization"] / 2
+    assert [b["GPU"] for b in two["placement_group_config"]["bundles"]] == [0.5]
+    # vLLM's Ray worker asks for the same share, else it waits for a whole GPU the bundle does not hold
+    assert two["runtime_env"]["env_vars"]["VLLM_RAY_PER_WORKER_GPUS"] == "0.5"
+    assert "VLLM_RAY_PER_WORKER_GPUS" not in one["runtime_env"]["env_vars"]
+
+
+def test_sharing_a_gpu_with_several_gpus_per_replica_or_on_cpus_is_refused_in_one_line(tmp_path, tiny_model):
+    from gpufleet.catalogue.errors import PlanError
+
+    with pytest.raises(PlanError, match=r"replicas_per_gpu=2 shares one GPU .* gpus=2 .* drop one of them$"):
+        llm_config_dict(ModelEntry(id="m", source="llama-3.2-1b", gpu="H100", replicas_per_gpu=2,
+                                   tensor_parallel=2), tmp_path)
+    with pytest.raises(PlanError, match="CPU replicas have none"):
+        llm_config_dict(entry(tiny_model, replicas_per_gpu=2), tmp_path)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest.mock import patch
 
@@ -121,34 +122,43 @@ def bench_serve(port: int, tokenizer: str, concurrency: int, prompts: int, work:
     """One ``vllm bench serve`` run (its own entry point, called in this process so vLLM is imported
     once); its result JSON, reduced to the metrics vLLM users report, the cores each process used, and
     at --profile levels where each profiled process spends its time."""
-    from vllm.benchmarks.serve import add_cli_args
-    from vllm.benchmarks.serve import main as vllm_bench_serve
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     from bench.serve.stall_log import pause_summary
 
-    name = f"c{concurrency}-r{range_ratio}.json"
-    argv = ["--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
-            "--model", MODEL_ID, "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len",
-            str(IN_LEN), "--random-output-len", str(OUT_LEN), "--random-range-ratio", str(range_ratio),
-            "--ignore-eos", "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--save-result",
-            "--result-dir", str(work), "--result-filename", name, "--disable-tqdm", "--seed", "0"]
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
+    dataset = ["--dataset-name", "random", "--random-input-len", str(IN_LEN), "--random-output-len", str(OUT_LEN),
+               "--random-range-ratio", str(range_ratio), "--ignore-eos"]
     profiling = start_profile(concurrency) if concurrency in PROFILE["levels"] and not range_ratio else None
     before, t0, since = cpu_snapshot(), time.perf_counter(), time.time()
-    try:
-        vllm_bench_serve(parser.parse_args(argv))
-    except Exception as e:
-        return {"concurrency": concurrency, "error": f"{type(e).__name__}: {e}"}
+    raw = vllm_bench(port, tokenizer, work, f"c{concurrency}-r{range_ratio}.json", dataset, concurrency, prompts)
+    if "error" in raw:
+        return {"concurrency": concurrency, **raw}
     cores = cpu_breakdown(before, cpu_snapshot(), time.perf_counter() - t0)
     stalls = pause_summary(since, time.time())  # logged by bench.serve.variants' watched replica only
-    raw = json.loads((work / name).read_text())
     profile = {"profile": finish_profile(profiling)} if profiling else {}
     return {"concurrency": concurrency, "num_prompts": prompts, "random_range_ratio": range_ratio,
             **{k: raw.get(k) for k in METRICS}, "cores_by_process": cores, **profile,
             **({"replica_stalls": stalls} if stalls else {})}
+
+
+def vllm_bench(port: int, tokenizer: str, work: Path, name: str, dataset: list[str], concurrency: int,
+               prompts: int) -> dict:
+    """``vllm bench serve`` on ``dataset`` (its dataset flags) against the OpenAI server at ``port``: its
+    result JSON, or ``{"error": ...}``."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as vllm_bench_serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = ["--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
+            "--model", MODEL_ID, "--tokenizer", tokenizer, *dataset,
+            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--save-result",
+            "--result-dir", str(work), "--result-filename", name, "--disable-tqdm", "--seed", "0"]
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    try:
+        vllm_bench_serve(parser.parse_args(argv))
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return json.loads((work / name).read_text())
 
 
 # ``--ready-only``: each side starts, is timed to its first answer, and stops (no load)
@@ -223,9 +233,10 @@ GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-ray-engine-metrics": {"engine_metric
 
 
 def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str],
-             server_cls: str | None = None) -> dict:
+             server_cls: str | None = None, load: Callable[[int, str, Path], dict] | None = None) -> dict:
     """The serve spec deployed as `gpufleet serve` deploys it (with ``server_cls`` as the replica class
-    if given), on a local Ray cluster whose processes inherit ``env``."""
+    if given), on a local Ray cluster whose processes inherit ``env``, then driven by ``load`` (default:
+    ``drive``'s levels)."""
     import ray
     from ray import serve
 
@@ -246,7 +257,7 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
             logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
             return {"start_s": ready, "serve_proxy": front,
                     **({"start_log": start_log(sorted(logs.glob("worker-*")))} if READY_ONLY["on"] else {}),
-                    "ingress": served.ingress_mode(front == "haproxy"), **drive(port, tokenizer, work)}
+                    "ingress": served.ingress_mode(front == "haproxy"), **(load or drive)(port, tokenizer, work)}
         finally:
             serve.shutdown()
             ray.shutdown()
