@@ -26,12 +26,16 @@ from gpufleet.catalogue.planner import plan
 from gpufleet.catalogue.plans import ServePlan
 from gpufleet.catalogue.sources import model_source
 from gpufleet.serve_apps.adapters import ADAPTERS_ENV, adapters_table
-from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, resolve_ingress, resolve_router
+from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV
+from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, Slo, resolve_ingress, resolve_router
 
 LORA_SERVER = "gpufleet.serve_apps.lora:LocalLoraServer"
 SERVER = "gpufleet.serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
 STARTUP_CALLBACK = "gpufleet.serve_apps.startup:ReplicaStartup"  # no no-op download task; timed start
 PREFIX_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
+SLO_POLICY = "gpufleet.serve_apps.slo_policy:SloPolicy"
+SLO_LOOK_BACK_S = 10.0  # Ray averages the replicas' signals over this window (its default, 30 s, lags a ramp)
+GRACEFUL_SHUTDOWN_S = 300  # a long generation outlives Ray's default 20 s
 # Ray Serve runs a replica's code on a second event loop by default, so every streamed chunk crosses
 # threads (call_soon_threadsafe) on its way to the socket. vLLM's engine client is async and never
 # blocks the loop, so a GPU replica runs it on Ray's own loop, as Ray's throughput-optimized mode does.
@@ -136,11 +140,26 @@ def llm_config_dict(entry: ModelEntry, base: Path) -> dict[str, Any]:
         "max_ongoing_requests": p.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": 0},
     }
+    if bounds[1] > bounds[0]:  # a replica the autoscaler removes finishes its streams first
+        conf["deployment_config"]["graceful_shutdown_timeout_s"] = GRACEFUL_SHUTDOWN_S
+    if entry.slo:
+        conf["log_engine_metrics"] = False  # the replicas read vLLM's own registry (engine_signals)
+        env[SLO_SIGNALS_ENV] = "1"
+        conf["deployment_config"]["autoscaling_config"].update(slo_autoscaling(entry.slo))
     if resolve_router(entry) == "prefix":
         conf["deployment_config"]["request_router_config"] = {"request_router_class": PREFIX_ROUTER}
         # vLLM then says how much of each prompt its prefix cache held (usage.prompt_tokens_details.cached_tokens)
         engine["enable_prompt_tokens_details"] = True
     return conf
+
+
+def slo_autoscaling(slo: Slo) -> dict[str, Any]:
+    """Ray Serve autoscaling fields for a model with latency targets: gpufleet's policy on the replicas'
+    engine signals, Ray's delays from the spec, and a look-back short enough to follow a load ramp."""
+    return {"policy": {"policy_function": SLO_POLICY,
+                       "policy_kwargs": {"ttft_p50_ms": slo.ttft_p50_ms, "tpot_ms": slo.tpot_ms}},
+            "upscale_delay_s": slo.scale_up_after_s, "downscale_delay_s": slo.scale_down_after_s,
+            "look_back_period_s": SLO_LOOK_BACK_S}
 
 
 def llm_configs(spec: ServeSpec, base: Path, env: dict[str, str] | None = None) -> list[dict[str, Any]]:

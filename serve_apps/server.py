@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
+from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV, EngineSignals
 from gpufleet.serve_apps.http_edge import BearerTokenMiddleware
 from gpufleet.serve_apps.startup import StartupClock, process_start_time
 
@@ -88,6 +90,15 @@ class GpufleetServer(LLMServer):
         model = self._llm_config.model_id
         for phase, seconds in {**self._clock.phases(), "total": self._clock.total()}.items():
             gauge.set(seconds, tags={"model": model, "phase": phase})
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics: vLLM's own signals for a model with ``slo:``
+        (``gpufleet.serve_apps.slo_policy``), none for the others."""
+        if not os.environ.get(SLO_SIGNALS_ENV):
+            return {}
+        if not hasattr(self, "_engine_signals"):
+            self._engine_signals = EngineSignals()
+        return self._engine_signals.read()
 
     def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> AsyncGenerator[Any, None]:
         return FirstChunkBatcher(generator, interval_ms=self._get_batch_interval_ms()).stream()

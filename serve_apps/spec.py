@@ -26,6 +26,26 @@ class Replicas(Config):
         return self
 
 
+class Slo(Config):
+    """Latency targets a model's replicas scale on (gpufleet.serve_apps.slo_policy)."""
+
+    ttft_p50_ms: float | None = Field(default=None, gt=0, description=(
+        "Median time to first token (ms, vLLM's own measure) above which a replica is added."))
+    tpot_ms: float | None = Field(default=None, gt=0, description=(
+        "Median time per output token (ms, vLLM's inter-token latency) above which a replica is added."))
+    scale_up_after_s: float = Field(default=10.0, ge=0, description=(
+        "How long a target must stay missed before a replica is added (Ray Serve's upscale_delay_s)."))
+    scale_down_after_s: float = Field(default=60.0, ge=0, description=(
+        "How long every replica must stay inside the targets before one is removed (downscale_delay_s); "
+        "a removed replica finishes its requests first."))
+
+    @model_validator(mode="after")
+    def _some_target(self) -> Slo:
+        if self.ttft_p50_ms is None and self.tpot_ms is None:
+            raise ValueError(fix("slo names no target", "set ttft_p50_ms, tpot_ms or both"))
+        return self
+
+
 RENAMED_FIELDS = {"context": "max_model_len"}
 
 
@@ -94,12 +114,28 @@ class ModelEntry(Config):
     shared_prefix_tokens: int | None = Field(default=None, ge=1, description=(
         "Tokens most requests start with (a chat app's system prompt, few-shot examples). Set, with two or more "
         "replicas, it makes router: auto route on prefixes, so each replica keeps its prefixes' KV cache warm."))
+    slo: Slo | None = Field(default=None, description=(
+        "Latency targets: replicas scale between replicas.min and replicas.max on vLLM's own signals (TTFT, "
+        "inter-token latency, requests waiting, KV-cache use) and Ray Serve's queue, instead of on ongoing "
+        "requests alone. vLLM's engine metrics then stay in the replica's own registry (engine_metrics off)."))
     engine_metrics: bool | None = Field(default=None, description=(
         "Export vLLM's engine metrics (KV-cache use, TTFT/ITL histograms) through Ray's metrics (Ray Serve "
         "LLM's log_engine_metrics). Off: vLLM keeps them in its own Prometheus registry, served at the "
         "replica's /metrics under ingress: direct and not exported under ingress: router. Default: off on "
         "GPUs, where recording them through Ray takes a quarter of the replica's event loop at 128+ streams; "
         "on for CPU replicas."))
+
+
+def check_slo(entry: ModelEntry) -> None:
+    """A model with ``slo:`` needs room to scale and vLLM's own registry, which its replicas read."""
+    if entry.slo is None:
+        return
+    if entry.replicas.max <= entry.replicas.min:
+        raise ValueError(fix(f"models[{entry.id}].slo scales replicas, but replicas.min = replicas.max = "
+                             f"{entry.replicas.max}", "raise replicas.max above replicas.min"))
+    if entry.engine_metrics:
+        raise ValueError(fix(f"models[{entry.id}].slo reads vLLM's own metrics registry, which engine_metrics: true "
+                             "replaces with Ray's", "drop engine_metrics"))
 
 
 def resolve_router(entry: ModelEntry) -> Literal["default", "prefix"]:
@@ -140,6 +176,8 @@ class ServeSpec(Config):
 
     @model_validator(mode="after")
     def _unique(self) -> ServeSpec:
+        for m in self.models:
+            check_slo(m)
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(fix(f"model ids repeat: {ids}", "give each model its own id"))
