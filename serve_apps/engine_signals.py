@@ -1,6 +1,8 @@
-"""vLLM's own scheduling and latency signals, read inside a replica from vLLM's Prometheus registry: the
-custom autoscaling metrics a replica of a model with ``slo:`` reports to Ray Serve
-(``gpufleet.serve_apps.slo_policy``).
+"""vLLM's own metrics, read inside a replica from vLLM's Prometheus registry: the scheduling and latency
+signals a replica of a model with ``slo:`` reports to Ray Serve's autoscaler
+(``gpufleet.serve_apps.slo_policy``), and the values a replica whose engine keeps its own registry
+(``engine_metrics`` off) republishes through Ray's metrics every few seconds, so Prometheus reaches them under
+either ingress.
 
 Gauges are read as they stand (requests waiting in the engine, KV-cache use); the latency histograms
 (time to first token, inter-token latency) are cumulative, so each reading takes the median of what was
@@ -16,6 +18,25 @@ from gpufleet.serve_apps.slo_policy import KV_USE, TPOT, TTFT, WAITING
 GAUGES = {WAITING: ("vllm:num_requests_waiting", sum), KV_USE: ("vllm:kv_cache_usage_perc", max)}
 HISTOGRAMS = {TTFT: "vllm:time_to_first_token_seconds", TPOT: "vllm:inter_token_latency_seconds"}
 SLO_SIGNALS_ENV = "GPUFLEET_SLO_SIGNALS"  # set on a replica whose model has slo: it reports these signals
+EXPORTED_PREFIX = "gpufleet_"  # vllm:kv_cache_usage_perc -> gpufleet_vllm_kv_cache_usage_perc (ray_ in Prometheus)
+
+
+def engine_metric_values(registry: Any = None) -> dict[str, float]:
+    """vLLM's gauges and counters (each summed over its label sets) and its histograms' ``_sum`` and ``_count``
+    (rate(sum) / rate(count) is the mean), under names Ray's metrics accept."""
+    if registry is None:
+        from prometheus_client import REGISTRY as registry
+    out: dict[str, float] = {}
+    for family in registry.collect():
+        if not family.name.startswith("vllm:"):
+            continue
+        for s in family.samples:
+            kept = (family.type in ("gauge", "counter") and not s.name.endswith("_created")) or (
+                family.type == "histogram" and s.name.endswith(("_sum", "_count")))
+            if kept:
+                name = EXPORTED_PREFIX + s.name.replace(":", "_")
+                out[name] = out.get(name, 0.0) + s.value
+    return out
 
 
 def window_median_ms(now: dict[float, float], before: dict[float, float]) -> float:

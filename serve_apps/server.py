@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
-from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV, EngineSignals
+from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV, EngineSignals, engine_metric_values
 from gpufleet.serve_apps.http_edge import BearerTokenMiddleware
 from gpufleet.serve_apps.startup import StartupClock, process_start_time
 
 logger = logging.getLogger("ray.serve")
+EXPORT_EVERY_S = 5.0  # vLLM's registry -> Ray's metrics; Ray's own agent reports about as often
 
 T = TypeVar("T")
 
@@ -75,6 +76,26 @@ class GpufleetServer(LLMServer):
         await super().__init__(llm_config, **kwargs)
         self._clock.mark("engine_started")
         self._report_startup()
+        if not llm_config.log_engine_metrics:  # vLLM keeps them in its own registry: republish them
+            self._exporter = asyncio.get_running_loop().create_task(self._export_engine_metrics())
+
+    async def _export_engine_metrics(self) -> None:
+        """Every few seconds, vLLM's registry as Ray gauges tagged with the model: one read and a few dozen
+        gauge sets, where Ray Serve LLM's log_engine_metrics records through Ray on every engine step."""
+        from ray.util.metrics import Gauge
+
+        gauges: dict[str, Any] = {}
+        tags = {"model": self._llm_config.model_id}
+        while True:
+            await asyncio.sleep(EXPORT_EVERY_S)
+            try:
+                for name, value in engine_metric_values().items():
+                    if name not in gauges:
+                        gauges[name] = Gauge(name, "vLLM engine metric, from the replica's registry",
+                                             tag_keys=("model",))
+                    gauges[name].set(value, tags=tags)
+            except Exception as e:  # a metric vLLM adds later must not stop the replica
+                logger.warning("engine metrics export: %s", e)
 
     def _report_startup(self, http_app: bool = False) -> None:
         """Log the start's breakdown and export it as ``gpufleet_replica_start_seconds{phase}``; a

@@ -120,8 +120,9 @@ class ModelEntry(Config):
         "requests alone. vLLM's engine metrics then stay in the replica's own registry (engine_metrics off)."))
     engine_metrics: bool | None = Field(default=None, description=(
         "Export vLLM's engine metrics (KV-cache use, TTFT/ITL histograms) through Ray's metrics (Ray Serve "
-        "LLM's log_engine_metrics). Off: vLLM keeps them in its own Prometheus registry, served at the "
-        "replica's /metrics under ingress: direct and not exported under ingress: router. Default: off on "
+        "LLM's log_engine_metrics) on every engine step. Off: vLLM keeps them in its own Prometheus registry, "
+        "served at the replica's /metrics under ingress: direct, and the replica republishes them through Ray's "
+        "metrics every 5 s as gpufleet_vllm_* under either ingress. Default: off on "
         "GPUs, where recording them through Ray takes a quarter of the replica's event loop at 128+ streams; "
         "on for CPU replicas."))
 

