@@ -131,6 +131,10 @@ class PlanRequest(Config):
                                  f"not to {self.task!r}", "drop it, or plan that task"))
         if self.replicas_per_gpu > 1 and self.gpu.upper() == "CPU":
             raise ValueError(fix("replicas_per_gpu shares a GPU; CPU replicas have none", "drop it, or name a GPU"))
+        if self.replicas_per_gpu > 1 and self.target_output_tokens_per_s:
+            # the target's layout search counts whole GPUs per replica
+            raise ValueError(fix("replicas_per_gpu and target_output_tokens_per_s are not planned together",
+                                 "drop one: size by the target load, or pack replicas onto GPUs"))
         if self.replicas_per_gpu > 1 and (self.gpus or 1) > 1:
             raise ValueError(fix(f"replicas_per_gpu={self.replicas_per_gpu} shares one GPU between replicas; "
                                  f"gpus={self.gpus} asks for several per replica", "drop one of them"))

@@ -49,11 +49,14 @@ def test_replicas_sharing_a_gpu_each_get_a_share_of_its_memory_and_its_gpu_resou
     assert "VLLM_RAY_PER_WORKER_GPUS" not in one["runtime_env"]["env_vars"]
 
 
-def test_sharing_a_gpu_with_several_gpus_per_replica_or_on_cpus_is_refused_in_one_line(tmp_path, tiny_model):
+def test_sharing_a_gpu_with_several_gpus_per_replica_a_target_load_or_on_cpus_is_refused_in_one_line(tmp_path, tiny_model):
     from gpufleet.catalogue.errors import PlanError
 
     with pytest.raises(PlanError, match=r"replicas_per_gpu=2 shares one GPU .* gpus=2 .* drop one of them$"):
         llm_config_dict(ModelEntry(id="m", source="llama-3.2-1b", gpu="H100", replicas_per_gpu=2,
                                    tensor_parallel=2), tmp_path)
+    with pytest.raises(PlanError, match="not planned together. To fix: drop one"):
+        llm_config_dict(ModelEntry(id="m", source="llama-3.2-1b", gpu="H100", replicas_per_gpu=2,
+                                   target_output_tokens_per_s=5000), tmp_path)
     with pytest.raises(PlanError, match="CPU replicas have none"):
         llm_config_dict(entry(tiny_model, replicas_per_gpu=2), tmp_path)
