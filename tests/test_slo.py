@@ -104,3 +104,24 @@ def test_the_policy_module_imports_nothing_the_serve_controller_may_lack():
     source = (Path(__file__).parents[1] / "serve_apps" / "slo_policy.py").read_text()
     imports = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert imports == ["from __future__ import annotations", "from typing import Any"]
+
+
+def test_ray_serves_own_policy_machinery_runs_the_emitted_policy_where_request_counts_alone_would_not_scale(
+        tmp_path):
+    """The emitted autoscaling config, resolved and wrapped the way Ray Serve's controller does: one ongoing
+    request against a target of hundreds would keep one replica under Ray's default policy; a missed TTFT adds
+    one, within the spec's bounds."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+    from ray.serve.autoscaling_policy import (
+        _apply_autoscaling_config,
+        replica_queue_length_autoscaling_policy,
+    )
+
+    entry = ModelEntry(id="m", source="llama-3.2-1b", gpu="H100", replicas={"min": 1, "max": 2},
+                       slo={"ttft_p50_ms": 200, "scale_up_after_s": 0})
+    config = AutoscalingConfig(**llm_config_dict(entry, tmp_path)["deployment_config"]["autoscaling_config"])
+    policy = _apply_autoscaling_config(_resolve_policy_callable(config.policy))
+    ctx = context(1, {TTFT: [450.0], KV_USE: [0.05]}, ongoing=1)
+    ctx.config = config
+    assert policy(ctx)[0] == 2
+    assert _apply_autoscaling_config(replica_queue_length_autoscaling_policy)(ctx)[0] == 1
