@@ -71,7 +71,10 @@ def test_a_load_ramp_adds_a_replica_while_requests_queue_and_removes_it_after_wi
 
         name = next(n for n in serve.status().applications["slo"].deployments if "Server" in n)
         handle = serve.get_deployment_handle(name, "slo")
-        reads = [handle.record_autoscaling_stats.remote().result() for _ in range(8)]  # either replica answers
+        reads = []
+        for _ in range(8):  # either replica answers; half a second of the ramp between reads
+            time.sleep(0.5)
+            reads.append(handle.record_autoscaling_stats.remote().result())
         assert all(set(r) == {WAITING, KV_USE, TTFT, TPOT} and 0 <= r[KV_USE] <= 1 for r in reads)
         assert max(r[TTFT] for r in reads) > 0 and max(r[TPOT] for r in reads) > 0
         heavy.set()  # the ramp ends; one client keeps going while the extra replica drains and goes
