@@ -34,7 +34,9 @@ SERVER = "gpufleet.serve_apps.server:GpufleetServer"  # first streamed chunk wit
 STARTUP_CALLBACK = "gpufleet.serve_apps.startup:ReplicaStartup"  # no no-op download task; timed start
 PREFIX_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
 SLO_POLICY = "gpufleet.serve_apps.slo_policy:SloPolicy"
-SLO_LOOK_BACK_S = 10.0  # Ray averages the replicas' signals over this window (its default, 30 s, lags a ramp)
+# Ray averages the replicas' signals over this window: its default, 30 s, lags a ramp; Ray wants it longer
+# than the replicas' 10 s metrics interval
+SLO_LOOK_BACK_S = 15.0
 GRACEFUL_SHUTDOWN_S = 300  # a long generation outlives Ray's default 20 s
 # Ray Serve runs a replica's code on a second event loop by default, so every streamed chunk crosses
 # threads (call_soon_threadsafe) on its way to the socket. vLLM's engine client is async and never
