@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gpufleet.catalogue.memory import CUDA_CONTEXT, GIB, MemoryBreakdown
@@ -99,7 +100,8 @@ def catalogue_table(rows: list[dict], gpus: list[str], tasks: list[str]) -> Tabl
 
 
 def print_error(console: Console, message: str) -> None:
-    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is text, not markup: a field path such as models[tiny] must print as it is
+    console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def status_tables(st) -> list[Table]:

@@ -120,3 +120,10 @@ raise ValueError("boom")
                                      f"error: ValueError: boom (traceback in {log})"]
     text = log.read_text()
     assert "a library line" in text and "printed by a library" in text and "Traceback" in text
+
+
+def test_an_error_naming_a_model_entry_keeps_its_brackets(tmp_path):
+    spec = tmp_path / "serve.yaml"
+    spec.write_text("models:\n  - {id: chat, source: llama-3.2-1b, gpu: H100, slo: {ttft_p50_ms: 200}}\n")
+    r = runner.invoke(main, ["serve", str(spec), "--emit-config"])
+    assert r.exit_code == 1 and "models[chat].slo scales replicas" in r.output
