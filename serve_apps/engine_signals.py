@@ -21,13 +21,18 @@ SLO_SIGNALS_ENV = "GPUFLEET_SLO_SIGNALS"  # set on a replica whose model has slo
 EXPORTED_PREFIX = "gpufleet_"  # vllm:kv_cache_usage_perc -> gpufleet_vllm_kv_cache_usage_perc (ray_ in Prometheus)
 
 
+def vllm_registry(registry: Any = None) -> Any:
+    """``registry``, or prometheus_client's default one, where vLLM's stat logger records."""
+    if registry is None:
+        from prometheus_client import REGISTRY as registry
+    return registry
+
+
 def engine_metric_values(registry: Any = None) -> dict[str, float]:
     """vLLM's gauges and counters (each summed over its label sets) and its histograms' ``_sum`` and ``_count``
     (rate(sum) / rate(count) is the mean), under names Ray's metrics accept."""
-    if registry is None:
-        from prometheus_client import REGISTRY as registry
     out: dict[str, float] = {}
-    for family in registry.collect():
+    for family in vllm_registry(registry).collect():
         if not family.name.startswith("vllm:"):
             continue
         for s in family.samples:
@@ -63,9 +68,7 @@ class EngineSignals:
     last counts for the next window."""
 
     def __init__(self, registry: Any = None):
-        if registry is None:
-            from prometheus_client import REGISTRY as registry
-        self.registry = registry
+        self.registry = vllm_registry(registry)
         self.previous: dict[str, dict[float, float]] = {}
 
     def read(self) -> dict[str, float]:

@@ -73,6 +73,7 @@ class GpufleetServer(LLMServer):
         self._clock = StartupClock(process_started=process_start_time(), init_entered=time.time())
         self._startup = llm_config.get_or_create_callback()
         self._startup.ctx.custom_data["clock"] = self._clock
+        self._engine_signals = EngineSignals() if os.environ.get(SLO_SIGNALS_ENV) else None
         await super().__init__(llm_config, **kwargs)
         self._clock.mark("engine_started")
         self._report_startup()
@@ -115,11 +116,7 @@ class GpufleetServer(LLMServer):
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: vLLM's own signals for a model with ``slo:``
         (``gpufleet.serve_apps.slo_policy``), none for the others."""
-        if not os.environ.get(SLO_SIGNALS_ENV):
-            return {}
-        if not hasattr(self, "_engine_signals"):
-            self._engine_signals = EngineSignals()
-        return self._engine_signals.read()
+        return self._engine_signals.read() if self._engine_signals else {}
 
     def _batch_output_stream(self, generator: AsyncGenerator[T, None]) -> AsyncGenerator[Any, None]:
         return FirstChunkBatcher(generator, interval_ms=self._get_batch_interval_ms()).stream()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# names of the custom metrics the replicas report (engine_signals.SIGNALS)
+# names of the custom metrics the replicas report (engine_signals.GAUGES and HISTOGRAMS)
 WAITING, KV_USE, TTFT, TPOT = "waiting", "kv_cache_usage", "ttft_p50_ms", "tpot_p50_ms"
 
 

@@ -60,8 +60,9 @@ def predict(models=MODELS, controls=()) -> dict:
     the lease's own per-step overhead from the model's error)."""
     rows = [{"model": m, "quantization": q, "concurrency": c, "held_out": True,
              "predicted_tpot_ms": predicted_tpot_ms(m, q, c)} for m, q in models for c in LEVELS]
-    rows += [{"model": m, "quantization": q, "concurrency": c, "held_out": False, "engine": control_engine(m),
-              "predicted_tpot_ms": predicted_tpot_ms(m, q, c, control_engine(m))} for m, q in controls for c in LEVELS]
+    engines = {m: control_engine(m) for m, _ in controls}
+    rows += [{"model": m, "quantization": q, "concurrency": c, "held_out": False, "engine": engines[m],
+              "predicted_tpot_ms": predicted_tpot_ms(m, q, c, engines[m])} for m, q in controls for c in LEVELS]
     return {"gpu": GPU, "machine": None, "workload": "vllm bench serve, random 128 in / 128 out, --ignore-eos",
             "engine": "plain vLLM OpenAI server, dummy weights, the plan's engine_kwargs (max_model_len 2048)",
             "decode_rows": rows}

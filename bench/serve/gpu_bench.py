@@ -233,10 +233,10 @@ GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-ray-engine-metrics": {"engine_metric
 
 
 def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str],
-             server_cls: str | None = None, load: Callable[[int, str, Path], dict] | None = None) -> dict:
+             server_cls: str | None = None, load: Callable[[int, str, Path], dict] = drive) -> dict:
     """The serve spec deployed as `gpufleet serve` deploys it (with ``server_cls`` as the replica class
-    if given), on a local Ray cluster whose processes inherit ``env``, then driven by ``load`` (default:
-    ``drive``'s levels)."""
+    if given), on a local Ray cluster whose processes inherit ``env``, then driven by ``load``
+    (default: ``drive``'s levels)."""
     import ray
     from ray import serve
 
@@ -257,7 +257,7 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
             logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
             return {"start_s": ready, "serve_proxy": front,
                     **({"start_log": start_log(sorted(logs.glob("worker-*")))} if READY_ONLY["on"] else {}),
-                    "ingress": served.ingress_mode(front == "haproxy"), **(load or drive)(port, tokenizer, work)}
+                    "ingress": served.ingress_mode(front == "haproxy"), **load(port, tokenizer, work)}
         finally:
             serve.shutdown()
             ray.shutdown()
