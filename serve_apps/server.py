@@ -24,7 +24,7 @@ from ray.llm._internal.serve.utils.batcher import Batcher
 
 from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV, EngineSignals, engine_metric_values
 from gpufleet.serve_apps.http_edge import BearerTokenMiddleware
-from gpufleet.serve_apps.startup import StartupClock, process_start_time
+from gpufleet.serve_apps.startup import StartupClock, process_start_time, spread_tcpstore_port
 
 logger = logging.getLogger("ray.serve")
 EXPORT_EVERY_S = 5.0  # vLLM's registry -> Ray's metrics; Ray's own agent reports about as often
@@ -74,6 +74,7 @@ class GpufleetServer(LLMServer):
         self._startup = llm_config.get_or_create_callback()
         self._startup.ctx.custom_data["clock"] = self._clock
         self._engine_signals = EngineSignals() if os.environ.get(SLO_SIGNALS_ENV) else None
+        spread_tcpstore_port(self._startup.ctx.runtime_env.setdefault("env_vars", {}))  # before vLLM's config
         await super().__init__(llm_config, **kwargs)
         self._clock.mark("engine_started")
         self._report_startup()

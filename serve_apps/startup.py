@@ -6,11 +6,13 @@ Face cache) that task only returns the id it was given, yet it costs a fresh wor
 imports (7 s on a 2-core CPU node). ``ReplicaStartup`` is the Ray Serve LLM callback (LLMConfig's
 ``callback_config``) that skips the step for such models and records when node initialisation ran;
 ``StartupClock`` turns the replica's timestamps into the breakdown it logs and exports.
+``spread_tcpstore_port`` keeps replicas that start together on one node off each other's port.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +63,28 @@ def process_start_time() -> float:
     except ImportError:  # a node image without psutil: /proc/PID is made when the process is
         return os.stat(f"/proc/{os.getpid()}").st_ctime
     return psutil.Process(os.getpid()).create_time()
+
+
+DP_MASTER_PORT_ENV = "VLLM_DP_MASTER_PORT"
+
+
+def spread_tcpstore_port(task_env: dict[str, str]) -> None:
+    """Give this replica's engine a port window of its own for its ``torch.distributed`` store.
+
+    vLLM 0.26's Ray executor (PR #45960, undone by PR #50969 in later versions) searches that port upward from
+    ``VLLM_DP_MASTER_PORT + 100``: 100 for every engine that is not data parallel. Two replicas starting at once
+    on one node (two on a shared GPU, or two models on one 8-GPU node) both find 100 free, and the second to
+    listen fails with ``EADDRINUSE``. Here the search starts at a port the OS has just handed out, different for
+    every replica. vLLM reads the variable where it builds its config: on GPUs that is Ray Serve LLM's task on
+    the replica's GPU (``task_env``, the callback's runtime env), on CPUs this process. Without data
+    parallelism vLLM reads it for nothing else, and it is not part of vLLM's compile-cache key.
+    """
+    if DP_MASTER_PORT_ENV in os.environ or DP_MASTER_PORT_ENV in task_env:  # the user's own (data-parallel) setting
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ[DP_MASTER_PORT_ENV] = task_env[DP_MASTER_PORT_ENV] = str(max(0, port - 100))
 
 
 class ReplicaStartup(CallbackBase):

@@ -1,6 +1,7 @@
 """vLLM KV-cache arithmetic against hand computation."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,29 @@ def test_a_replicas_start_is_split_into_process_model_files_engine_and_http_app(
     assert clock.phases() == {"process": 6.0, "model_files": 0.5, "engine": 23.0, "http_app": 0.5}
     assert clock.total() == 30.5
     assert clock.summary(True).startswith("replica ready in 30.5 s: process 6.0 s, model files 0.5 s, engine 23.0 s")
+
+
+def test_a_replica_searches_its_torch_store_port_from_a_free_port_of_its_own(monkeypatch):
+    """vLLM 0.26's Ray executor searches upward from VLLM_DP_MASTER_PORT + 100 (port 100 for every replica
+    otherwise, where two replicas starting together on one node collide)."""
+    import socket
+
+    from gpufleet.serve_apps.startup import DP_MASTER_PORT_ENV, spread_tcpstore_port
+
+    monkeypatch.delenv(DP_MASTER_PORT_ENV, raising=False)
+    task_env: dict[str, str] = {}
+    spread_tcpstore_port(task_env)
+    assert task_env[DP_MASTER_PORT_ENV] == os.environ[DP_MASTER_PORT_ENV]  # GPU: the config task's env
+    start = int(task_env[DP_MASTER_PORT_ENV]) + 100
+    assert start >= 1024
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", start))  # free: the search's first try succeeds
+
+
+def test_a_data_parallel_master_port_set_by_the_user_is_kept(monkeypatch):
+    from gpufleet.serve_apps.startup import DP_MASTER_PORT_ENV, spread_tcpstore_port
+
+    monkeypatch.setenv(DP_MASTER_PORT_ENV, "29500")
+    task_env: dict[str, str] = {}
+    spread_tcpstore_port(task_env)
+    assert os.environ[DP_MASTER_PORT_ENV] == "29500" and task_env == {}
