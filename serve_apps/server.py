@@ -99,6 +99,18 @@ class GpufleetServer(LLMServer):
             except Exception as e:  # a metric vLLM adds later must not stop the replica
                 logger.warning("engine metrics export: %s", e)
 
+    async def _start_engine(self) -> None:
+        """Ray Serve LLM's engine start, less its usage report where Ray's usage stats are off (as on every
+        cluster `gpufleet up` starts): the report creates a detached actor (a process importing Ray Serve
+        LLM) and waits for it before the first replica of a cluster is ready, for a report never sent."""
+        from ray._common.usage.usage_lib import usage_stats_enabled
+
+        if usage_stats_enabled():
+            return await super()._start_engine()
+        if self.engine is None:
+            raise ValueError("Engine is not set")
+        await self.engine.start()
+
     def _report_startup(self, http_app: bool = False) -> None:
         """Log the start's breakdown and export it as ``gpufleet_replica_start_seconds{phase}``; a
         replica that is its own HTTP ingress reports again once its app is built."""

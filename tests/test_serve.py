@@ -97,6 +97,20 @@ def test_replica_logs_where_its_start_went_and_skips_the_no_op_download(served):
     assert "Running tasks to download model files" not in text
 
 
+def test_with_usage_stats_off_no_replica_waits_on_ray_serve_llms_usage_report_actor(served):
+    """Ray Serve LLM creates a detached actor for its usage report and waits for it before a replica is ready;
+    the suite runs with RAY_USAGE_STATS_ENABLED=0, as `gpufleet up` starts heads."""
+    from ray.llm._internal.serve.observability.usage_telemetry.usage import (
+        LLM_SERVE_TELEMETRY_ACTOR_NAME,
+        LLM_SERVE_TELEMETRY_NAMESPACE,
+    )
+
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    named = ray.util.list_named_actors(all_namespaces=True)
+    assert {"name": LLM_SERVE_TELEMETRY_ACTOR_NAME, "namespace": LLM_SERVE_TELEMETRY_NAMESPACE} not in named
+    assert any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in named)  # the listing sees Serve's own actors
+
+
 @router_only
 def test_models_lists_base_and_adapter(served):
     _, client, _, _ = served
