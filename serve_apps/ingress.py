@@ -20,11 +20,27 @@ from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from gpufleet.serve_apps.adapters import find_adapter, list_adapters
 
 REPLICA_RETRIES = 2
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives every head node one unit of it
 logger = logging.getLogger("ray.serve")
 
 
 class GpufleetIngress(OpenAiIngress):
     """Ray's OpenAI ingress, listing and resolving local adapters as ``<model>:<adapter>``."""
+
+    @classmethod
+    def get_deployment_options(cls, llm_configs: list | None = None) -> dict[str, Any]:
+        """Ray Serve LLM's router options, except where every model scales to zero. Ray then scales the router
+        to zero too, so the first request after idle waits for the router's start and only then, when the
+        router asks for it, for the model's replica: 17 of 41 s on a 2-core CPU
+        (bench/serve/results/cpu-scale-from-zero.json). One router replica stays up instead, on the head
+        node and taking no CPU slot (as Serve's proxy there does), so it holds no worker node."""
+        options = super().get_deployment_options(llm_configs)
+        scaling = options.get("autoscaling_config") or {}
+        if scaling.get("min_replicas") == 0:
+            scaling["min_replicas"] = 1
+            options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0,
+                                            "resources": {HEAD_NODE_RESOURCE: 0.001}}
+        return options
 
     def __init__(self, llm_deployments, model_cards, lora_paths=None, adapters=None, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths={}, **kwargs)

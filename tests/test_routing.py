@@ -60,3 +60,22 @@ def test_sharing_a_gpu_with_several_gpus_per_replica_a_target_load_or_on_cpus_is
                                    target_output_tokens_per_s=5000), tmp_path)
     with pytest.raises(PlanError, match="CPU replicas have none"):
         llm_config_dict(entry(tiny_model, replicas_per_gpu=2), tmp_path)
+
+
+def test_where_every_model_scales_to_zero_the_router_stays_up_on_the_head_without_a_cpu_slot(tiny_model, tmp_path):
+    """Ray Serve LLM scales its router to zero with the models; the first request after idle then waits for the
+    router's start before the model's (bench/serve/results/cpu-scale-from-zero.json)."""
+    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+    from ray.serve.llm import LLMConfig
+
+    from gpufleet.serve_apps.ingress import HEAD_NODE_RESOURCE, GpufleetIngress
+
+    def configs(*mins):
+        return [LLMConfig(**llm_config_dict(entry(tiny_model, id=f"m{i}", replicas={"min": m, "max": 2}), tmp_path))
+                for i, m in enumerate(mins)]
+
+    assert OpenAiIngress.get_deployment_options(configs(0))["autoscaling_config"]["min_replicas"] == 0  # Ray's
+    ours = GpufleetIngress.get_deployment_options(configs(0, 0))
+    assert ours["autoscaling_config"]["min_replicas"] == 1
+    assert ours["ray_actor_options"] == {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}
+    assert GpufleetIngress.get_deployment_options(configs(0, 1)) == OpenAiIngress.get_deployment_options(configs(0, 1))

@@ -1,6 +1,6 @@
-"""Scale from zero to the first token: a model with ``replicas: {min: 0}`` whose app has no replica running
-(neither the model's nor, as Ray Serve LLM then scales it to zero too, the router's), one streamed request,
-and how long until its first token, with the moment each deployment got its replica.
+"""Scale from zero to the first token: a model with ``replicas: {min: 0}`` and no replica of it running, one
+streamed request, and how long until its first token, with the moment each deployment (the model's, and the
+router's where it had none) had a replica running.
 
     python -m bench.serve.scale_from_zero [--model-dir DIR] [--gpu H100-80GB] [--rounds 2] \\
         [--out bench/serve/results/cpu-scale-from-zero.json]
@@ -50,7 +50,7 @@ def running_since(app: str, t0: float, until: threading.Event) -> dict[str, floa
     return seen
 
 
-def one_round(model_dir: str, gpu: str | None, work: Path) -> dict:
+def one_round(model_dir: str, gpu: str | None, work: Path, ingress: str = "router") -> dict:
     import ray
     from openai import OpenAI
     from ray import serve
@@ -62,7 +62,7 @@ def one_round(model_dir: str, gpu: str | None, work: Path) -> dict:
              **({"gpu": gpu} if gpu else {})}
     spec_file = work / "zero.yaml"
     port = free_port()
-    spec_file.write_text(yaml.safe_dump({"name": "zero", "port": port, "ingress": "router", "models": [entry]}))
+    spec_file.write_text(yaml.safe_dump({"name": "zero", "port": port, "ingress": ingress, "models": [entry]}))
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         spec, base = load_serve_spec(spec_file)
@@ -70,7 +70,7 @@ def one_round(model_dir: str, gpu: str | None, work: Path) -> dict:
         for c in configs:
             c["deployment_config"]["autoscaling_config"]["initial_replicas"] = 0
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_from_args({"llm_configs": configs, "adapters": {}, "ingress": "router"}), name="zero",
+        serve.run(build_from_args({"llm_configs": configs, "adapters": {}, "ingress": ingress}), name="zero",
                   route_prefix="/", blocking=False)
         while serve.status().applications["zero"].status != "RUNNING":
             time.sleep(0.2)
@@ -105,8 +105,13 @@ def main() -> int:
     ap.add_argument("--model-dir")
     ap.add_argument("--gpu", help="GPU type of the plan (default: a vllm-cpu plan)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ingress", choices=("router", "direct"), default="router")
+    ap.add_argument("--serve-proxy", choices=("ray", "haproxy"), default="ray", help="as `gpufleet up --serve-proxy`")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu-scale-from-zero.json")
     a = ap.parse_args()
+    from gpufleet.cluster.head import serve_proxy_env
+
+    os.environ.update(serve_proxy_env(a.serve_proxy))  # as `gpufleet up` does, before Ray starts
     work = Path(tempfile.mkdtemp(prefix="sfz-"))
     model_dir = a.model_dir
     if not model_dir:
@@ -114,9 +119,9 @@ def main() -> int:
 
         model_dir = str(build_tiny_model(work / "tiny"))
     result = {"machine": machine(), "model": model_dir if a.model_dir else "the suite's tiny model (random weights)",
-              "plan_gpu": a.gpu or "cpu", "tool": "bench.serve.scale_from_zero", "rounds": []}
+              "plan_gpu": a.gpu or "cpu", "ingress": a.ingress, "serve_proxy": a.serve_proxy, "tool": "bench.serve.scale_from_zero", "rounds": []}
     for i in range(a.rounds):
-        result["rounds"].append({"round": i + 1, **one_round(model_dir, a.gpu, work)})
+        result["rounds"].append({"round": i + 1, **one_round(model_dir, a.gpu, work, a.ingress)})
         print(json.dumps(result["rounds"][-1]), flush=True)
         a.out.write_text(json.dumps(result, indent=1))
     print(f"{'round':>5} {'first token s':>14} {'router up s':>12} {'model up s':>11}")
