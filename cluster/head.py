@@ -306,17 +306,31 @@ def head_processes(head_id: str) -> list:
 
 
 def stop_processes(head_id: str, grace_s: float = 10) -> int:
-    """SIGTERM this head's processes, then SIGKILL what is left after ``grace_s``."""
+    """SIGTERM this head's processes, the GCS server last, then SIGKILL what is left after ``grace_s``.
+
+    The GCS goes last because a raylet that loses it first waits to reconnect instead of exiting: with
+    everything terminated at once, raylet and GCS outlived a 10 s grace on every `down` (2-core machine);
+    in this order the head is gone in about 2 s."""
     import psutil
 
     procs = head_processes(head_id)
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+
+    def is_gcs(p: psutil.Process) -> bool:
+        try:
+            return p.name() == "gcs_server"
+        except psutil.NoSuchProcess:
+            return False
+
+    gcs = [p for p in procs if is_gcs(p)]
+    deadline = time.monotonic() + grace_s
+    for group in ([p for p in procs if p not in gcs], gcs):
+        for p in group:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(group, timeout=max(0.0, deadline - time.monotonic()))
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
     return len(procs)
 
 
