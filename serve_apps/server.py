@@ -64,6 +64,23 @@ class FirstChunkBatcher(Batcher[T]):
         return head + self.drain_queue()
 
 
+def timed_engine(base: type) -> type:
+    """Ray Serve LLM's engine class with its config step marked on the replica's ``StartupClock``. On GPUs that
+    step is a Ray task of its own on the replica's GPU (a process that imports vLLM and initialises CUDA to
+    build vLLM's config) before vLLM's engine process starts: a part of a replica's start to see apart."""
+
+    class TimedEngine(base):
+        def _prepare_engine_config(self, callback_ctx: Any) -> Any:
+            out = super()._prepare_engine_config(callback_ctx)
+            clock = callback_ctx.custom_data.get("clock")
+            if clock is not None:
+                clock.mark("engine_config_built")
+            return out
+
+    TimedEngine.__name__ = TimedEngine.__qualname__ = f"Timed{base.__name__}"
+    return TimedEngine
+
+
 class GpufleetServer(LLMServer):
     """``LLMServer`` whose streamed responses start without the batching delay and whose own
     HTTP app (direct ingress) checks the API key when one is set."""
@@ -98,6 +115,9 @@ class GpufleetServer(LLMServer):
                     gauges[name].set(value, tags=tags)
             except Exception as e:  # a metric vLLM adds later must not stop the replica
                 logger.warning("engine metrics export: %s", e)
+
+    def _get_default_engine_class(self) -> type:
+        return timed_engine(super()._get_default_engine_class())
 
     async def _start_engine(self) -> None:
         """Ray Serve LLM's engine start, less its usage report where Ray's usage stats are off (as on every

@@ -33,16 +33,21 @@ class StartupClock:
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase: process (worker start and imports, up to the replica's __init__),
-        model_files (Ray Serve LLM's node initialisation), engine (vLLM: weights, compile, graphs,
-        KV cache), http_app (the replica's OpenAI app, direct ingress only)."""
+        model_files (Ray Serve LLM's node initialisation), engine_config (vLLM's config, built by Ray Serve
+        LLM in a GPU task of its own on GPUs), engine (vLLM's engine process and worker: weights, compile,
+        graphs, KV cache), http_app (the replica's OpenAI app, direct ingress only)."""
         m = self.marks
         node_start, node_end = m.get("node_init_started", self.init_entered), m.get("node_init_done")
-        engine_end = m.get("engine_started")
+        config_end, engine_end = m.get("engine_config_built"), m.get("engine_started")
         out = {"process": self.init_entered - self.process_started}
         if node_end is not None:
             out["model_files"] = node_end - node_start
+        engine_start = node_end if node_end is not None else self.init_entered
+        if config_end is not None:
+            out["engine_config"] = config_end - engine_start
+            engine_start = config_end
         if engine_end is not None:
-            out["engine"] = engine_end - (node_end if node_end is not None else self.init_entered)
+            out["engine"] = engine_end - engine_start
         if "http_app_built" in m and engine_end is not None:
             out["http_app"] = m["http_app_built"] - engine_end
         return {k: round(max(0.0, v), 2) for k, v in out.items()}

@@ -91,9 +91,9 @@ def test_replica_logs_where_its_start_went_and_skips_the_no_op_download(served):
     """A local model directory needs no download task on each node; the replica says what each phase took."""
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
-    ready = re.search(r"replica ready in ([\d.]+) s: process ([\d.]+) s, model files ([\d.]+) s, engine ([\d.]+) s"
-                      r" \(no download: not a bucket model\)", text)
-    assert ready and float(ready[3]) < 1 and float(ready[4]) > 0
+    ready = re.search(r"replica ready in ([\d.]+) s: process ([\d.]+) s, model files ([\d.]+) s, engine config ([\d.]+) s,"
+                      r" engine ([\d.]+) s \(no download: not a bucket model\)", text)
+    assert ready and float(ready[3]) < 1 and float(ready[5]) > 0
     assert "Running tasks to download model files" not in text
 
 

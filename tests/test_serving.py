@@ -243,6 +243,15 @@ def test_a_replicas_start_is_split_into_process_model_files_engine_and_http_app(
     assert clock.summary(True).startswith("replica ready in 30.5 s: process 6.0 s, model files 0.5 s, engine 23.0 s")
 
 
+def test_the_engine_config_step_is_a_phase_of_its_own_when_marked():
+    from gpufleet.serve_apps.startup import StartupClock
+
+    clock = StartupClock(process_started=100.0, init_entered=106.0,
+                         marks={"node_init_started": 106.5, "node_init_done": 107.0, "engine_config_built": 118.0,
+                                "engine_started": 130.0})
+    assert clock.phases() == {"process": 6.0, "model_files": 0.5, "engine_config": 11.0, "engine": 12.0}
+
+
 def test_a_replica_searches_its_torch_store_port_from_a_free_port_of_its_own(monkeypatch):
     """vLLM 0.26's Ray executor searches upward from VLLM_DP_MASTER_PORT + 100 (port 100 for every replica
     otherwise, where two replicas starting together on one node collide)."""
