@@ -264,8 +264,9 @@ def check_app_fits(spec: ServeSpec, base: Path) -> None:
     for entry in spec.models:
         p = sourced_plan(entry, base)[1]
         check_feasible(p.placement.bundles, p.placement.strategy, nodes, types)
-        bundles += p.placement.bundles * max(1, replica_bounds(entry, p)[0])
-        scale_to_zero &= replica_bounds(entry, p)[0] == 0
+        low = replica_bounds(entry, p)[0]
+        bundles += p.placement.bundles * max(1, low)
+        scale_to_zero &= low == 0
     router = spec.ingress_mode(haproxy_fronts_serve()) == "router"
     if router and not scale_to_zero:  # else it runs on the head without a CPU slot (GpufleetIngress)
         bundles.append({"CPU": INGRESS_CPUS})

@@ -12,12 +12,13 @@ imports (7 s on a 2-core CPU node). ``ReplicaStartup`` is the Ray Serve LLM call
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.common.utils.cloud_utils import is_remote_path
+
+from gpufleet.cluster.head import free_port
 
 
 @dataclass
@@ -79,17 +80,15 @@ def spread_tcpstore_port(task_env: dict[str, str]) -> None:
     vLLM 0.26's Ray executor (PR #45960, undone by PR #50969 in later versions) searches that port upward from
     ``VLLM_DP_MASTER_PORT + 100``: 100 for every engine that is not data parallel. Two replicas starting at once
     on one node (two on a shared GPU, or two models on one 8-GPU node) both find 100 free, and the second to
-    listen fails with ``EADDRINUSE``. Here the search starts at a port the OS has just handed out, different for
-    every replica. vLLM reads the variable where it builds its config: on GPUs that is Ray Serve LLM's task on
-    the replica's GPU (``task_env``, the callback's runtime env), on CPUs this process. Without data
-    parallelism vLLM reads it for nothing else, and it is not part of vLLM's compile-cache key.
+    listen fails with ``EADDRINUSE``. Here the search starts at a port that is free now (``free_port``, above
+    Ray's worker ports), picked at random for every replica. vLLM reads the variable where it builds its config:
+    on GPUs that is Ray Serve LLM's task on the replica's GPU (``task_env``, the callback's runtime env), on CPUs
+    this process. Without data parallelism vLLM reads it for nothing else, and it is not part of vLLM's
+    compile-cache key.
     """
     if DP_MASTER_PORT_ENV in os.environ or DP_MASTER_PORT_ENV in task_env:  # the user's own (data-parallel) setting
         return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    os.environ[DP_MASTER_PORT_ENV] = task_env[DP_MASTER_PORT_ENV] = str(max(0, port - 100))
+    os.environ[DP_MASTER_PORT_ENV] = task_env[DP_MASTER_PORT_ENV] = str(free_port() - 100)
 
 
 class ReplicaStartup(CallbackBase):

