@@ -32,7 +32,8 @@ from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, Slo, resolve_ingress
 LORA_SERVER = "gpufleet.serve_apps.lora:LocalLoraServer"
 SERVER = "gpufleet.serve_apps.server:GpufleetServer"  # first streamed chunk without the batching delay
 STARTUP_CALLBACK = "gpufleet.serve_apps.startup:ReplicaStartup"  # no no-op download task; timed start
-PREFIX_ROUTER = "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
+# Ray Serve LLM's PrefixCacheAffinityRouter with its prefix-tree calls awaited (see the module)
+PREFIX_ROUTER = "gpufleet.serve_apps.prefix_router:AwaitingPrefixRouter"
 SLO_POLICY = "gpufleet.serve_apps.slo_policy:SloPolicy"
 # Ray averages the replicas' signals over this window: its default, 30 s, lags a ramp; Ray wants it longer
 # than the replicas' 10 s metrics interval

@@ -79,3 +79,68 @@ def test_where_every_model_scales_to_zero_the_router_stays_up_on_the_head_withou
     assert ours["autoscaling_config"]["min_replicas"] == 1
     assert ours["ray_actor_options"] == {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}
     assert GpufleetIngress.get_deployment_options(configs(0, 1)) == OpenAiIngress.get_deployment_options(configs(0, 1))
+
+
+@pytest.mark.slow
+def test_the_prefix_router_keeps_its_event_loop_running_while_the_prefix_tree_answers():
+    """Ray's PrefixCacheAffinityRouter blocks its loop on the tree actor (``ray.get``); that loop also takes the
+    replicas' 0.1 s queue-length replies, and on an H100 the router spun until the ingress missed its health
+    checks (serve_apps/prefix_router.py). gpufleet's router awaits the tree and picks the same replica."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import ray
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
+        PrefixCacheAffinityRouter,
+    )
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from gpufleet.serve_apps.prefix_router import AwaitingPrefixRouter
+
+    @ray.remote(num_cpus=0)
+    class SlowTree(PrefixTree):  # a tree actor busy with other routers' calls
+        def prefix_match(self, *args):
+            time.sleep(0.5)
+            return super().prefix_match(*args)
+
+    deployment = DeploymentID(name="m", app_name="a")
+    ids = [ReplicaID(unique_id=f"r{i}", deployment_id=deployment) for i in range(2)]
+    replicas = [SimpleNamespace(replica_id=i, max_ongoing_requests=8) for i in ids]
+    request = PendingRequest(args=[SimpleNamespace(prompt="You are a support bot. Where is my order?")], kwargs={},
+                             metadata=RequestMetadata(request_id="q", internal_request_id="q"))
+
+    async def route(router_cls, tree) -> tuple[list, int]:
+        """The replicas the router picks, and how often a 10 ms timer fired on its loop meanwhile."""
+        router = router_cls(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN,
+                            use_replica_queue_len_cache=True)
+        router.initialize_state(tree_actor=tree)
+        router._replicas = {r.replica_id: r for r in replicas}
+        for i in ids:
+            router._replica_queue_len_cache.update(i, 0)  # balanced queues: the prefix decides
+        ticks = 0
+
+        async def timer():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        running = asyncio.create_task(timer())
+        chosen = await router._prefix_match_best_replicas(request, replicas)
+        running.cancel()
+        return [r.replica_id for r in chosen[0]], ticks
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        tree = SlowTree.remote()
+        ray.get(tree.add_tenants.remote([i.to_full_id_str() for i in ids], time.time()))
+        ray.get(tree.insert.remote("You are a support bot. ", ids[1].to_full_id_str(), time.time()))
+        ours, rays = asyncio.run(route(AwaitingPrefixRouter, tree)), asyncio.run(route(PrefixCacheAffinityRouter, tree))
+    finally:
+        ray.shutdown()
+    assert ours[0] == rays[0] == [ids[1]]  # the replica holding the prefix, either way
+    assert rays[1] == 0  # Ray's loop stood still for the whole answer (once Ray awaits it, drop our subclass)
+    assert ours[1] >= 20
