@@ -10,8 +10,9 @@ so the baseline can be repeated (``plain,gpufleet,plain``). ``plain-mp`` and ``p
 with its worker in a process of its own (``--distributed-executor-backend mp`` / ``ray``: Ray Serve LLM
 always runs vLLM's Ray executor on GPUs, where plain vLLM at one GPU runs the model inside its engine
 process): each is compared with ``plain`` too, and gpufleet with ``plain-mp``, which separates the
-executor's cost from Ray Serve's. ``gpufleet-ray-engine-metrics`` and ``gpufleet-watched`` are gpufleet with
-one thing changed (``GPUFLEET_SIDES``); a side run more than once is averaged, and the spread of its runs
+executor's cost from Ray Serve's. ``gpufleet-ray-engine-metrics``, ``gpufleet-watched`` and
+``gpufleet-config-in-process`` are gpufleet with one thing changed (``GPUFLEET_SIDES``, the replica classes of
+``bench.serve.variants``); a side run more than once is averaged, and the spread of its runs
 (largest over smallest, per level) is reported beside the ratios: the noise they have to clear. Cores used
 per process are recorded at each level, and with ``--profile`` each thread's top functions
 (``bench.serve.sampler``). Results are written after every side, so a run stopped by a time limit keeps
@@ -229,7 +230,8 @@ def plain_vllm(model_dir: str, engine: dict, port: int, tokenizer: str, work: Pa
 
 # gpufleet sides: the serve spec's model entry with these fields changed ("server_cls": the replica class)
 GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-ray-engine-metrics": {"engine_metrics": True},
-                  "gpufleet-watched": {"server_cls": "bench.serve.variants:WatchedServer"}}
+                  "gpufleet-watched": {"server_cls": "bench.serve.variants:WatchedServer"},
+                  "gpufleet-config-in-process": {"server_cls": "bench.serve.variants:InProcessConfigServer"}}
 
 
 def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str],
