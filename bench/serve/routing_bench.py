@@ -39,15 +39,15 @@ def workloads(prefixes: int, repeats: int) -> dict[str, tuple[list[str], int]]:
     }
 
 
-def load_for(router: str, prefixes: int, repeats: int) -> Callable[[int, str, Path], dict]:
+def load_for(router: str, prefixes: int, repeats: int, keep: Callable[[dict], None]) -> Callable[[int, str, Path], dict]:
+    """The load of one router: each workload's row goes to ``keep`` as soon as it is measured, so a run stopped
+    later (a stall, the machine's time limit) keeps the rows it has."""
     def load(port: int, tokenizer: str, work: Path) -> dict:
-        rows = []
         for name, (dataset, prompts) in workloads(prefixes, repeats).items():
             raw = vllm_bench(port, tokenizer, work, f"{router}-{name}.json", dataset, CONCURRENCY, prompts)
-            rows.append({"router": router, "workload": name, "concurrency": CONCURRENCY, "num_prompts": prompts,
-                         **({"error": raw["error"]} if "error" in raw else {k: raw.get(k) for k in METRICS})})
-            print(json.dumps(rows[-1]), flush=True)
-        return {"routing": rows}
+            keep({"router": router, "workload": name, "concurrency": CONCURRENCY, "num_prompts": prompts,
+                  **({"error": raw["error"]} if "error" in raw else {k: raw.get(k) for k in METRICS})})
+        return {}
     return load
 
 
@@ -95,17 +95,23 @@ def main() -> int:
                            "concurrency": CONCURRENCY},
               "routing": [], "starts": []}
     work = Path(tempfile.mkdtemp(prefix="rb-"))
+
+    def keep(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        result["routing"].append(row)
+        result["ratios"] = ratios(result["routing"])
+        a.out.write_text(json.dumps(result, indent=1))
+
     for router in a.routers.split(","):
         t0 = time.monotonic()
         spec = {"name": "routing", "ingress": "router", "models": [{**entry, "router": router}]}
         try:
-            got = gpufleet(a.model_dir, spec, free_port(), a.tokenizer, work, {}, load=load_for(router, a.prefixes,
-                                                                                              a.repeats))
+            got = gpufleet(a.model_dir, spec, free_port(), a.tokenizer, work, {},
+                           load=load_for(router, a.prefixes, a.repeats, keep))
         except Exception as e:
-            got = {"routing": [{"router": router, "error": f"{type(e).__name__}: {e}"}]}
-        result["routing"] += got.pop("routing", [])
+            got = {}
+            keep({"router": router, "error": f"{type(e).__name__}: {e}"})
         result["starts"].append({"router": router, "wall_s": round(time.monotonic() - t0, 1), **got})
-        result["ratios"] = ratios(result["routing"])
         a.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["ratios"], indent=1))
     return 0
