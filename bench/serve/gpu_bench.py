@@ -235,10 +235,11 @@ GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-ray-engine-metrics": {"engine_metric
 
 
 def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str],
-             server_cls: str | None = None, load: Callable[[int, str, Path], dict] = drive) -> dict:
+             server_cls: str | None = None, load: Callable[[int, str, Path], dict] = drive,
+             num_cpus: int | None = None) -> dict:
     """The serve spec deployed as `gpufleet serve` deploys it (with ``server_cls`` as the replica class
     if given), on a local Ray cluster whose processes inherit ``env``, then driven by ``load``
-    (default: ``drive``'s levels)."""
+    (default: ``drive``'s levels); ``num_cpus``: the local cluster's CPUs (default: the machine's)."""
     import ray
     from ray import serve
 
@@ -250,7 +251,7 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
     t0 = time.monotonic()
     with patch.dict(os.environ, env), patch("gpufleet.serve_apps.app.SERVER", server_cls or SERVER):
         # Ray's processes inherit env; the plain side does not
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
             served, base = load_serve_spec(spec_file)
             wait_ready(deploy(served, base), timeout=400)

