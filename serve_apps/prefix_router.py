@@ -2,11 +2,12 @@
 
 ``PrefixCacheAffinityRouter`` (Ray 2.58-2.60) asks its prefix-tree actor which replica holds a prompt's prefix
 with a blocking ``ray.get`` inside the router's async ``choose_replicas``, and ``ray.get``s every insert in
-``on_request_routed``. The router's event loop stops for each round trip, and the same loop receives the
-replicas' queue-length replies, whose deadline (0.1 s, never backed off on this path) runs out meanwhile: a
-request is then re-routed, asks the tree again, and so on. On an H100 with two replicas of a 1B model at 16
-concurrent 1,088-token prompts that loop spun (1.5 million blocking gets in the router's task, 160,000 probes
-pending), the ingress missed its health checks and requests stalled for minutes (docs/benchmarks.md).
+``on_request_routed``. On an H100 with two replicas of a 1B model at 16 concurrent 1,088-token prompts, the
+ingress then missed its health checks and requests stalled for minutes, with 1.5 million profile events in one
+task of the router and 160,000 calls waiting to go to the replicas (docs/benchmarks.md). What the logs fit: the
+router's loop stops for each round trip to the tree, the same loop receives the replicas' queue-length
+replies, whose deadline (0.1 s, never backed off on this path) runs out meanwhile, and a request whose probes
+all time out is routed again, asks the tree again, and so on.
 Here the tree is awaited, so the loop keeps serving probe replies, and an insert is sent without waiting
 (calls from one caller reach the actor in order, so the next match still sees it). Routing decisions are
 Ray's, unchanged.
@@ -48,7 +49,10 @@ class AwaitingPrefixRouter(PrefixCacheAffinityRouter):
             probe = []
             for r in replicas:
                 n = self._replica_queue_len_cache.get(r.replica_id)
-                (probe.append(r) if n is None or n >= r.max_ongoing_requests else lens.append(n))
+                if n is None or n >= r.max_ongoing_requests:
+                    probe.append(r)
+                else:
+                    lens.append(n)
         if probe:
             lens += [n for _, n in await self._probe_queue_lens(probe, 0) if n is not None]
         return lens
