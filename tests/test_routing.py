@@ -106,14 +106,19 @@ def test_the_prefix_router_keeps_its_event_loop_running_while_the_prefix_tree_an
             time.sleep(0.5)
             return super().prefix_match(*args)
 
+        def insert(self, *args):
+            time.sleep(0.5)
+            return super().insert(*args)
+
     deployment = DeploymentID(name="m", app_name="a")
     ids = [ReplicaID(unique_id=f"r{i}", deployment_id=deployment) for i in range(2)]
     replicas = [SimpleNamespace(replica_id=i, max_ongoing_requests=8) for i in ids]
     request = PendingRequest(args=[SimpleNamespace(prompt="You are a support bot. Where is my order?")], kwargs={},
                              metadata=RequestMetadata(request_id="q", internal_request_id="q"))
 
-    async def route(router_cls, tree) -> tuple[list, int]:
-        """The replicas the router picks, and how often a 10 ms timer fired on its loop meanwhile."""
+    async def route(router_cls, tree) -> tuple[list, int, float]:
+        """The replicas the router picks, how often a 10 ms timer fired on its loop meanwhile, and how long
+        telling it where a request went (``on_request_routed``, which records the prompt in the tree) held it."""
         router = router_cls(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN,
                             use_replica_queue_len_cache=True)
         router.initialize_state(tree_actor=tree)
@@ -131,7 +136,11 @@ def test_the_prefix_router_keeps_its_event_loop_running_while_the_prefix_tree_an
         running = asyncio.create_task(timer())
         chosen = await router._prefix_match_best_replicas(request, replicas)
         running.cancel()
-        return [r.replica_id for r in chosen[0]], ticks
+        t0 = time.monotonic()
+        routed = PendingRequest(args=[SimpleNamespace(prompt=f"{router_cls.__name__} asks")], kwargs={},
+                                metadata=RequestMetadata(request_id="r", internal_request_id="r"))
+        router.on_request_routed(routed, ids[0], None)
+        return [r.replica_id for r in chosen[0]], ticks, time.monotonic() - t0
 
     ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
@@ -139,8 +148,13 @@ def test_the_prefix_router_keeps_its_event_loop_running_while_the_prefix_tree_an
         ray.get(tree.add_tenants.remote([i.to_full_id_str() for i in ids], time.time()))
         ray.get(tree.insert.remote("You are a support bot. ", ids[1].to_full_id_str(), time.time()))
         ours, rays = asyncio.run(route(AwaitingPrefixRouter, tree)), asyncio.run(route(PrefixCacheAffinityRouter, tree))
+        # both prompts reached the tree, for the replica they went to
+        recorded = [ray.get(tree.prefix_match.remote(f"{cls.__name__} asks"))[1]
+                    for cls in (AwaitingPrefixRouter, PrefixCacheAffinityRouter)]
     finally:
         ray.shutdown()
     assert ours[0] == rays[0] == [ids[1]]  # the replica holding the prefix, either way
     assert rays[1] == 0  # Ray's loop stood still for the whole answer (once Ray awaits it, drop our subclass)
     assert ours[1] >= 20
+    assert rays[2] >= 0.5 and ours[2] < 0.1  # Ray waits for the insert; ours sends it
+    assert recorded == [[ids[0].to_full_id_str()]] * 2
