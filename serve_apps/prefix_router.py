@@ -9,8 +9,12 @@ router's loop stops for each round trip to the tree, the same loop receives the 
 replies, whose deadline (0.1 s, never backed off on this path) runs out meanwhile, and a request whose probes
 all time out is routed again, asks the tree again, and so on.
 Here the tree is awaited, so the loop keeps serving probe replies, and an insert is sent without waiting
-(calls from one caller reach the actor in order, so the next match still sees it). Routing decisions are
-Ray's, unchanged.
+(calls from one caller reach the actor in order, so the next match still sees it).
+With that fixed, a second H100 run still stalled: 700,000 queue-length probes timed out at 0.1 s in one
+ingress, 10,000 a second, all from the prefix step, which probes every replica the cache does not hold
+(an idle replica's entry expires after 10 s) at a deadline that never backs off. Here that step reads the
+cache only; probing stays with Ray's replica selection, which backs off. Where the replicas holding the prefix
+are full or unknown to the cache, the request goes to Ray's power-of-two choice rather than waiting for them.
 """
 
 from __future__ import annotations
@@ -29,33 +33,33 @@ from ray.serve._private.request_router.replica_wrapper import RunningReplica
 class AwaitingPrefixRouter(PrefixCacheAffinityRouter):
     async def _prefix_match_best_replicas(self, pending_request: PendingRequest | None,
                                           candidate_replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
-        """Ray's choice (balanced queues: the replicas holding the longest prefix, or with too short a match the
-        ones holding the fewest characters), with the tree's answers awaited."""
-        chosen: list[str] = []
+        """Ray's choice (the replicas holding the longest prefix, or with too short a match the ones holding the
+        fewest characters), with the tree's answers awaited and queue lengths read from the router's cache
+        only. An empty choice hands the request to Ray's power-of-two fallback."""
+        chosen: list[RunningReplica] = []
         text = (self._extract_text_from_request(pending_request)
                 if pending_request is not None and pending_request.args else None)
-        if text is not None and not self._imbalanced(await self._queue_lens(candidate_replicas)):
+        if text is not None and not self._imbalanced(self._cached_queue_lens(candidate_replicas)):
             matched, tenants = await self._tree_actor.prefix_match.remote(
                 text, [r.replica_id.to_full_id_str() for r in candidate_replicas])
             if len(matched) / max(len(text), 1) < self._match_rate_threshold:
                 tenants = await self._tree_actor.get_smallest_tenants.remote()
-            chosen = tenants or []
-        return [[self._replicas[ReplicaID.from_full_id_str(t)] for t in chosen]]
+            chosen = [r for r in (self._replicas.get(ReplicaID.from_full_id_str(t)) for t in tenants or [])
+                      if r is not None and self._has_room(r)]
+        return [chosen]
 
-    async def _queue_lens(self, replicas: list[RunningReplica]) -> list[int]:
-        """Known queue lengths: the cache's where fresh and below capacity, else one probe (as Ray does)."""
-        lens, probe = [], list(replicas)
-        if self._use_replica_queue_len_cache:
-            probe = []
-            for r in replicas:
-                n = self._replica_queue_len_cache.get(r.replica_id)
-                if n is None or n >= r.max_ongoing_requests:
-                    probe.append(r)
-                else:
-                    lens.append(n)
-        if probe:
-            lens += [n for _, n in await self._probe_queue_lens(probe, 0) if n is not None]
-        return lens
+    def _has_room(self, replica: RunningReplica) -> bool:
+        """Whether the cache says the replica takes another request. One it does not know (or knows full) would
+        be probed before each try, so the request goes to Ray's power-of-two choice instead."""
+        n = self._replica_queue_len_cache.get(replica.replica_id)
+        return n is not None and n < replica.max_ongoing_requests
+
+    def _cached_queue_lens(self, replicas: list[RunningReplica]) -> list[int]:
+        """Queue lengths the router already knows. Ray probes the others here with a fixed 0.1 s deadline; on an
+        H100 a replica busy with vLLM's output answered later than that, and the router re-sent those probes
+        some 10,000 times a second (docs/benchmarks.md)."""
+        lens = (self._replica_queue_len_cache.get(r.replica_id) for r in replicas)
+        return [n for n in lens if n is not None]
 
     def _imbalanced(self, lens: list[int]) -> bool:
         return bool(lens) and max(lens) - min(lens) > self._imbalanced_threshold

@@ -158,3 +158,62 @@ def test_the_prefix_router_keeps_its_event_loop_running_while_the_prefix_tree_an
     assert ours[1] >= 20
     assert rays[2] >= 0.5 and ours[2] < 0.1  # Ray waits for the insert; ours sends it
     assert recorded == [[ids[0].to_full_id_str()]] * 2
+
+
+@pytest.mark.slow
+def test_the_prefix_router_reads_queue_lengths_from_its_cache_and_never_probes_a_replica():
+    """Ray's prefix step probes every replica missing from the queue-length cache with a 0.1 s deadline that
+    never backs off; on an H100 a busy replica answered later than that, and one ingress sent 10,000 probes a
+    second. gpufleet's step reads the cache only: the replica holding the prefix is chosen while the cache
+    says it has room, and otherwise the request goes to Ray's power-of-two fallback (an empty choice)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    import ray
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
+        PrefixCacheAffinityRouter,
+    )
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTreeActor
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from gpufleet.serve_apps.prefix_router import AwaitingPrefixRouter
+
+    probes: list[str] = []
+
+    class BusyReplica(SimpleNamespace):
+        async def get_queue_len(self, *, deadline_s: float) -> int:
+            probes.append(self.replica_id.unique_id)
+            await asyncio.sleep(0.2)  # a replica busy with vLLM's output answers after the deadline
+            return 0
+
+    deployment = DeploymentID(name="m", app_name="a")
+    ids = [ReplicaID(unique_id=f"r{i}", deployment_id=deployment) for i in range(2)]
+    replicas = [BusyReplica(replica_id=i, max_ongoing_requests=8) for i in ids]
+    async def choose(router_cls, cached: dict[int, int]) -> list:
+        router = router_cls(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN,
+                            use_replica_queue_len_cache=True)
+        router.initialize_state(tree_actor=tree)
+        router._replicas = {r.replica_id: r for r in replicas}
+        for i, n in cached.items():
+            router._replica_queue_len_cache.update(ids[i], n)
+        request = PendingRequest(args=[SimpleNamespace(prompt="You are a support bot. Where is my order?")],
+                                 kwargs={}, metadata=RequestMetadata(request_id="q", internal_request_id="q"))
+        chosen = await router._prefix_match_best_replicas(request, replicas)
+        return [r.replica_id.unique_id for r in chosen[0]]
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        tree = PrefixTreeActor.options(num_cpus=0).remote()
+        ray.get(tree.add_tenants.remote([i.to_full_id_str() for i in ids], time.time()))
+        ray.get(tree.insert.remote("You are a support bot. ", ids[0].to_full_id_str(), time.time()))
+        ours = {name: asyncio.run(choose(AwaitingPrefixRouter, cached))
+                for name, cached in {"room": {0: 3, 1: 0}, "full": {0: 8, 1: 0}, "unknown": {1: 0}}.items()}
+        ours_probed = list(probes)
+        rays = asyncio.run(choose(PrefixCacheAffinityRouter, {1: 0}))
+    finally:
+        ray.shutdown()
+    assert ours == {"room": ["r0"], "full": [], "unknown": []}
+    assert ours_probed == []
+    assert probes == ["r0"] and rays == ["r0"]  # Ray probed the replica it did not know, and then chose it
