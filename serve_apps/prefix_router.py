@@ -19,7 +19,10 @@ are full or unknown to the cache, the request goes to Ray's power-of-two choice 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import AsyncGenerator
 
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
     PrefixCacheAffinityRouter,
@@ -29,8 +32,26 @@ from ray.serve._private.replica_result import ReplicaResult
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
 
+logger = logging.getLogger("ray.serve")
+
 
 class AwaitingPrefixRouter(PrefixCacheAffinityRouter):
+    _idle_tasks_ended = 0
+
+    async def _choose_replicas_with_backoff(self, pending_request: PendingRequest | None = None
+                                            ) -> AsyncGenerator[list[RunningReplica], None]:
+        """Ray's, except that a routing task with no request to route ends. Ray 2.58's routing task keeps looping
+        when the queue is empty (2.60 breaks out), choosing and probing replicas for no request with a 0.1 s
+        deadline each time, as fast as its loop turns; under the prefix router one replica's cache entry goes
+        stale, so each turn probes it. Cancelling ends the task as 2.60's ``break`` does."""
+        if pending_request is None:
+            if self._idle_tasks_ended == 0:
+                logger.info("a routing task with no request to route ends (Ray < 2.60 would loop)")
+            self._idle_tasks_ended += 1
+            raise asyncio.CancelledError
+        async for replicas in super()._choose_replicas_with_backoff(pending_request):
+            yield replicas
+
     async def _prefix_match_best_replicas(self, pending_request: PendingRequest | None,
                                           candidate_replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
         """Ray's choice (the replicas holding the longest prefix, or with too short a match the ones holding the
