@@ -217,3 +217,44 @@ def test_the_prefix_router_reads_queue_lengths_from_its_cache_and_never_probes_a
     assert ours == {"room": ["r0"], "full": [], "unknown": []}
     assert ours_probed == []
     assert probes == ["r0"] and rays == ["r0"]  # Ray probed the replica it did not know, and then chose it
+
+
+@pytest.mark.slow
+def test_a_routing_task_with_no_request_to_route_ends_instead_of_probing():
+    """Ray 2.58's routing task (the GPU image's Ray) keeps choosing replicas when its queue is empty, probing one
+    the cache does not know on every turn; on an H100 that sent 40,000 calls to one replica within seconds.
+    gpufleet's router ends such a task, and routes a request as Ray does."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import ray
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from gpufleet.serve_apps.prefix_router import AwaitingPrefixRouter
+
+    deployment = DeploymentID(name="m", app_name="a")
+    replica = SimpleNamespace(replica_id=ReplicaID(unique_id="r0", deployment_id=deployment), max_ongoing_requests=8,
+                              node_id=None, availability_zone=None, multiplexed_model_ids=set())
+
+    async def first_choice(request: bool):
+        router = AwaitingPrefixRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN,
+                                      use_replica_queue_len_cache=True)
+        router.initialize_state(tree_actor=object())
+        router._replicas, router._replicas_list = {replica.replica_id: replica}, [replica]
+        router._replica_id_set = {replica.replica_id}
+        pending = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id="q", internal_request_id="q"))
+        choices = router._choose_replicas_with_backoff(pending if request else None)
+        try:
+            return [r.replica_id.unique_id for r in await choices.__anext__()]
+        finally:
+            await choices.aclose()
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(first_choice(request=False))
+        routed = asyncio.run(first_choice(request=True))
+    finally:
+        ray.shutdown()
+    assert routed == ["r0"]
