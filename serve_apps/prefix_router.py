@@ -15,6 +15,8 @@ ingress, 10,000 a second, all from the prefix step, which probes every replica t
 (an idle replica's entry expires after 10 s) at a deadline that never backs off. Here that step reads the
 cache only; probing stays with Ray's replica selection, which backs off. Where the replicas holding the prefix
 are full or unknown to the cache, the request goes to Ray's power-of-two choice rather than waiting for them.
+On Ray 2.58 (what the GPU recipe carries) the routing loop itself loses requests under this router; there it
+runs Ray 2.60's loop (``route_pending_requests``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
 
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
     PrefixCacheAffinityRouter,
@@ -31,26 +32,55 @@ from ray.serve._private.common import ReplicaID
 from ray.serve._private.replica_result import ReplicaResult
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
+from ray.serve._private.request_router.request_router import RequestRouter
 
 logger = logging.getLogger("ray.serve")
+# Ray before 2.60 (2.58.1 is the newest that runs with the vLLM the GPU recipe carries) drops requests in its
+# routing loop; 2.60 added this method along with the fix
+RAY_DROPS_POPPED_REQUESTS = not hasattr(RequestRouter, "_cancel_routing_task_for_pending_request")
+
+
+async def route_pending_requests(router: RequestRouter) -> None:
+    """A routing task's loop as Ray 2.60 runs it, for Ray 2.58. Ray 2.58's loop pops a request from the routing
+    queue and then leaves the loop, dropping it, whenever more routing tasks run than requests wait (the count
+    falls as other tasks finish), so the request's caller waits forever; and a task that finds the queue empty
+    keeps choosing (and probing) replicas for no request. A prefix router, which awaits its tree between the pop
+    and the choice, meets both under load. Here a popped request is routed until it is done, and an empty queue
+    ends the task."""
+    try:
+        while len(router._routing_tasks) <= router.target_num_routing_tasks:
+            pending = router._get_next_pending_request_to_route()
+            if pending is None:
+                break
+            choices = router._choose_replicas_with_backoff(pending)
+            attempt = 0
+            try:
+                async for candidates in choices:
+                    if pending.future.done():
+                        break
+                    replica = await router._select_from_candidate_replicas(candidates, attempt)
+                    if replica is not None:
+                        router._fulfill_next_pending_request(replica, pending.metadata)
+                        break
+                    attempt += 1
+            finally:
+                await choices.aclose()
+    except Exception:
+        logger.exception("Unexpected error while routing a request.")
+    finally:
+        queue = router._pending_requests_to_fulfill
+        while queue and queue[0].future.done():
+            queue.popleft()
+        router._routing_tasks.discard(asyncio.current_task())
+        router.num_routing_tasks_gauge.set(router.curr_num_routing_tasks)
+        if router._pending_requests_to_route:
+            router._maybe_start_routing_tasks()
 
 
 class AwaitingPrefixRouter(PrefixCacheAffinityRouter):
-    _idle_tasks_ended = 0
-
-    async def _choose_replicas_with_backoff(self, pending_request: PendingRequest | None = None
-                                            ) -> AsyncGenerator[list[RunningReplica], None]:
-        """Ray's, except that a routing task with no request to route ends. Ray 2.58's routing task keeps looping
-        when the queue is empty (2.60 breaks out), choosing and probing replicas for no request with a 0.1 s
-        deadline each time, as fast as its loop turns; under the prefix router one replica's cache entry goes
-        stale, so each turn probes it. Cancelling ends the task as 2.60's ``break`` does."""
-        if pending_request is None:
-            if self._idle_tasks_ended == 0:
-                logger.info("a routing task with no request to route ends (Ray < 2.60 would loop)")
-            self._idle_tasks_ended += 1
-            raise asyncio.CancelledError
-        async for replicas in super()._choose_replicas_with_backoff(pending_request):
-            yield replicas
+    if RAY_DROPS_POPPED_REQUESTS:
+        async def _fulfill_pending_requests(self) -> None:
+            await route_pending_requests(self)
 
     async def _prefix_match_best_replicas(self, pending_request: PendingRequest | None,
                                           candidate_replicas: list[RunningReplica]) -> list[list[RunningReplica]]:

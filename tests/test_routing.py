@@ -220,10 +220,12 @@ def test_the_prefix_router_reads_queue_lengths_from_its_cache_and_never_probes_a
 
 
 @pytest.mark.slow
-def test_a_routing_task_with_no_request_to_route_ends_instead_of_probing():
-    """Ray 2.58's routing task (the GPU image's Ray) keeps choosing replicas when its queue is empty, probing one
-    the cache does not know on every turn; on an H100 that sent 40,000 calls to one replica within seconds.
-    gpufleet's router ends such a task, and routes a request as Ray does."""
+def test_a_popped_request_is_routed_even_when_more_routing_tasks_run_than_requests_wait():
+    """Ray 2.58's routing loop (the GPU image's Ray) drops a request it has popped when, while the router chooses,
+    the routing tasks come to outnumber the waiting requests; the caller then waits forever. gpufleet's router
+    runs Ray 2.60's loop there (``route_pending_requests``): the request is routed, and the task that then finds
+    the queue empty ends instead of choosing replicas for no request. Ray 2.58 itself cannot run here (it is built
+    for the GPU machine's Python), so this checks gpufleet's loop on the installed Ray."""
     import asyncio
     from types import SimpleNamespace
 
@@ -231,30 +233,39 @@ def test_a_routing_task_with_no_request_to_route_ends_instead_of_probing():
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
     from ray.serve._private.request_router.common import PendingRequest
 
-    from gpufleet.serve_apps.prefix_router import AwaitingPrefixRouter
+    from gpufleet.serve_apps.prefix_router import AwaitingPrefixRouter, route_pending_requests
 
     deployment = DeploymentID(name="m", app_name="a")
     replica = SimpleNamespace(replica_id=ReplicaID(unique_id="r0", deployment_id=deployment), max_ongoing_requests=8,
                               node_id=None, availability_zone=None, multiplexed_model_ids=set())
 
-    async def first_choice(request: bool):
-        router = AwaitingPrefixRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN,
-                                      use_replica_queue_len_cache=True)
+    class SlowChoice(AwaitingPrefixRouter):
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            others = [asyncio.get_running_loop().create_future() for _ in range(3)]
+            self._routing_tasks.update(others)  # tasks started for requests routed meanwhile
+            await asyncio.sleep(0.05)  # the prefix tree's answer
+            return [[replica]]
+
+    async def route() -> tuple[str, int]:
+        router = SlowChoice(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN,
+                            use_replica_queue_len_cache=True)
         router.initialize_state(tree_actor=object())
         router._replicas, router._replicas_list = {replica.replica_id: replica}, [replica]
         router._replica_id_set = {replica.replica_id}
+        router._replica_queue_len_cache.update(replica.replica_id, 0)
         pending = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id="q", internal_request_id="q"))
-        choices = router._choose_replicas_with_backoff(pending if request else None)
-        try:
-            return [r.replica_id.unique_id for r in await choices.__anext__()]
-        finally:
-            await choices.aclose()
+        for queue in (router._pending_requests_to_fulfill, router._pending_requests_to_route):
+            queue.append(pending)
+        router._add_pending_request_to_indices(pending)
+        task = asyncio.get_running_loop().create_task(route_pending_requests(router))
+        router._routing_tasks.add(task)
+        chosen = await asyncio.wait_for(pending.future, 5)
+        await asyncio.wait_for(task, 5)  # the queue is empty: the task ends
+        return chosen.replica_id.unique_id, len(router._pending_requests_to_route)
 
     ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
-        with pytest.raises(asyncio.CancelledError):
-            asyncio.run(first_choice(request=False))
-        routed = asyncio.run(first_choice(request=True))
+        routed, left = asyncio.run(route())
     finally:
         ray.shutdown()
-    assert routed == ["r0"]
+    assert (routed, left) == ("r0", 0)
