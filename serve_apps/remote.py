@@ -29,6 +29,9 @@ FORWARDED_NAMES_ENV = "GPUFLEET_FORWARDED_ENV"  # which of the job's variables t
 
 def check_reachable(spec: ServeSpec, base: Path) -> list[str]:
     """Refuse models and adapters that only this machine's disk holds; returns each model's source."""
+    if spec.storage and not is_uri(spec.storage) and not Path(spec.storage).is_absolute():
+        raise SpecError(fix(f"storage: {spec.storage} is a folder relative to this machine's spec, which the "
+                            "cluster's nodes cannot read", "use s3:// / gs:// or an absolute path every node mounts"))
     sources = []
     for entry in spec.models:
         field = f"models[{entry.id}]"

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.batcher import Batcher
 
+from gpufleet.serve_apps import compile_cache
 from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV, EngineSignals, engine_metric_values
 from gpufleet.serve_apps.http_edge import BearerTokenMiddleware
 from gpufleet.serve_apps.startup import StartupClock, process_start_time, spread_tcpstore_port
@@ -91,12 +92,47 @@ class GpufleetServer(LLMServer):
         self._startup = llm_config.get_or_create_callback()
         self._startup.ctx.custom_data["clock"] = self._clock
         self._engine_signals = EngineSignals() if os.environ.get(SLO_SIGNALS_ENV) else None
-        spread_tcpstore_port(self._startup.ctx.runtime_env.setdefault("env_vars", {}))  # before vLLM's config
+        task_env = self._startup.ctx.runtime_env.setdefault("env_vars", {})
+        spread_tcpstore_port(task_env)  # before vLLM's config
+        carried = await self._restore_compile_cache(llm_config, task_env)
         await super().__init__(llm_config, **kwargs)
         self._clock.mark("engine_started")
         self._report_startup()
+        if carried:  # what this start compiled goes to storage for the next fresh node, off the request path
+            asyncio.get_running_loop().create_task(self._save_compile_cache(*carried))
         if not llm_config.log_engine_metrics:  # vLLM keeps them in its own registry: republish them
             self._exporter = asyncio.get_running_loop().create_task(self._export_engine_metrics())
+
+    async def _restore_compile_cache(self, llm_config: Any, task_env: dict[str, str]) -> tuple[str, str, Any] | None:
+        """With the spec's ``storage:``, point vLLM's cache at this model's node-local folder (the engine process
+        inherits it, vLLM copies it to its Ray workers) and fill that folder from storage on a fresh node;
+        return (store, key, folder) for the upload after the start."""
+        store = os.environ.get(compile_cache.STORE_ENV)
+        if not store:
+            return None
+        import torch
+        import vllm
+
+        key = compile_cache.cache_key(llm_config.model_loading_config.model_source, dict(llm_config.engine_kwargs),
+                                      str(llm_config.accelerator_type or "cpu"),
+                                      {"vllm": vllm.__version__, "torch": torch.__version__})
+        folder = compile_cache.node_folder(key)
+        try:
+            restored = await asyncio.to_thread(compile_cache.restore, store, key, folder)
+        except Exception as e:  # storage out of reach: the replica compiles, as without storage
+            logger.warning("compile cache %s not restored from %s: %s", key, store, e)
+            restored = False
+        os.environ["VLLM_CACHE_ROOT"] = task_env["VLLM_CACHE_ROOT"] = str(folder)
+        self._clock.mark("compile_cache_restored")
+        logger.info("compile cache %s: %s", key, f"restored from {store}" if restored else f"local ({folder})")
+        return store, key, folder
+
+    async def _save_compile_cache(self, store: str, key: str, folder: Any) -> None:
+        try:
+            if await asyncio.to_thread(compile_cache.save, store, key, folder):
+                logger.info("compile cache %s saved to %s", key, store)
+        except Exception as e:  # the next fresh node compiles; this replica serves on
+            logger.warning("compile cache %s not saved to %s: %s", key, store, e)
 
     async def _export_engine_metrics(self) -> None:
         """Every few seconds, vLLM's registry as Ray gauges tagged with the model: one read and a few dozen

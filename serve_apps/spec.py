@@ -171,6 +171,10 @@ class ServeSpec(Config):
         "router: gpufleet's OpenAI router in front of the replicas (several models, LoRA adapters). "
         "auto: direct where the cluster fronts Serve with HAProxy and the spec allows it, else router."))
     models: list[ModelEntry] = Field(min_length=1, description="The models to serve, each with its own plan.")
+    storage: str | None = Field(default=None, description=(
+        "Storage the replicas share across nodes (s3://, gs://, file://, or a path every node mounts): each keeps "
+        "vLLM's compile cache there, keyed by model, engine arguments, versions and GPU type, so a replica on a "
+        "fresh node restores it instead of compiling. Unset: the cache stays on each node."))
     env: list[str] = Field(default_factory=list, description=(
         "Names of environment variables copied from the deploying machine into every replica (HF_TOKEN and "
         "api_key_env always are, when set); they travel in the runtime env, never in an emitted config."))

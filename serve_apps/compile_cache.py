@@ -1,0 +1,101 @@
+"""vLLM's torch.compile cache, carried through storage so that a replica on a fresh node starts as if warm.
+
+A warm start skips the graph compilation vLLM does on first start (12-15 s of a 1B model's cold start on an H100,
+more for larger ones; docs/benchmarks.md). That cache lives on the node's disk, so every new node compiles again.
+With a serve spec's ``storage:``, each replica keeps the cache in a node-local folder of its own key (model,
+engine arguments, vLLM and torch versions, GPU type), shared by the model's replicas and restarts on that node;
+the first replica on a node restores ``<storage>/compile-cache/<key>.tar.gz`` into it before its engine starts,
+and a replica that finds no archive in storage uploads what it compiled once its engine is up.
+vLLM checks its own hash inside the cache, so an archive that does not fit is recompiled, never misused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gpufleet.cluster.adapter_store import storage
+
+logger = logging.getLogger("ray.serve")
+STORE_ENV = "GPUFLEET_COMPILE_CACHE_STORE"  # the spec's storage URI, in the replica's environment
+ROOT_ENV = "GPUFLEET_COMPILE_CACHE_ROOT"  # node-local parent of the keyed folders
+DEFAULT_ROOT = "~/.cache/gpufleet/compile-cache"
+RESTORED = ".gpufleet-restored"  # in a keyed folder: storage was consulted on this node (restored or not there)
+
+
+def cache_key(model_source: str, engine_kwargs: dict[str, Any], accelerator: str, versions: dict[str, str]) -> str:
+    """What a compiled graph depends on, as a short hash: the model, the engine arguments, the GPU type and the
+    versions of vLLM and torch."""
+    data = {"model": model_source, "engine": engine_kwargs, "accelerator": accelerator, "versions": versions}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def node_folder(key: str) -> Path:
+    """The node-local folder for ``key`` (vLLM's cache root for the replicas that share it)."""
+    return Path(os.path.expanduser(os.environ.get(ROOT_ENV, DEFAULT_ROOT))) / key
+
+
+def archive_path(store: str, key: str) -> tuple[Any, str]:
+    fs, root = storage(store)
+    return fs, f"{root.rstrip('/')}/compile-cache/{key}.tar.gz"
+
+
+@contextmanager
+def node_lock(folder: Path) -> Iterator[None]:
+    """One replica at a time restores into (or packs) a node's folder; the others wait and then find it done."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def restore(store: str, key: str, folder: Path) -> bool:
+    """Unpack ``key``'s archive from ``store`` into ``folder`` the first time a replica on this node asks;
+    return whether anything was unpacked. What the node compiled since is never overwritten."""
+    import pyarrow.fs as pafs
+
+    with node_lock(folder):
+        if (folder / RESTORED).exists():
+            return False
+        fs, path = archive_path(store, key)
+        found = fs.get_file_info(path).type == pafs.FileType.File
+        if found:
+            with fs.open_input_stream(path, compression=None) as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:gz") as tar:
+                tar.extractall(folder, filter="data")
+        (folder / RESTORED).write_text(json.dumps({"store": store, "restored": found}))
+        return found
+
+
+def save(store: str, key: str, folder: Path) -> bool:
+    """Upload ``folder`` as ``key``'s archive unless storage has one or there is nothing compiled in it; return
+    whether it was uploaded. The archive appears under its name only once complete."""
+    import pyarrow.fs as pafs
+
+    with node_lock(folder):
+        files = [p for p in folder.rglob("*") if p.is_file() and p.name != RESTORED]
+        fs, path = archive_path(store, key)
+        if not files or fs.get_file_info(path).type == pafs.FileType.File:
+            return False
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for p in sorted(files):
+                tar.add(p, arcname=str(p.relative_to(folder)))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    part = f"{path}.{uuid.uuid4().hex}.part"
+    with fs.open_output_stream(part, compression=None) as f:  # bytes as they are, not by suffix
+        f.write(buf.getvalue())
+    fs.move(part, path)
+    return True
