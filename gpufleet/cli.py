@@ -507,10 +507,11 @@ def serve_cmd(spec_or_model: str, address: str | None, emit_config: bool, fmt: s
         return
     from gpufleet.cluster.head import connect
     from gpufleet.serve_apps.app import deploy, haproxy_fronts_serve
+    from gpufleet.serve_apps.remote import replica_env
 
     connect()
     with out.status("deploying (vLLM replicas load the model) ..."):
-        url = deploy(spec, base, report=out.print)
+        url = deploy(spec, base, report=out.print, env=replica_env(spec))
     haproxy = haproxy_fronts_serve()
     front = "HAProxy" if haproxy else "Ray Serve's proxy"
     layout = ("the replica serves the API itself" if spec.ingress_mode(haproxy) == "direct"

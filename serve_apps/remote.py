@@ -59,8 +59,14 @@ def stage_serve(spec: ServeSpec, base: Path, into: Path) -> dict[str, str]:
             shutil.copy2(resolve(base, entry.config or ""), into / name)
             data["models"][i]["config"] = name
     (into / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
-    env = forwarded_env([*spec.env, *([spec.api_key_env] if spec.api_key_env else [])])
+    env = replica_env(spec)
     return {**env, FORWARDED_NAMES_ENV: ",".join(env)}
+
+
+def replica_env(spec: ServeSpec) -> dict[str, str]:
+    """What every replica gets from the deploying machine's environment: HF_TOKEN, the spec's ``env`` names and
+    ``api_key_env``, as set here now (a local head started earlier does not have them)."""
+    return forwarded_env([*spec.env, *([spec.api_key_env] if spec.api_key_env else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
