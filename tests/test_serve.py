@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from gpufleet.catalogue.errors import PlanError, SpecError
 from gpufleet.catalogue.model import load_model
 from gpufleet.cluster.head import free_port
+from gpufleet.serve_apps import compile_cache
 from gpufleet.serve_apps.app import deploy, emit_config, entry_plan, llm_config_dict
 from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
 from tests.conftest import hf_cache_with, placed_bundles, planned_bundles
@@ -53,11 +54,14 @@ def served(request, tiny_model, short_tmp):
         make_adapter(tiny_model, short_tmp / "adapter-a")
         model.update(adapters={"greeter": str(short_tmp / "adapter-a")}, adapters_dir=str(adapters_dir),
                      replicas={"min": 2, "max": 2}, shared_prefix_tokens=64)
-    else:  # as GPU replicas run: vLLM's metrics in its own registry, not exported through Ray
+    extra = {}
+    if request.param == "direct":  # as GPU replicas run: vLLM's metrics in its own registry, not through Ray
         model["engine_metrics"] = False
+        extra["storage"] = str(short_tmp / "store")  # the compile cache's node folders go under the root below
+        os.environ[compile_cache.ROOT_ENV] = str(short_tmp / "compile-cache")
     spec_file = short_tmp / "serve.yaml"
     spec_file.write_text(yaml.safe_dump({"name": "tiny", "port": free_port(), "api_key_env": KEY_ENV,
-                                         "ingress": request.param, "models": [model]}))
+                                         "ingress": request.param, "models": [model], **extra}))
     os.environ[KEY_ENV] = KEY
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     spec, base = load_serve_spec(spec_file)
@@ -91,8 +95,8 @@ def test_replica_logs_where_its_start_went_and_skips_the_no_op_download(served):
     """A local model directory needs no download task on each node; the replica says what each phase took."""
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
-    ready = re.search(r"replica ready in ([\d.]+) s: process ([\d.]+) s, model files ([\d.]+) s, engine config ([\d.]+) s,"
-                      r" engine ([\d.]+) s \(no download: not a bucket model\)", text)
+    ready = re.search(r"replica ready in ([\d.]+) s: process ([\d.]+) s, (?:compile cache [\d.]+ s, )?model files ([\d.]+) s, "
+                      r"engine config ([\d.]+) s, engine ([\d.]+) s \(no download: not a bucket model\)", text)
     assert ready and float(ready[3]) < 1 and float(ready[5]) > 0
     assert "Running tasks to download model files" not in text
 
@@ -232,6 +236,16 @@ def test_direct_replica_serves_vllms_own_metrics_when_ray_does_not_export_them(s
     text = requests.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {KEY}"},
                         timeout=30).text
     assert "vllm:generation_tokens_total" in text
+
+
+def test_a_replica_with_storage_asks_it_once_for_the_compile_cache_of_its_nodes_keyed_folder(served, request):
+    if request.node.callspec.params["served"] != "direct":
+        pytest.skip("the direct spec names storage")
+    *_, short_tmp = served
+    folders = list((short_tmp / "compile-cache").iterdir())
+    assert [len(f.name) for f in folders if f.is_dir()] == [16]  # one key: the model's
+    record = json.loads((next(f for f in folders if f.is_dir()) / compile_cache.RESTORED).read_text())
+    assert record == {"store": (short_tmp / "store").resolve().as_uri(), "restored": False}  # nothing there yet
 
 
 @router_only
