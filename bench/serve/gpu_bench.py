@@ -43,6 +43,7 @@ from bench.serve.sampler import ACTIVE, POLL_S, sampled_env
 from gpufleet.catalogue.model import load_model
 from gpufleet.catalogue.planner import plan
 from gpufleet.serve_apps.app import SERVER
+from gpufleet.serve_apps.compile_cache import ROOT_ENV
 
 LEVELS = (1, 8, 32, 128, 256)
 IN_LEN = OUT_LEN = 128
@@ -236,10 +237,12 @@ GPUFLEET_SIDES = {"gpufleet": {}, "gpufleet-ray-engine-metrics": {"engine_metric
 
 def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, env: dict[str, str],
              server_cls: str | None = None, load: Callable[[int, str, Path], dict] = drive,
-             num_cpus: int | None = None) -> dict:
+             num_cpus: int | None = None, upload: Path | None = None) -> dict:
     """The serve spec deployed as `gpufleet serve` deploys it (with ``server_cls`` as the replica class
     if given), on a local Ray cluster whose processes inherit ``env``, then driven by ``load``
-    (default: ``drive``'s levels); ``num_cpus``: the local cluster's CPUs (default: the machine's)."""
+    (default: ``drive``'s levels); ``num_cpus``: the local cluster's CPUs (default: the machine's); ``upload``: the
+    spec's storage folder, whose compile-cache archive the replica uploads after its start (waited for, so that
+    a later ``:fresh-node`` side finds it)."""
     import ray
     from ray import serve
 
@@ -258,12 +261,23 @@ def gpufleet(model_dir: str, spec: dict, port: int, tokenizer: str, work: Path, 
             ready = round(time.monotonic() - t0, 1)
             front = "haproxy" if haproxy_fronts_serve() else "ray"
             logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
-            return {"start_s": ready, "serve_proxy": front,
+            uploaded = wait_for_upload(upload) if upload else None
+            return {"start_s": ready, "serve_proxy": front, **({"cache_uploaded": uploaded} if upload else {}),
                     **({"start_log": start_log(sorted(logs.glob("worker-*")))} if READY_ONLY["on"] else {}),
                     "ingress": served.ingress_mode(front == "haproxy"), **load(port, tokenizer, work)}
         finally:
             serve.shutdown()
             ray.shutdown()
+
+
+def wait_for_upload(store: Path, timeout_s: float = 180) -> bool:
+    """Whether the storage folder holds a compile-cache archive (waiting for the replica's upload)."""
+    deadline = time.monotonic() + timeout_s
+    while not list(store.glob("compile-cache/*.tar.gz")):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
 
 
 def _runs(result: dict, side: str, i: int) -> list[dict]:
@@ -359,7 +373,10 @@ def main() -> int:
     ap.add_argument("--ready-only", action="store_true",
                     help="Time each side's start to its first answer, with no load (cold start). A side named "
                          "SIDE:cold starts with vLLM's, inductor's and Triton's compile caches removed; otherwise "
-                         "it finds them as the previous side left them. Rows go under cold_start.")
+                         "it finds them as the previous side left them. gpufleet:fresh-node starts as on a new "
+                         "node: caches removed, a node folder no side used, and the compile cache restored from "
+                         "the storage earlier gpufleet sides uploaded to (every gpufleet side then names it). "
+                         "Rows go under cold_start.")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--combine", type=Path, nargs="+",
                     help="Merge the sides of result files from calls on the same machine lease; measure nothing.")
@@ -372,10 +389,14 @@ def main() -> int:
     if not (a.model_dir and a.tokenizer):
         ap.error("--model-dir and --tokenizer are needed to measure")
     READY_ONLY["on"] = a.ready_only
-    unknown = {x.removesuffix(":cold") for x in a.sides.split(",")} - {*GPUFLEET_SIDES, *PLAIN_SIDES}
+    named_sides = [(x.split(":")[0], x.split(":")[1] if ":" in x else "") for x in a.sides.split(",")]
+    unknown = {side for side, _ in named_sides} - {*GPUFLEET_SIDES, *PLAIN_SIDES}
     if unknown:
         ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from "
                  f"{', '.join([*GPUFLEET_SIDES, *PLAIN_SIDES])}")
+    if bad := [f"{side}:{how}" for side, how in named_sides if how not in ("", "cold", "fresh-node")
+               or how == "fresh-node" and side in PLAIN_SIDES]:
+        ap.error(f"--sides: {bad[0]}: a side takes :cold, or :fresh-node for a gpufleet side")
     from gpufleet.cluster.head import free_port, serve_proxy_env
 
     PROFILE["levels"] = tuple(int(c) for c in a.profile.split(",") if c)
@@ -399,12 +420,18 @@ def main() -> int:
               "workload": f"random dataset, {IN_LEN} in / {OUT_LEN} out, ignore_eos; then range ratio 0.5",
               "tool": "vllm bench serve", "serve_env": serve_env, "sides": [], "rows": []}
     work = Path(tempfile.mkdtemp(prefix="gb-"))
+    # :fresh-node: gpufleet's compile cache through the spec's storage (a folder here), restored into a node
+    # folder no side used before, with vLLM's, inductor's and Triton's caches removed as on a new node
+    store = work / "store" if any(how == "fresh-node" for _, how in named_sides) else None
+    app = {"name": "bench", **({"storage": str(store)} if store else {})}
+    node_env = {ROOT_ENV: str(work / "node-0")} if store else {}
     seen: set[str] = set()
-    for named in a.sides.split(","):
-        side, cold = named.removesuffix(":cold"), named.endswith(":cold")
-        if cold:
+    for i, (side, how) in enumerate(named_sides):
+        if how:
             clear_compile_caches()
-        cache = "cold" if cold else "warm" if side in seen else "as left"
+        if how == "fresh-node":
+            node_env = {ROOT_ENV: str(work / f"node-{i + 1}")}
+        cache = how or ("warm" if side in seen else "as left")
         seen.add(side)
         t0 = time.monotonic()
         changes = dict(GPUFLEET_SIDES.get(side, {}))
@@ -412,8 +439,8 @@ def main() -> int:
         try:
             got = (plain_vllm(a.model_dir, p.engine_kwargs, free_port(), a.tokenizer, work, PLAIN_SIDES[side])
                    if side in PLAIN_SIDES else
-                   gpufleet(a.model_dir, {"name": "bench", "models": [{**entry, **changes}]}, free_port(),
-                            a.tokenizer, work, serve_env, server_cls))
+                   gpufleet(a.model_dir, {**app, "models": [{**entry, **changes}]}, free_port(),
+                            a.tokenizer, work, {**serve_env, **node_env}, server_cls, upload=store))
         except Exception as e:
             got = {"error": f"{type(e).__name__}: {e}"}
         result["sides"].append({"side": side, "cache": cache, "wall_s": round(time.monotonic() - t0, 1), **got})
