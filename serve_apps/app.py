@@ -24,8 +24,8 @@ from gpufleet.catalogue.placement import (
 )
 from gpufleet.catalogue.planner import plan
 from gpufleet.catalogue.plans import ServePlan
-from gpufleet.catalogue.sources import model_source
-from gpufleet.serve_apps.adapters import ADAPTERS_ENV, adapters_table
+from gpufleet.catalogue.sources import model_source, resolve
+from gpufleet.serve_apps.adapters import ADAPTERS_ENV, adapters_table, is_uri
 from gpufleet.serve_apps.compile_cache import STORE_ENV
 from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV
 from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, Slo, resolve_ingress, resolve_router
@@ -173,8 +173,8 @@ def llm_configs(spec: ServeSpec, base: Path, env: dict[str, str] | None = None) 
     for c in configs:
         c["runtime_env"]["env_vars"].update(env or {})
         if spec.storage:  # the replica carries vLLM's compile cache through it (serve_apps.compile_cache)
-            c["runtime_env"]["env_vars"][STORE_ENV] = (spec.storage if "://" in spec.storage
-                                                       else (base / spec.storage).resolve().as_uri())
+            c["runtime_env"]["env_vars"][STORE_ENV] = (spec.storage if is_uri(spec.storage)
+                                                       else resolve(base, spec.storage).resolve().as_uri())
     return configs
 
 

@@ -73,7 +73,9 @@ def restore(store: str, key: str, folder: Path) -> bool:
         fs, path = archive_path(store, key)
         found = fs.get_file_info(path).type == pafs.FileType.File
         if found:
-            with fs.open_input_stream(path, compression=None) as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:gz") as tar:
+            with fs.open_input_stream(path, compression=None) as f:  # bytes as they are, not by suffix
+                data = f.read()
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
                 tar.extractall(folder, filter="data")
         (folder / RESTORED).write_text(json.dumps({"store": store, "restored": found}))
         return found

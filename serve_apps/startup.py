@@ -34,9 +34,10 @@ class StartupClock:
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase: process (worker start and imports, up to the replica's __init__), compile_cache
-        (with the spec's storage: the compile cache restored on a fresh node), model_files (Ray Serve LLM's node initialisation), engine_config (vLLM's config, built by Ray Serve
-        LLM in a GPU task of its own on GPUs), engine (vLLM's engine process and worker: weights, compile,
-        graphs, KV cache), http_app (the replica's OpenAI app, direct ingress only)."""
+        (with the spec's storage: the compile cache restored on a fresh node), model_files (Ray Serve LLM's node
+        initialisation), engine_config (vLLM's config, built by Ray Serve LLM in a GPU task of its own on GPUs),
+        engine (vLLM's engine process and worker: weights, compile, graphs, KV cache), http_app (the replica's
+        OpenAI app, direct ingress only)."""
         m = self.marks
         node_start, node_end = m.get("node_init_started", self.init_entered), m.get("node_init_done")
         config_end, engine_end = m.get("engine_config_built"), m.get("engine_started")

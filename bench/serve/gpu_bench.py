@@ -389,7 +389,7 @@ def main() -> int:
     if not (a.model_dir and a.tokenizer):
         ap.error("--model-dir and --tokenizer are needed to measure")
     READY_ONLY["on"] = a.ready_only
-    named_sides = [(x.split(":")[0], x.split(":")[1] if ":" in x else "") for x in a.sides.split(",")]
+    named_sides = [(side, how) for side, _, how in (x.partition(":") for x in a.sides.split(","))]
     unknown = {side for side, _ in named_sides} - {*GPUFLEET_SIDES, *PLAIN_SIDES}
     if unknown:
         ap.error(f"--sides: unknown {', '.join(sorted(unknown))}; choose from "
