@@ -56,9 +56,10 @@ demo: install
 demo-clean:
 	rm -rf .demo
 
+# The slowest tests are listed at the end: where the suite's time goes, on every CI run.
 test: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Everything that starts no Ray cluster, vLLM or DeepSpeed (about 3 minutes on 2 cores); CI runs `make test`.
 test-fast: install
