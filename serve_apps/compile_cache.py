@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -73,9 +72,9 @@ def restore(store: str, key: str, folder: Path) -> bool:
         fs, path = archive_path(store, key)
         found = fs.get_file_info(path).type == pafs.FileType.File
         if found:
-            with fs.open_input_stream(path, compression=None) as f:  # bytes as they are, not by suffix
-                data = f.read()
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            # Streamed ("r|gz"): a graph cache of several GiB never sits in memory whole.
+            with (fs.open_input_stream(path, compression=None) as f,  # bytes as they are, not by suffix
+                  tarfile.open(fileobj=f, mode="r|gz") as tar):
                 tar.extractall(folder, filter="data")
         (folder / RESTORED).write_text(json.dumps({"store": store, "restored": found}))
         return found
@@ -91,13 +90,12 @@ def save(store: str, key: str, folder: Path) -> bool:
         fs, path = archive_path(store, key)
         if not files or fs.get_file_info(path).type == pafs.FileType.File:
             return False
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        part = f"{path}.{uuid.uuid4().hex}.part"
+        # Streamed ("w|gz") into storage, as restore reads it back.
+        with (fs.open_output_stream(part, compression=None) as f,  # bytes as they are, not by suffix
+              tarfile.open(fileobj=f, mode="w|gz") as tar):
             for p in sorted(files):
                 tar.add(p, arcname=str(p.relative_to(folder)))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    part = f"{path}.{uuid.uuid4().hex}.part"
-    with fs.open_output_stream(part, compression=None) as f:  # bytes as they are, not by suffix
-        f.write(buf.getvalue())
     fs.move(part, path)
     return True
