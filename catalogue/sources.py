@@ -23,6 +23,11 @@ def resolve(base: Path, value: str) -> Path:
     return q if q.is_absolute() else (base / q).resolve()
 
 
+def is_uri(path: str | Path) -> bool:
+    """A location in a bucket (s3://, gs://) or named by URL (file://): read where the job or replica runs."""
+    return "://" in str(path)
+
+
 def check_model_dir(model_dir: Path, field: str = "model") -> dict[str, Any]:
     """The model's config, after checking the directory holds a config.json and a tokenizer."""
     cfg_file = model_dir / "config.json"

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpufleet.catalogue.sources import is_uri
+
 VERSION_FILE = "gpufleet-adapter.json"
 WEIGHTS = "adapter_model.safetensors"
 
@@ -41,12 +43,12 @@ def publish_adapter(adapter: str, store: str, name: str) -> dict[str, Any]:
     weights = _read(adapter, WEIGHTS)
     record = {"name": name, "version": hashlib.sha256(weights).hexdigest()[:16], "source": adapter,
               "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if "://" in store:
+    if is_uri(store):
         import pyarrow.fs as pafs
 
         fs, root = storage(store)
         target = f"{root.rstrip('/')}/{name}"
-        src_fs, src = (pafs.LocalFileSystem(), str(Path(adapter).resolve())) if "://" not in adapter else storage(adapter)
+        src_fs, src = (pafs.LocalFileSystem(), str(Path(adapter).resolve())) if not is_uri(adapter) else storage(adapter)
         fs.create_dir(target, recursive=True)
         pafs.copy_files(src, target, source_filesystem=src_fs, destination_filesystem=fs)
         with fs.open_output_stream(f"{target}/{VERSION_FILE}") as f:  # last: the switch
@@ -58,7 +60,7 @@ def publish_adapter(adapter: str, store: str, name: str) -> dict[str, Any]:
     built = versions / f"{name}-{record['version']}"
     if not built.exists():
         part = versions / f".{built.name}.{os.getpid()}.part"
-        if "://" in adapter:
+        if is_uri(adapter):
             import pyarrow.fs as pafs
 
             fs, src = storage(adapter)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.catalogue.errors import SpecError, fix
+from gpufleet.catalogue.sources import is_uri
 
 IGNORE = -100
 Messages = list[dict[str, str]]
@@ -37,11 +38,6 @@ def _to_messages(rec: Any, where: str) -> Messages:
         return [{"role": "user", "content": user}, {"role": "assistant", "content": str(rec["output"])}]
     raise SpecError(fix(f"{where}: unknown record format with keys {sorted(rec)}",
                         "use 'messages', 'prompt'+'completion', or 'instruction'+'input'+'output'"))
-
-
-def is_uri(path: str | Path) -> bool:
-    """A dataset in a bucket (s3://, gs://) or named by URL (file://): read where the job runs."""
-    return "://" in str(path)
 
 
 def _read_lines(path: str | Path) -> list[str]:

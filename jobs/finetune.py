@@ -20,8 +20,8 @@ from gpufleet.catalogue.flops import train_flops_per_token
 from gpufleet.catalogue.gpus import get_gpu
 from gpufleet.catalogue.model import spec_from_config
 from gpufleet.catalogue.placement import Placement
-from gpufleet.catalogue.sources import REMOTE_SCHEMES, model_source, resolve
-from gpufleet.jobs.data import is_uri, load_conversations
+from gpufleet.catalogue.sources import REMOTE_SCHEMES, is_uri, model_source, resolve
+from gpufleet.jobs.data import load_conversations
 from gpufleet.jobs.layout import TrainLayout, deepspeed_config, resolve_layout
 from gpufleet.jobs.spec import JobSpec, load_job_spec
 
@@ -52,7 +52,7 @@ def prepare(spec_path: str | Path) -> tuple[JobSpec, TrainLayout, dict[str, Any]
         "storage_path": str(out / "ray"), "upload_to": None,
         "publish": spec.publish if not spec.publish or is_uri(spec.publish) else str(resolve(base, spec.publish)),
     }
-    if spec.storage and "://" in spec.storage:  # a bucket: results are written locally, then uploaded
+    if spec.storage and is_uri(spec.storage):  # a bucket: results are written locally, then uploaded
         cfg.update(storage_path=spec.storage, upload_to=f"{spec.storage.rstrip('/')}/{spec.name}")
     elif spec.storage:  # a shared mount: every rank writes there directly
         shared = resolve(base, spec.storage)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.catalogue.flops import mfu
+from gpufleet.catalogue.sources import is_uri
 from gpufleet.jobs.data import IGNORE
 
 if TYPE_CHECKING:
@@ -268,7 +269,7 @@ def _stop_note(cfg: dict[str, Any]) -> tuple[Any, str]:
     reads (a metric would not do: Ray Train's result carries the last checkpoint's metrics only)."""
     from gpufleet.cluster.adapter_store import storage
 
-    root = cfg["storage_path"] if "://" in cfg["storage_path"] else str(Path(cfg["storage_path"]).absolute())
+    root = cfg["storage_path"] if is_uri(cfg["storage_path"]) else str(Path(cfg["storage_path"]).absolute())
     fs, path = storage(root)
     return fs, f"{path}/{cfg['spec']['name']}/{NUMERICS_MARKER}"
 

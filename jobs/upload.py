@@ -20,9 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from gpufleet.catalogue.errors import SpecError, fix
-from gpufleet.catalogue.sources import resolve
+from gpufleet.catalogue.sources import is_uri, resolve
 from gpufleet.cluster.endpoint import forwarded_env
-from gpufleet.jobs.data import is_uri
 from gpufleet.jobs.finetune import UPLOADED_JOB_ENV, prepare
 from gpufleet.jobs.layout import TrainLayout
 from gpufleet.jobs.spec import JobSpec, load_job_spec

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.catalogue.errors import SpecError, fix
-from gpufleet.catalogue.sources import resolve
+from gpufleet.catalogue.sources import is_uri, resolve
 from gpufleet.cluster.adapter_store import storage
 from gpufleet.serve_apps.spec import ModelEntry
 
@@ -39,10 +39,6 @@ def adapters_table(entry: ModelEntry, base: Path) -> dict[str, Any] | None:
     if folder and not is_uri(folder):
         folder = str(resolve(base, folder))
     return {"adapters": out, "adapters_dir": folder}
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def _is_adapter(location: str) -> bool:

@@ -24,8 +24,8 @@ from gpufleet.catalogue.placement import (
 )
 from gpufleet.catalogue.planner import plan
 from gpufleet.catalogue.plans import ServePlan
-from gpufleet.catalogue.sources import model_source, resolve
-from gpufleet.serve_apps.adapters import ADAPTERS_ENV, adapters_table, is_uri
+from gpufleet.catalogue.sources import is_uri, model_source, resolve
+from gpufleet.serve_apps.adapters import ADAPTERS_ENV, adapters_table
 from gpufleet.serve_apps.compile_cache import STORE_ENV
 from gpufleet.serve_apps.engine_signals import SLO_SIGNALS_ENV
 from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, Slo, resolve_ingress, resolve_router

@@ -18,9 +18,8 @@ from pathlib import Path
 import yaml
 
 from gpufleet.catalogue.errors import GpufleetError, SpecError, fix
-from gpufleet.catalogue.sources import REMOTE_SCHEMES, model_source, resolve
+from gpufleet.catalogue.sources import REMOTE_SCHEMES, is_uri, model_source, resolve
 from gpufleet.cluster.endpoint import forwarded_env
-from gpufleet.serve_apps.adapters import is_uri
 from gpufleet.serve_apps.spec import ServeSpec
 
 SPEC_FILE = "spec.yaml"
