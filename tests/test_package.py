@@ -103,13 +103,10 @@ def test_each_gpu_example_is_planned(example, tmp_path, monkeypatch):
     from gpufleet.jobs.spec import load_job_spec
     from gpufleet.serve_apps.app import sourced_plan
     from gpufleet.serve_apps.spec import load_serve_spec
-    from tests.conftest import hf_cache_with
+    from tests.conftest import go_offline, hf_cache_with
 
     hf_cache_with(tmp_path, "Qwen/Qwen2.5-7B", {"config.json": builtin_models()["qwen2.5-7b"].read_text()})
-    import huggingface_hub.constants as hf
-
-    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    go_offline(monkeypatch, tmp_path)
     if "serve" in example.stem:
         spec, base = load_serve_spec(example)
         assert all(sourced_plan(m, base)[1].gpus >= 1 for m in spec.models)
@@ -135,13 +132,10 @@ def test_the_readme_quickstart_commands_that_need_no_cluster_run(command, tmp_pa
     import shlex
 
     from gpufleet.catalogue.model import builtin_models
-    from tests.conftest import hf_cache_with
+    from tests.conftest import go_offline, hf_cache_with
 
     hf_cache_with(tmp_path, "Qwen/Qwen2.5-7B", {"config.json": builtin_models()["qwen2.5-7b"].read_text()})
-    import huggingface_hub.constants as hf
-
-    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    go_offline(monkeypatch, tmp_path)
     monkeypatch.chdir(ROOT)
     r = CliRunner().invoke(main, shlex.split(command)[1:])
     assert r.exit_code == 0, r.output

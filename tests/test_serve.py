@@ -26,7 +26,7 @@ from gpufleet.cluster.head import free_port
 from gpufleet.serve_apps import compile_cache
 from gpufleet.serve_apps.app import deploy, emit_config, entry_plan, llm_config_dict
 from gpufleet.serve_apps.spec import ModelEntry, ServeSpec, load_serve_spec
-from tests.conftest import hf_cache_with, placed_bundles, planned_bundles
+from tests.conftest import go_offline, hf_cache_with, placed_bundles, planned_bundles
 
 pytestmark = pytest.mark.slow
 KEY_ENV, KEY = "GPUFLEET_TEST_API_KEY", "test-key-123"
@@ -420,11 +420,7 @@ def test_a_gpu_replica_keeps_vllms_engine_metrics_out_of_rays_unless_asked(tiny_
 
 def test_repo_id_is_planned_from_the_offline_hugging_face_cache(tmp_path, monkeypatch, tiny_model):
     config = json.loads((tiny_model / "config.json").read_text())
-    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache_with(tmp_path / "hub", "acme/tiny-chat", {"config.json": json.dumps(config)})))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hf
-
-    monkeypatch.setattr(hf, "HF_HUB_CACHE", os.environ["HF_HUB_CACHE"])
+    go_offline(monkeypatch, hf_cache_with(tmp_path / "hub", "acme/tiny-chat", {"config.json": json.dumps(config)}))
     conf = llm_config_dict(ModelEntry(id="t", source="acme/tiny-chat", max_model_len=256), tmp_path)
     assert conf["model_loading_config"]["model_source"] == "acme/tiny-chat"
     assert conf["engine_kwargs"]["max_model_len"] == 256
