@@ -59,12 +59,12 @@ demo-clean:
 # The slowest tests are listed at the end: where the suite's time goes, on every CI run.
 test: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+	$(PY) -m pytest -q --durations=25
 
 # Everything that starts no Ray cluster, vLLM or DeepSpeed (about 3 minutes on 2 cores); CI runs `make test`.
 test-fast: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check catalogue cluster jobs serve_apps gpufleet tests bench

@@ -19,12 +19,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # A Ray worker that unpickles a helper from this module imports it too: it reuses the run's dir.
 _OWN_TMP = "GPUFLEET_TEST_TMP" not in os.environ
 SESSION_TMP = Path(os.environ.get("GPUFLEET_TEST_TMP") or tempfile.mkdtemp(prefix="gft-", dir="/tmp"))
-# Under pytest-xdist each worker runs its own clusters at once with the other's: a folder of its own, or a
-# ray.init() would find the other worker's head through ray_current_cluster. (Its Ray workers inherit both
-# variables and land in the same folder.)
-if (_worker := os.environ.get("PYTEST_XDIST_WORKER")) and SESSION_TMP.name != _worker:
-    SESSION_TMP = SESSION_TMP / _worker
-    SESSION_TMP.mkdir(exist_ok=True)
 os.environ["GPUFLEET_TEST_TMP"] = str(SESSION_TMP)
 os.environ["RAY_TMPDIR"] = str(SESSION_TMP)
 (SESSION_TMP / "ray").mkdir(exist_ok=True)  # Ray writes ray_current_cluster here but does not create it
@@ -161,12 +155,3 @@ def go_offline(monkeypatch, cache: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Modules that start clusters first, the longest (Ray Train's) at the head: pytest-xdist hands out whole
-    modules in this order, so the long ones start at once and the quick ones fill the gaps at the end."""
-    def start_order(item) -> int:
-        return 0 if item.path.name == "test_train.py" else 1 if item.get_closest_marker("slow") else 2
-
-    items.sort(key=start_order)  # stable: the order within each module stays as written
