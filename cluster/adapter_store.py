@@ -30,7 +30,7 @@ def storage(uri: str) -> tuple[Any, str]:
 
 
 def _read(location: str, name: str) -> bytes:
-    if "://" not in location:
+    if not is_uri(location):
         return (Path(location) / name).read_bytes()
     fs, path = storage(location)
     with fs.open_input_stream(f"{path}/{name}") as f:
@@ -87,7 +87,7 @@ def adapter_version(location: str) -> str | None:
         return json.loads(_read(location, VERSION_FILE))["version"]
     except (OSError, FileNotFoundError, KeyError, ValueError):
         pass
-    if "://" not in location:
+    if not is_uri(location):
         try:
             st = (Path(location) / WEIGHTS).stat()
         except OSError:

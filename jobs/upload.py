@@ -57,7 +57,7 @@ def stage_job(spec_path: str | Path, into: Path, shares_disk: bool, output_dir: 
     data = spec.model_dump(exclude_defaults=True)
     if shares_disk:
         data.update(model=cfg["model"], dataset=cfg["dataset"], output_dir=cfg["output_dir"])
-        if spec.storage and "://" not in spec.storage:
+        if spec.storage and not is_uri(spec.storage):
             data["storage"] = str(resolve(base, spec.storage))
         if cfg["publish"]:
             data["publish"] = cfg["publish"]
@@ -76,10 +76,10 @@ def _uploaded_files(spec: JobSpec, base: Path, cfg: dict[str, Any], into: Path) 
         raise SpecError(fix("storage: is not set, and this cluster's head does not share this machine's disk: "
                             "the job's results would stay on a cluster node",
                             "set storage: to s3://bucket/prefix, gs://bucket/prefix or a path every node mounts"))
-    if "://" not in spec.storage and not Path(spec.storage).expanduser().is_absolute():
+    if not is_uri(spec.storage) and not Path(spec.storage).expanduser().is_absolute():
         raise SpecError(fix(f"storage: {spec.storage} is relative to this machine's spec folder",
                             "use s3://, gs:// or an absolute path that every cluster node mounts"))
-    if spec.publish and "://" not in spec.publish and not Path(spec.publish).expanduser().is_absolute():
+    if spec.publish and not is_uri(spec.publish) and not Path(spec.publish).expanduser().is_absolute():
         raise SpecError(fix(f"publish: {spec.publish} is relative to this machine's spec folder",
                             "use s3://, gs:// or an absolute path that the cluster's nodes and replicas mount"))
     fields: dict[str, str] = {}
