@@ -90,12 +90,17 @@ def save(store: str, key: str, folder: Path) -> bool:
         fs, path = archive_path(store, key)
         if not files or fs.get_file_info(path).type == pafs.FileType.File:
             return False
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        part = f"{path}.{uuid.uuid4().hex}.part"
-        # Streamed ("w|gz") into storage, as restore reads it back.
-        with (fs.open_output_stream(part, compression=None) as f,  # bytes as they are, not by suffix
-              tarfile.open(fileobj=f, mode="w|gz") as tar):
+        # Packed to node-local disk under the lock (the folder holds still), uploaded after it: a replica starting
+        # on this node waits for the lock in restore, not for a bucket upload; memory holds neither.
+        packed = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tar.gz"
+        with tarfile.open(packed, mode="w:gz") as tar:
             for p in sorted(files):
                 tar.add(p, arcname=str(p.relative_to(folder)))
-    fs.move(part, path)
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        part = f"{path}.{uuid.uuid4().hex}.part"
+        pafs.copy_files(str(packed), part, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        fs.move(part, path)
+    finally:
+        packed.unlink(missing_ok=True)
     return True
