@@ -16,13 +16,16 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tarfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlparse
 
+from gpufleet.catalogue.sources import is_uri
 from gpufleet.cluster.adapter_store import storage
 
 logger = logging.getLogger("ray.serve")
@@ -49,6 +52,52 @@ def archive_path(store: str, key: str) -> tuple[Any, str]:
     return fs, f"{root.rstrip('/')}/compile-cache/{key}.tar.gz"
 
 
+def local_archive(store: str, key: str) -> Path | None:
+    """The archive's path where ``store`` is a filesystem the nodes mount (a path or ``file://``): read and written
+    with the standard library, so a node image without pyarrow carries the cache too; None for a bucket."""
+    if is_uri(store) and not store.startswith("file://"):
+        return None
+    root = Path(unquote(urlparse(store).path)) if is_uri(store) else Path(store)
+    return root / "compile-cache" / f"{key}.tar.gz"
+
+
+def archive_exists(store: str, key: str) -> bool:
+    if (local := local_archive(store, key)) is not None:
+        return local.is_file()
+    import pyarrow.fs as pafs
+
+    fs, path = archive_path(store, key)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+@contextmanager
+def open_archive(store: str, key: str) -> Iterator[BinaryIO]:
+    if (local := local_archive(store, key)) is not None:
+        with open(local, "rb") as f:
+            yield f
+        return
+    fs, path = archive_path(store, key)
+    with fs.open_input_stream(path, compression=None) as f:  # bytes as they are, not by suffix
+        yield f
+
+
+def upload_archive(packed: Path, store: str, key: str) -> None:
+    """``packed`` to ``key``'s archive in ``store``, under a temporary name first: readers never see a part."""
+    if (local := local_archive(store, key)) is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(f"{local.name}.{uuid.uuid4().hex}.part")
+        shutil.copyfile(packed, part)
+        os.replace(part, local)
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = archive_path(store, key)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    part = f"{path}.{uuid.uuid4().hex}.part"
+    pafs.copy_files(str(packed), part, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    fs.move(part, path)
+
+
 @contextmanager
 def node_lock(folder: Path) -> Iterator[None]:
     """One replica at a time restores into (or packs) a node's folder; the others wait and then find it done."""
@@ -64,17 +113,13 @@ def node_lock(folder: Path) -> Iterator[None]:
 def restore(store: str, key: str, folder: Path) -> bool:
     """Unpack ``key``'s archive from ``store`` into ``folder`` the first time a replica on this node asks;
     return whether anything was unpacked. What the node compiled since is never overwritten."""
-    import pyarrow.fs as pafs
-
     with node_lock(folder):
         if (folder / RESTORED).exists():
             return False
-        fs, path = archive_path(store, key)
-        found = fs.get_file_info(path).type == pafs.FileType.File
+        found = archive_exists(store, key)
         if found:
             # Streamed ("r|gz"): a graph cache of several GiB never sits in memory whole.
-            with (fs.open_input_stream(path, compression=None) as f,  # bytes as they are, not by suffix
-                  tarfile.open(fileobj=f, mode="r|gz") as tar):
+            with open_archive(store, key) as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
                 tar.extractall(folder, filter="data")
         (folder / RESTORED).write_text(json.dumps({"store": store, "restored": found}))
         return found
@@ -83,12 +128,9 @@ def restore(store: str, key: str, folder: Path) -> bool:
 def save(store: str, key: str, folder: Path) -> bool:
     """Upload ``folder`` as ``key``'s archive unless storage has one or there is nothing compiled in it; return
     whether it was uploaded. The archive appears under its name only once complete."""
-    import pyarrow.fs as pafs
-
     with node_lock(folder):
         files = [p for p in folder.rglob("*") if p.is_file() and p.name != RESTORED]
-        fs, path = archive_path(store, key)
-        if not files or fs.get_file_info(path).type == pafs.FileType.File:
+        if not files or archive_exists(store, key):
             return False
         # Packed to node-local disk under the lock (the folder holds still), uploaded after it: a replica starting
         # on this node waits for the lock in restore, not for a bucket upload; memory holds neither.
@@ -97,10 +139,7 @@ def save(store: str, key: str, folder: Path) -> bool:
             for p in sorted(files):
                 tar.add(p, arcname=str(p.relative_to(folder)))
     try:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        part = f"{path}.{uuid.uuid4().hex}.part"
-        pafs.copy_files(str(packed), part, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        fs.move(part, path)
+        upload_archive(packed, store, key)
     finally:
         packed.unlink(missing_ok=True)
     return True

@@ -1,6 +1,7 @@
 """vLLM's compile cache carried through a serve spec's storage: saved once from a node that compiled, restored
 into a fresh node's folder before its engine starts, keyed by what a compiled graph depends on."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,30 @@ def test_a_cache_saved_to_storage_is_restored_into_a_fresh_nodes_folder(tmp_path
     assert save(store, KEY, tmp_path / "node-a" / KEY)
     assert (tmp_path / "bucket" / "compile-cache" / f"{KEY}.tar.gz").is_file()
     assert restore(store, KEY, tmp_path / "node-b" / KEY)
+    assert contents(tmp_path / "node-b" / KEY) == files
+
+
+def test_a_store_on_a_mounted_filesystem_needs_no_pyarrow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # a node image without it: importing it raises
+    monkeypatch.setitem(sys.modules, "pyarrow.fs", None)
+    files = compiled(tmp_path / "node-a" / KEY)
+    for store in (str(tmp_path / "nfs"), (tmp_path / "nfs 2").as_uri()):
+        assert save(store, KEY, tmp_path / "node-a" / KEY)
+        assert restore(store, KEY, tmp_path / "node-b" / store[-5:] / KEY)
+        assert contents(tmp_path / "node-b" / store[-5:] / KEY) == files
+    assert (tmp_path / "nfs 2" / "compile-cache" / f"{KEY}.tar.gz").is_file()
+
+
+def test_a_bucket_store_goes_through_pyarrows_filesystem(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    bucket = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # what s3:// would give, on local disk
+    monkeypatch.setattr(compile_cache, "storage", lambda uri: (bucket, uri.removeprefix("s3://")))
+    files = compiled(tmp_path / "node-a" / KEY)
+    assert save("s3://bucket", KEY, tmp_path / "node-a" / KEY)
+    assert (tmp_path / "bucket" / "compile-cache" / f"{KEY}.tar.gz").is_file()
+    assert not [p for p in (tmp_path / "bucket" / "compile-cache").iterdir() if p.name.endswith(".part")]
+    assert restore("s3://bucket", KEY, tmp_path / "node-b" / KEY)
     assert contents(tmp_path / "node-b" / KEY) == files
 
 
