@@ -32,8 +32,8 @@ CONTEXT = 2048
 GPU = "H100-80GB"
 
 
-def engine_kwargs(name: str, quantization: str) -> dict:
-    return plan(load_model(name), "serve", GPU, gpus=1, seq_len=CONTEXT, quantization=quantization).engine_kwargs
+def engine_kwargs(name: str, quantization: str, gpu: str = GPU) -> dict:
+    return plan(load_model(name), "serve", gpu, gpus=1, seq_len=CONTEXT, quantization=quantization).engine_kwargs
 
 
 # a control runs with the engine arguments of the fitted run it repeats
@@ -44,10 +44,12 @@ def control_engine(name: str) -> dict:
     return json.loads((decode_speed.DEFAULT.parent / CONTROL_RUNS[name]).read_text())["engine_kwargs"]
 
 
-def predicted_tpot_ms(name: str, quantization: str, concurrency: int, engine: dict | None = None) -> float:
-    """The plan's decode step at ``concurrency``, with the plan's own engine arguments unless given others."""
-    engine = engine or engine_kwargs(name, quantization)
-    return round(decode_speed.predicted_tpot_ms(name, engine, concurrency, GPU), 3)
+def predicted_tpot_ms(name: str, quantization: str, concurrency: int, engine: dict | None = None,
+                      gpu: str = GPU) -> float:
+    """The plan's decode step on ``gpu`` at ``concurrency``, with the plan's own engine arguments unless given
+    others."""
+    engine = engine or engine_kwargs(name, quantization, gpu)
+    return round(decode_speed.predicted_tpot_ms(name, engine, concurrency, gpu), 3)
 
 
 def parse_models(text: str) -> list[tuple[str, str]]:
@@ -55,15 +57,15 @@ def parse_models(text: str) -> list[tuple[str, str]]:
     return [(m.split(":")[0], m.split(":")[1] if ":" in m else "none") for m in text.split(",") if m]
 
 
-def predict(models=MODELS, controls=()) -> dict:
+def predict(models=MODELS, controls=(), gpu: str = GPU) -> dict:
     """Rows for ``models`` (held out) and ``controls`` (fitted models measured again in the same lease, to tell
     the lease's own per-step overhead from the model's error)."""
     rows = [{"model": m, "quantization": q, "concurrency": c, "held_out": True,
-             "predicted_tpot_ms": predicted_tpot_ms(m, q, c)} for m, q in models for c in LEVELS]
+             "predicted_tpot_ms": predicted_tpot_ms(m, q, c, gpu=gpu)} for m, q in models for c in LEVELS]
     engines = {m: control_engine(m) for m, _ in controls}
     rows += [{"model": m, "quantization": q, "concurrency": c, "held_out": False, "engine": engines[m],
-              "predicted_tpot_ms": predicted_tpot_ms(m, q, c, engines[m])} for m, q in controls for c in LEVELS]
-    return {"gpu": GPU, "machine": None, "workload": "vllm bench serve, random 128 in / 128 out, --ignore-eos",
+              "predicted_tpot_ms": predicted_tpot_ms(m, q, c, engines[m], gpu)} for m, q in controls for c in LEVELS]
+    return {"gpu": gpu, "machine": None, "workload": "vllm bench serve, random 128 in / 128 out, --ignore-eos",
             "engine": "plain vLLM OpenAI server, dummy weights, the plan's engine_kwargs (max_model_len 2048)",
             "decode_rows": rows}
 
@@ -88,7 +90,7 @@ def measure(data: dict, tokenizers: Path, out: Path, max_models: int | None = No
         tok = tokenizers / str(cfg["vocab_size"])
         for f in tok.iterdir():
             (model_dir / f.name).write_bytes(f.read_bytes())
-        engine = rows[0].get("engine") or engine_kwargs(name, quantization)
+        engine = rows[0].get("engine") or engine_kwargs(name, quantization, data.get("gpu", GPU))
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items() if not isinstance(v, bool)]
         port = 8100
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--models", type=parse_models, default=MODELS, help="With --predict: name[:quantization],...")
     ap.add_argument("--control", type=parse_models, default=(),
                     help="With --predict: fitted models to measure again in the same lease (held_out: false).")
+    ap.add_argument("--gpu", default=GPU, help="With --predict: the GPU type the predictions are for.")
     ap.add_argument("--measure", type=Path, help="A predictions file to measure.")
     ap.add_argument("--tokenizers", type=Path, help="With --measure: a folder of tokenizers named by vocabulary size.")
     ap.add_argument("--out", type=Path, help="With --measure: where the results go (measured rows in it are kept).")
@@ -137,7 +140,7 @@ def main() -> None:
     ap.add_argument("--compare", type=Path, help="Recompute the predictions of a results file.")
     a = ap.parse_args()
     if a.predict:
-        data = predict(a.models, a.control)
+        data = predict(a.models, a.control, a.gpu)
         a.predict.write_text(json.dumps(data, indent=1))
     elif a.measure:
         data = json.loads((a.out if a.out and a.out.exists() else a.measure).read_text())
@@ -147,7 +150,8 @@ def main() -> None:
     else:
         data = json.loads(a.compare.read_text())
         for r in data["decode_rows"]:
-            r["predicted_tpot_ms"] = predicted_tpot_ms(r["model"], r["quantization"], r["concurrency"], r.get("engine"))
+            r["predicted_tpot_ms"] = predicted_tpot_ms(r["model"], r["quantization"], r["concurrency"], r.get("engine"),
+                                                       data.get("gpu", GPU))
     print(table(data))
 
 
