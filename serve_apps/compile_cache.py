@@ -54,7 +54,7 @@ def archive_path(store: str, key: str) -> tuple[Any, str]:
 
 def local_archive(store: str, key: str) -> Path | None:
     """The archive's path where ``store`` is a filesystem the nodes mount (a path or ``file://``): read and written
-    with the standard library, so a node image without pyarrow carries the cache too; None for a bucket."""
+    with the standard library (pyarrow is only needed for a bucket, as in Ray's own storage); None for a bucket."""
     if is_uri(store) and not store.startswith("file://"):
         return None
     root = Path(unquote(urlparse(store).path)) if is_uri(store) else Path(store)
