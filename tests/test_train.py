@@ -47,11 +47,25 @@ def generate(model, tok) -> str:
     return tok.decode(out[0][enc["input_ids"].shape[1]:])
 
 
-def test_ray_train_reserves_exactly_the_layouts_placement(local_ray, tmp_path, tiny_model, greeting_data):
+# One LoRA run on two workers, read by several tests below: each run costs about 25 s of fixed start
+# (controller, workers, imports) on two cores, so behaviours of the same layout share it. Its shape is
+# also the killed-worker test's, whose uninterrupted baseline it is.
+RESUMABLE = dict(max_steps=30, checkpoint_every=5, seq_len=128, global_batch=8, max_failures=1)
+
+
+@pytest.fixture(scope="module")
+def lora_run(local_ray, tmp_path_factory, tiny_model, greeting_data):
+    """The output dir, summary and the placement groups Ray created for one uninterrupted LoRA ZeRO-2 run."""
+    d = tmp_path_factory.mktemp("lora-run")
     before = set(ray.util.placement_group_table())
-    summary = run(job(tmp_path, tiny_model, greeting_data, max_steps=2, checkpoint_every=2))
-    placement = TrainLayout(**summary["layout"]).placement
+    summary = run(job(d, tiny_model, greeting_data, **RESUMABLE))
     created = [g for pid, g in ray.util.placement_group_table().items() if pid not in before]
+    return d / "out", summary, created
+
+
+def test_ray_train_reserves_exactly_the_layouts_placement(lora_run):
+    _, summary, created = lora_run
+    placement = TrainLayout(**summary["layout"]).placement
     assert [(placed_bundles(g), g["strategy"]) for g in created] == [
         (planned_bundles(placement.bundles), placement.strategy)]
 
@@ -79,13 +93,19 @@ def test_a_checkpointed_layout_recomputes_each_layer_in_backward(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("task,stage,lr", [("lora", 2, 3e-3), ("lora", 3, 3e-3), ("full", 2, 1e-3), ("full", 3, 1e-3)])
-def test_two_workers_learn_and_export_a_servable_result(local_ray, tmp_path, tiny_model, greeting_data, task, stage, lr):
-    summary = run(job(tmp_path, tiny_model, greeting_data, task=task, learning_rate=lr,
-                      plan={"workers": 2, "zero_stage": stage}))
-    hist = losses(tmp_path / "out")
-    assert [h["step"] for h in hist] == list(range(1, 21))
+def test_two_workers_learn_and_export_a_servable_result(request, tmp_path, tiny_model, greeting_data, task, stage, lr):
+    if (task, stage) == ("lora", 2):
+        out, summary, _ = request.getfixturevalue("lora_run")
+    else:
+        request.getfixturevalue("local_ray")
+        out = tmp_path / "out"
+        summary = run(job(tmp_path, tiny_model, greeting_data, task=task, learning_rate=lr,
+                          plan={"workers": 2, "zero_stage": stage}))
+    steps = summary["metrics"]["total_steps"]
+    hist = losses(out)
+    assert [h["step"] for h in hist] == list(range(1, steps + 1))
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
-    final = tmp_path / "out" / "final"
+    final = out / "final"
     tok = AutoTokenizer.from_pretrained(final)
     if task == "lora":
         from peft import AutoPeftModelForCausalLM
@@ -95,10 +115,10 @@ def test_two_workers_learn_and_export_a_servable_result(local_ray, tmp_path, tin
     else:
         model = AutoModelForCausalLM.from_pretrained(final)
     assert generate(model, tok).strip()
-    ckpt_files = {p.name for p in (tmp_path / "out" / "ray" / "t" / "step_000020" / "ckpt").iterdir()}
+    ckpt_files = {p.name for p in (out / "ray" / "t" / f"step_{steps:06d}" / "ckpt").iterdir()}
     # every rank's optimizer shard is in the checkpoint, not only rank 0's
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= ckpt_files
-    assert summary["metrics"]["step"] == 20
+    assert summary["metrics"]["step"] == steps
 
 
 def test_qlora_trains_adapters_on_an_nf4_base_and_exports_them(local_ray, tmp_path, tiny_model, greeting_data):
@@ -111,13 +131,10 @@ def test_qlora_trains_adapters_on_an_nf4_base_and_exports_them(local_ray, tmp_pa
     assert not (final / "model.safetensors").exists()  # adapters only, the base stays the user's
 
 
-def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(local_ray, tmp_path, tiny_model, greeting_data):
-    common = dict(max_steps=30, checkpoint_every=5, seq_len=128, global_batch=8, max_failures=1)
-    base_dir, kill_dir = tmp_path / "base", tmp_path / "kill"
-    base_dir.mkdir()
+def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(lora_run, tmp_path, tiny_model, greeting_data):
+    baseline = losses(lora_run[0])[-1]["loss"]  # the same job, never interrupted
+    kill_dir = tmp_path / "kill"
     kill_dir.mkdir()
-    run(job(base_dir, tiny_model, greeting_data, **common))
-    baseline = losses(base_dir / "out")[-1]["loss"]
 
     killed = {}
 
@@ -129,7 +146,7 @@ def test_killed_worker_resumes_from_checkpoint_without_repeating_steps(local_ray
 
     t = threading.Thread(target=killer)
     t.start()
-    summary = run(job(kill_dir, tiny_model, greeting_data, **common))
+    summary = run(job(kill_dir, tiny_model, greeting_data, **RESUMABLE))
     t.join()
     assert killed and 8 <= killed["at"] < 30, killed
     hist = losses(kill_dir / "out")
