@@ -285,11 +285,12 @@ def stop_head(state_dir: Path | None = None) -> int:
     return n
 
 
-def head_processes(head_id: str) -> list:
-    """Processes carrying this head's environment marker (never this process or its parents)."""
+def head_processes(head_id: str | None) -> list:
+    """Processes carrying this head's environment marker, or any head's for ``None`` (never this process or
+    its parents)."""
     import psutil
 
-    marker = f"{HEAD_MARKER}={head_id}".encode()
+    marker = f"{HEAD_MARKER}={head_id or ''}".encode()
     me = psutil.Process()
     skip = {me.pid, *(p.pid for p in me.parents())}
     found = []
@@ -298,7 +299,8 @@ def head_processes(head_id: str) -> list:
             continue
         try:
             with open(f"/proc/{p.pid}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
+                entries = f.read().split(b"\0")
+                if marker in entries if head_id else any(e.startswith(marker) for e in entries):
                     found.append(p)
         except OSError:
             continue

@@ -10,29 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.cluster.head import HEAD_MARKER, free_port
+from gpufleet.cluster.head import free_port, head_processes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 # What libraries' log lines look like: Ray's JSON records, DeepSpeed's [WARNING], vLLM's and Ray's timestamps.
 RAW_LOG_LINE = re.compile(r'"levelname"|\[(INFO|WARNING|ERROR)\]|\b(INFO|WARNING|DEBUG)\b.*\d\d:\d\d:\d\d')
-
-
-def processes_of_any_head() -> list[int]:
-    """Processes (not this one or its parents) carrying a gpufleet head's environment marker."""
-    import psutil
-
-    me = psutil.Process()
-    skip = {me.pid, *(p.pid for p in me.parents())}
-    found = []
-    for pid in psutil.pids():
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if pid not in skip and any(e.startswith(f"{HEAD_MARKER}=".encode()) for e in f.read().split(b"\0")):
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
 
 
 def test_demo_adapter_answers_in_the_trained_format(short_tmp):
@@ -46,7 +29,7 @@ def test_demo_adapter_answers_in_the_trained_format(short_tmp):
     assert result["learned"]
     assert result["answers"]["tiny:greeter"].startswith("GPUFLEET SAYS: hello")
     assert "GPUFLEET" not in result["answers"]["tiny"]
-    assert "nothing left running" in p.stdout and processes_of_any_head() == []  # replicas and engines included
+    assert "nothing left running" in p.stdout and head_processes(None) == []  # replicas and engines included
     raw = [line for line in (p.stdout + p.stderr).splitlines() if RAW_LOG_LINE.search(line)]
     assert not raw, raw[:5]
     log = Path(re.search(r"library logs: (\S+)", p.stderr).group(1))
